@@ -1,0 +1,42 @@
+"""Shared fixtures: where the real example scenes live."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def shared_dir() -> Path:
+    """`../shared` beside the checkout (holds data/ and reference/)."""
+    return REPO.parent / "shared"
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("NERF_DATA", shared_dir() / "data"))
+
+
+@pytest.fixture(scope="session")
+def fern_dir() -> Path:
+    path = data_root() / "nerf_llff_data" / "fern"
+    if not (path / "poses_bounds.npy").exists():
+        pytest.skip(f"real fern scene not found at {path} (set NERF_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lego_dir() -> Path:
+    path = data_root() / "nerf_synthetic" / "lego"
+    if not (path / "transforms_train.json").exists():
+        pytest.skip(f"real lego scene not found at {path} (set NERF_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    path = shared_dir() / "reference"
+    if not path.is_dir():
+        pytest.skip(f"reference outputs of the original not found at {path}")
+    return path

@@ -1,0 +1,207 @@
+"""Volume rendering: from camera rays to pixel colours, one pipeline step per function.
+
+    rays -> sample_along_rays -> network -> raw2outputs -> (sample_pdf -> network -> raw2outputs)
+
+Shapes: N rays, S samples per ray. A ray batch packs, per ray,
+[rays_o (3), rays_d (3), near (1), far (1), viewdirs (3, optional)].
+"""
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from run_nerf_helpers import get_rays, ndc_rays, sample_pdf, to8b
+
+
+def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Callable,
+                embed_fn: Callable, embeddirs_fn: Optional[Callable],
+                netchunk: int = 1024 * 64) -> torch.Tensor:
+    """Encodes points (N, S, 3) and view directions (N, 3) and runs the MLP `fn`
+    over at most `netchunk` points at a time. Returns (N, S, C)."""
+    inputs_flat = inputs.reshape(-1, inputs.shape[-1])
+    embedded = embed_fn(inputs_flat)
+    if viewdirs is not None:
+        dirs_flat = viewdirs[:, None].expand(inputs.shape).reshape(-1, 3)
+        embedded = torch.cat([embedded, embeddirs_fn(dirs_flat)], -1)
+    outputs_flat = torch.cat([fn(embedded[i:i + netchunk])
+                              for i in range(0, embedded.shape[0], netchunk)], 0)
+    return outputs_flat.reshape(list(inputs.shape[:-1]) + [outputs_flat.shape[-1]])
+
+
+def sample_along_rays(near: torch.Tensor, far: torch.Tensor, N_samples: int,
+                      lindisp: bool = False, perturb: float = 0.0) -> torch.Tensor:
+    """Coarse sample depths z (N, S) between near and far (each (N, 1)).
+
+    z = near (1 - t) + far t for t = linspace(0, 1, S), or linear in
+    disparity with `lindisp`. With `perturb` each z is drawn uniformly within
+    its interval bounded by the midpoints (the end intervals stop at near/far).
+    """
+    t_vals = torch.linspace(0.0, 1.0, N_samples, dtype=near.dtype, device=near.device)
+    if not lindisp:
+        z_vals = near * (1.0 - t_vals) + far * t_vals
+    else:
+        z_vals = 1.0 / (1.0 / near * (1.0 - t_vals) + 1.0 / far * t_vals)
+    z_vals = z_vals.expand(near.shape[0], N_samples)
+    if perturb > 0.0:
+        mids = 0.5 * (z_vals[..., 1:] + z_vals[..., :-1])
+        upper = torch.cat([mids, z_vals[..., -1:]], -1)
+        lower = torch.cat([z_vals[..., :1], mids], -1)
+        z_vals = lower + (upper - lower) * torch.rand_like(z_vals)
+    return z_vals
+
+
+def raw2outputs(raw: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
+                raw_noise_std: float = 0, white_bkgd: bool = False
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alpha-composites network outputs along each ray.
+
+    raw: (N, S, 4) [rgb logits, sigma]; z_vals: (N, S); rays_d: (N, 3).
+    delta_i = (z_{i+1} - z_i) |d| (1e10 after the last sample),
+    alpha_i = 1 - exp(-relu(sigma_i + noise) delta_i),
+    w_i = alpha_i prod_{j<i} (1 - alpha_j + 1e-10).
+    Returns rgb_map (N, 3) = sum w c (+ 1 - acc on white), disp_map (N,) =
+    1 / max(1e-10, depth / acc) (0 where acc is 0), acc_map (N,) = sum w,
+    weights (N, S), depth_map (N,) = sum w z.
+    """
+    dists = z_vals[..., 1:] - z_vals[..., :-1]
+    dists = torch.cat([dists, torch.full_like(dists[..., :1], 1e10)], -1)
+    dists = dists * torch.norm(rays_d[..., None, :], dim=-1)
+
+    rgb = torch.sigmoid(raw[..., :3])
+    sigma = raw[..., 3]
+    if raw_noise_std > 0.0:
+        sigma = sigma + torch.randn_like(sigma) * raw_noise_std
+    alpha = 1.0 - torch.exp(-F.relu(sigma) * dists)
+    transmittance = torch.cumprod(
+        torch.cat([torch.ones_like(alpha[..., :1]), 1.0 - alpha + 1e-10], -1), -1)[..., :-1]
+    weights = alpha * transmittance
+
+    rgb_map = torch.sum(weights[..., None] * rgb, -2)
+    depth_map = torch.sum(weights * z_vals, -1)
+    acc_map = torch.sum(weights, -1)
+    has_weight = acc_map > 0
+    mean_depth = depth_map / torch.where(has_weight, acc_map, torch.ones_like(acc_map))
+    disp_map = torch.where(has_weight, 1.0 / torch.clamp(mean_depth, min=1e-10),
+                           torch.zeros_like(acc_map))
+    if white_bkgd:
+        rgb_map = rgb_map + (1.0 - acc_map[..., None])
+    return rgb_map, disp_map, acc_map, weights, depth_map
+
+
+def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn: Callable,
+                N_samples: int, retraw: bool = False, lindisp: bool = False,
+                perturb: float = 0.0, N_importance: int = 0, network_fine: Optional[Callable] = None,
+                white_bkgd: bool = False, raw_noise_std: float = 0.0) -> Dict[str, torch.Tensor]:
+    """Renders a ray batch (N, 8 or 11): coarse samples, then with
+    `N_importance` > 0 as many more drawn from the coarse weights, all of them
+    evaluated by the fine network (the coarse one when there is none).
+
+    Returns rgb_map (N, 3), disp_map (N,), acc_map (N,), raw (N, S', 4) with
+    `retraw`, and with fine sampling the coarse rgb0, disp0, acc0 and z_std
+    (N,), the population std of the fine samples' depths.
+    """
+    rays_o, rays_d = ray_batch[:, 0:3], ray_batch[:, 3:6]
+    viewdirs = ray_batch[:, -3:] if ray_batch.shape[-1] > 8 else None
+    near, far = ray_batch[:, 6:7], ray_batch[:, 7:8]
+
+    z_vals = sample_along_rays(near, far, N_samples, lindisp, perturb)
+    pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
+    raw = network_query_fn(pts, viewdirs, network_fn)
+    rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd)
+
+    ret = {}
+    if N_importance > 0:
+        ret.update(rgb0=rgb_map, disp0=disp_map, acc0=acc_map)
+        z_vals_mid = 0.5 * (z_vals[..., 1:] + z_vals[..., :-1])
+        z_samples = sample_pdf(z_vals_mid, weights[..., 1:-1], N_importance,
+                               det=(perturb == 0.0)).detach()
+        z_vals, _ = torch.sort(torch.cat([z_vals, z_samples], -1), -1)
+        pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
+        raw = network_query_fn(pts, viewdirs, network_fn if network_fine is None else network_fine)
+        rgb_map, disp_map, acc_map, _, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd)
+        ret["z_std"] = torch.std(z_samples, dim=-1, unbiased=False)
+
+    ret.update(rgb_map=rgb_map, disp_map=disp_map, acc_map=acc_map)
+    if retraw:
+        ret["raw"] = raw
+    return ret
+
+
+def batchify_rays(rays_flat: torch.Tensor, chunk: int = 1024 * 32, **kwargs) -> Dict[str, torch.Tensor]:
+    """`render_rays` over at most `chunk` rays at a time; outputs concatenated."""
+    chunks = [render_rays(rays_flat[i:i + chunk], **kwargs) for i in range(0, rays_flat.shape[0], chunk)]
+    return {k: torch.cat([c[k] for c in chunks], 0) for k in chunks[0]}
+
+
+def render(H: int, W: int, K, chunk: int = 1024 * 32, rays: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+           c2w: Optional[torch.Tensor] = None, ndc: bool = True, near: float = 0.0, far: float = 1.0,
+           use_viewdirs: bool = False, c2w_staticcam: Optional[torch.Tensor] = None,
+           **kwargs) -> List:
+    """Renders a full image (from `c2w`, (3, 4)) or given rays ((rays_o, rays_d), each (..., 3)).
+
+    View directions are the normalised world directions, taken before NDC
+    (from `c2w` even when `c2w_staticcam` places the rays). Returns
+    [rgb (..., 3), disp (...), acc (...), extras dict] shaped like the rays.
+    """
+    if c2w is not None:
+        rays_o, rays_d = get_rays(H, W, K, c2w)
+    else:
+        rays_o, rays_d = rays
+
+    viewdirs = None
+    if use_viewdirs:
+        viewdirs = rays_d
+        if c2w_staticcam is not None:
+            rays_o, rays_d = get_rays(H, W, K, c2w_staticcam)
+        viewdirs = viewdirs / torch.norm(viewdirs, dim=-1, keepdim=True)
+        viewdirs = viewdirs.reshape(-1, 3)
+
+    sh = rays_d.shape
+    if ndc:
+        rays_o, rays_d = ndc_rays(H, W, K[0][0], 1.0, rays_o, rays_d)
+    rays_o = rays_o.reshape(-1, 3)
+    rays_d = rays_d.reshape(-1, 3)
+    near_col = torch.full_like(rays_d[..., :1], near)
+    far_col = torch.full_like(rays_d[..., :1], far)
+    rays = [rays_o, rays_d, near_col, far_col] + ([viewdirs] if viewdirs is not None else [])
+    all_ret = batchify_rays(torch.cat(rays, -1), chunk, **kwargs)
+    all_ret = {k: v.reshape(list(sh[:-1]) + list(v.shape[1:])) for k, v in all_ret.items()}
+
+    main_keys = ["rgb_map", "disp_map", "acc_map"]
+    return [all_ret[k] for k in main_keys] + [{k: v for k, v in all_ret.items() if k not in main_keys}]
+
+
+def scaled_intrinsics(K: np.ndarray, render_factor: int) -> np.ndarray:
+    """K for an image rendered at 1/render_factor of the size (0 = unchanged)."""
+    K = np.array(K, dtype=np.float64)
+    if render_factor:
+        K[:2] /= render_factor
+    return K
+
+
+def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=None,
+                savedir: Optional[str] = None, render_factor: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Renders every pose in `render_poses` ((P, 3 or 4, 4)) with one progress bar.
+
+    `render_factor` N renders at 1/N of the size (the intrinsics scaled to
+    match). Frames go to `savedir/{k:03d}.png` when given. Returns rgbs
+    (P, H, W, 3) and disps (P, H, W) as float32 arrays.
+    """
+    H, W, focal = hwf
+    if render_factor:
+        H, W = H // render_factor, W // render_factor
+    K = scaled_intrinsics(K, render_factor)
+    rgbs, disps = [], []
+    for k, c2w in enumerate(tqdm(render_poses, desc="render", leave=False, dynamic_ncols=True)):
+        c2w = torch.as_tensor(c2w, dtype=torch.float32)[:3, :4]
+        with torch.no_grad():
+            rgb, disp, _, _ = render(int(H), int(W), K, chunk=chunk, c2w=c2w, **render_kwargs)
+        rgbs.append(rgb.cpu().numpy())
+        disps.append(disp.cpu().numpy())
+        if savedir is not None:
+            iio.imwrite(os.path.join(savedir, f"{k:03d}.png"), to8b(rgbs[-1]))
+    return np.stack(rgbs, 0), np.stack(disps, 0)

@@ -1,0 +1,121 @@
+"""Checkpoint files: `{step:06d}.tar` under basedir/expname.
+
+The four keys of the original (`global_step`, `network_fn_state_dict`,
+`network_fine_state_dict`, `optimizer_state_dict`) plus what exact resumption
+needs: the random generators' states and the ray batcher's position. Files
+are written to a temporary name and renamed into place, and read with
+`weights_only=True` (no pickled code runs).
+
+Step counting: the original saves `global_step` = step - 1 (its `001000.tar`
+holds 999) and resumes by repeating the saved step. This project saves the
+number of completed steps and marks its files with `STEP_KEY`, so a resumed
+run continues at the next step; the original's files are read accordingly.
+"""
+import logging
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from errors import DataError
+
+STEP_KEY = "steps_completed"
+log = logging.getLogger("nerf")
+
+
+def list_checkpoints(expdir: Path) -> List[Path]:
+    """The `*.tar` files of a run folder, sorted by name (oldest first)."""
+    expdir = Path(expdir)
+    if not expdir.is_dir():
+        return []
+    return [expdir / f for f in sorted(os.listdir(expdir)) if f.endswith(".tar")]
+
+
+def read_checkpoint(path: Path, map_location=None) -> dict:
+    """Loads one checkpoint safely; DataError names the file when it can't."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise DataError(path, f"cannot be loaded as a checkpoint ({reason[:200]})") from None
+    if not isinstance(ckpt, dict) or "network_fn_state_dict" not in ckpt or "global_step" not in ckpt:
+        raise DataError(path, "is not a NeRF checkpoint (no network_fn_state_dict / global_step)")
+    return ckpt
+
+
+def steps_done(ckpt: dict) -> int:
+    """How many training steps the checkpoint's weights have seen."""
+    return int(ckpt["global_step"]) + (0 if ckpt.get(STEP_KEY) else 1)
+
+
+def find_checkpoint(expdir: Path, ft_path: Optional[str], no_reload: bool, map_location=None):
+    """The checkpoint to resume from: `ft_path` if given, else the newest
+    loadable one in `expdir` (a corrupt newer file is skipped with a warning,
+    never deleted), or None with `no_reload` or when there is none.
+    Returns (path, ckpt) or (None, None)."""
+    if ft_path:
+        return Path(ft_path), read_checkpoint(Path(ft_path), map_location)
+    if no_reload:
+        return None, None
+    for path in reversed(list_checkpoints(expdir)):
+        try:
+            return path, read_checkpoint(path, map_location)
+        except DataError as err:
+            log.warning("skipping checkpoint %s", err)
+    return None, None
+
+
+def rng_state() -> dict:
+    """The global torch, CUDA and NumPy generator states, as tensors."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached_gaussian": float(cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def save_checkpoint(path: Path, step: int, network_fn, network_fine, optimizer, sampler_state: dict) -> None:
+    """Writes `path` atomically (temporary file, fsync, rename)."""
+    ckpt = {
+        "global_step": step,
+        STEP_KEY: True,
+        "network_fn_state_dict": network_fn.state_dict(),
+        "network_fine_state_dict": network_fine.state_dict() if network_fine is not None else None,
+        "optimizer_state_dict": optimizer.state_dict(),
+        "rng_state": rng_state(),
+        "sampler_state": sampler_state,
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_network_state(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
+    """load_state_dict(strict=True) with a one-line error naming the layers that differ."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = ([f"missing {', '.join(missing[:4])}"] if missing else []) + \
+               ([f"unexpected {', '.join(unexpected[:4])}"] if unexpected else []) + \
+               ([f"shape {'; '.join(shapes[:4])}"] if shapes else [])
+    if problems:
+        raise DataError(path, f"{what} does not match the network ({'; '.join(problems)})")
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,92 @@
+"""One entry point from the command-line flags to a loaded scene.
+
+Dataset types: llff, blender, LINEMOD, deepvoxels (as in the original) and
+demo, a small Blender-format scene this project renders itself on first use.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from errors import DataError
+from load_blender import load_blender_data
+from load_deepvoxels import load_dv_data
+from load_LINEMOD import load_LINEMOD_data
+from load_llff import load_llff_data
+
+DATASET_TYPES = ("llff", "blender", "LINEMOD", "deepvoxels", "demo")
+
+
+@dataclass
+class Scene:
+    """images (N, H, W, 3) in [0, 1]; poses (N, 3, 4) camera-to-world;
+    render_poses (P, 3 or 4, 4); K (3, 3); index arrays per split; ray bounds."""
+    images: np.ndarray
+    poses: np.ndarray
+    render_poses: np.ndarray
+    H: int
+    W: int
+    focal: float
+    K: np.ndarray
+    i_train: np.ndarray
+    i_val: np.ndarray
+    i_test: np.ndarray
+    near: float
+    far: float
+
+    @property
+    def hwf(self):
+        return [self.H, self.W, self.focal]
+
+
+def composite(images: np.ndarray, white_bkgd: bool) -> np.ndarray:
+    """RGBA (N, H, W, 4) -> RGB: rgb * a + (1 - a) on white, else alpha dropped."""
+    if images.shape[-1] < 4:
+        return images
+    if white_bkgd:
+        return images[..., :3] * images[..., -1:] + (1.0 - images[..., -1:])
+    return images[..., :3]
+
+
+def load_scene(args) -> Scene:
+    """Loads the scene that `args` names (dataset_type, datadir and their options)."""
+    if not Path(args.datadir).is_dir() and args.dataset_type != "demo":
+        raise DataError(args.datadir, "data folder does not exist")
+    K: Optional[np.ndarray] = None
+    if args.dataset_type == "llff":
+        images, poses, bds, render_poses, i_test = load_llff_data(
+            args.datadir, args.factor, recenter=True, bd_factor=.75, spherify=args.spherify)
+        hwf = poses[0, :3, -1]
+        poses = poses[:, :3, :4]
+        i_test = np.arange(images.shape[0])[::args.llffhold] if args.llffhold > 0 else np.array([i_test])
+        i_val = i_test
+        i_train = np.array([i for i in range(images.shape[0]) if i not in i_test and i not in i_val])
+        near, far = (float(bds.min()) * .9, float(bds.max()) * 1.0) if args.no_ndc else (0.0, 1.0)
+    elif args.dataset_type in ("blender", "demo"):
+        if args.dataset_type == "demo":
+            from demo_scene import ensure_demo_scene
+            ensure_demo_scene(args.datadir)
+        images, poses, render_poses, hwf, (i_train, i_val, i_test) = load_blender_data(
+            args.datadir, args.half_res, args.testskip)
+        near, far = 2.0, 6.0
+        images = composite(images, args.white_bkgd)
+    elif args.dataset_type == "LINEMOD":
+        images, poses, render_poses, hwf, K, (i_train, i_val, i_test), near, far = load_LINEMOD_data(
+            args.datadir, args.half_res, args.testskip)
+        images = composite(images, args.white_bkgd)
+    elif args.dataset_type == "deepvoxels":
+        images, poses, render_poses, hwf, (i_train, i_val, i_test) = load_dv_data(
+            scene=args.shape, basedir=args.datadir, testskip=args.testskip)
+        hemi_R = np.mean(np.linalg.norm(poses[:, :3, -1], axis=-1))
+        near, far = float(hemi_R - 1.0), float(hemi_R + 1.0)
+    else:
+        raise DataError("--dataset_type", f"unknown '{args.dataset_type}' (one of {', '.join(DATASET_TYPES)})")
+
+    H, W, focal = int(hwf[0]), int(hwf[1]), float(hwf[2])
+    if K is None:
+        K = np.array([[focal, 0, 0.5 * W], [0, focal, 0.5 * H], [0, 0, 1]])
+    return Scene(images=images.astype(np.float32), poses=poses[:, :3, :4].astype(np.float32),
+                 render_poses=np.asarray(render_poses, dtype=np.float32), H=H, W=W, focal=focal,
+                 K=np.asarray(K, dtype=np.float64), i_train=np.asarray(i_train), i_val=np.asarray(i_val),
+                 i_test=np.asarray(i_test), near=float(near), far=float(far))

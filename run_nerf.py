@@ -1,0 +1,406 @@
+"""Train a NeRF, or render from a trained one: `python run_nerf.py --config configs/fern.txt`.
+
+Command line, model creation and the training loop; the rendering math is in
+rendering.py, the building blocks in run_nerf_helpers.py.
+"""
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import configargparse
+import imageio.v2 as imageio
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoints import find_checkpoint, load_network_state, save_checkpoint, set_rng_state, steps_done
+from datasets import Scene, load_scene
+from errors import DataError
+from rendering import batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
+from ray_batches import ImageRaySampler, RayBatcher
+from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, mse2psnr, to8b
+
+log = logging.getLogger("nerf")
+
+
+def config_parser() -> configargparse.ArgumentParser:
+    """The original's flags and defaults, plus --N_iters, --seed and --debug."""
+    parser = configargparse.ArgumentParser()
+    parser.add_argument('--config', is_config_file=True, help='config file path')
+    parser.add_argument("--expname", type=str, help='experiment name')
+    parser.add_argument("--basedir", type=str, default='./logs/', help='where to store ckpts and logs')
+    parser.add_argument("--datadir", type=str, default='./data/llff/fern', help='input data directory')
+
+    # training options
+    parser.add_argument("--netdepth", type=int, default=8, help='layers in network')
+    parser.add_argument("--netwidth", type=int, default=256, help='channels per layer')
+    parser.add_argument("--netdepth_fine", type=int, default=8, help='layers in fine network')
+    parser.add_argument("--netwidth_fine", type=int, default=256, help='channels per layer in fine network')
+    parser.add_argument("--N_rand", type=int, default=32 * 32 * 4,
+                        help='batch size (number of random rays per gradient step)')
+    parser.add_argument("--lrate", type=float, default=5e-4, help='learning rate')
+    parser.add_argument("--lrate_decay", type=int, default=250, help='exponential learning rate decay (in 1000 steps)')
+    parser.add_argument("--chunk", type=int, default=1024 * 32,
+                        help='number of rays processed in parallel, decrease if running out of memory')
+    parser.add_argument("--netchunk", type=int, default=1024 * 64,
+                        help='number of pts sent through network in parallel, decrease if running out of memory')
+    parser.add_argument("--no_batching", action='store_true', help='only take random rays from 1 image at a time')
+    parser.add_argument("--no_reload", action='store_true', help='do not reload weights from saved ckpt')
+    parser.add_argument("--ft_path", type=str, default=None,
+                        help='specific weights npy file to reload for coarse network')
+    parser.add_argument("--N_iters", type=int, default=200000, help='number of training steps')
+    parser.add_argument("--seed", type=int, default=0, help='seed of the NumPy and torch generators')
+
+    # rendering options
+    parser.add_argument("--N_samples", type=int, default=64, help='number of coarse samples per ray')
+    parser.add_argument("--N_importance", type=int, default=0, help='number of additional fine samples per ray')
+    parser.add_argument("--perturb", type=float, default=1., help='set to 0. for no jitter, 1. for jitter')
+    parser.add_argument("--use_viewdirs", action='store_true', help='use full 5D input instead of 3D')
+    parser.add_argument("--i_embed", type=int, default=0,
+                        help='set 0 for default positional encoding, -1 for none')
+    parser.add_argument("--multires", type=int, default=10,
+                        help='log2 of max freq for positional encoding (3D location)')
+    parser.add_argument("--multires_views", type=int, default=4,
+                        help='log2 of max freq for positional encoding (2D direction)')
+    parser.add_argument("--raw_noise_std", type=float, default=0.,
+                        help='std dev of noise added to regularize sigma_a output, 1e0 recommended')
+    parser.add_argument("--render_only", action='store_true',
+                        help='do not optimize, reload weights and render out render_poses path')
+    parser.add_argument("--render_test", action='store_true', help='render the test set instead of render_poses path')
+    parser.add_argument("--render_factor", type=int, default=0,
+                        help='downsampling factor to speed up rendering, set 4 or 8 for fast preview')
+
+    # training options
+    parser.add_argument("--precrop_iters", type=int, default=0, help='number of steps to train on central crops')
+    parser.add_argument("--precrop_frac", type=float, default=.5, help='fraction of img taken for central crops')
+
+    # dataset options
+    parser.add_argument("--dataset_type", type=str, default='llff',
+                        help='options: llff / blender / deepvoxels / LINEMOD / demo')
+    parser.add_argument("--testskip", type=int, default=8,
+                        help='will load 1/N images from test/val sets, useful for large datasets like deepvoxels')
+
+    # deepvoxels flags
+    parser.add_argument("--shape", type=str, default='greek', help='options : armchair / cube / greek / vase')
+
+    # blender flags
+    parser.add_argument("--white_bkgd", action='store_true',
+                        help='set to render synthetic data on a white bkgd (always use for dvoxels)')
+    parser.add_argument("--half_res", action='store_true', help='load blender synthetic data at 400x400 instead of 800x800')
+
+    # llff flags
+    parser.add_argument("--factor", type=int, default=8, help='downsample factor for LLFF images')
+    parser.add_argument("--no_ndc", action='store_true',
+                        help='do not use normalized device coordinates (set for non-forward facing scenes)')
+    parser.add_argument("--lindisp", action='store_true', help='sampling linearly in disparity rather than depth')
+    parser.add_argument("--spherify", action='store_true', help='set for spherical 360 scenes')
+    parser.add_argument("--llffhold", type=int, default=8,
+                        help='will take every 1/N images as LLFF test set, paper uses 8')
+
+    # logging/saving options
+    parser.add_argument("--i_print", type=int, default=100, help='frequency of console printout and metric logging')
+    parser.add_argument("--i_img", type=int, default=500, help='frequency of tensorboard image logging')
+    parser.add_argument("--i_weights", type=int, default=10000, help='frequency of weight ckpt saving')
+    parser.add_argument("--i_testset", type=int, default=50000, help='frequency of testset saving')
+    parser.add_argument("--i_video", type=int, default=50000, help='frequency of render_poses video saving')
+    parser.add_argument("--debug", action='store_true', help='show tracebacks for input errors')
+    return parser
+
+
+def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict] = None,
+                ckpt_path: Optional[Path] = None):
+    """Builds the coarse (and fine) MLPs, their encodings and Adam.
+
+    Restores `ckpt` when given; without one, looks for a checkpoint itself
+    (ft_path, else the newest in basedir/expname, unless no_reload).
+    Returns (render_kwargs_train, render_kwargs_test, start, grad_vars,
+    optimizer), `start` being the number of training steps already done.
+    """
+    device = device or default_device()
+    embed_fn, input_ch = get_embedder(args.multires, args.i_embed)
+    embeddirs_fn, input_ch_views = None, 0
+    if args.use_viewdirs:
+        embeddirs_fn, input_ch_views = get_embedder(args.multires_views, args.i_embed)
+    embed_fn = embed_fn.to(device)
+    embeddirs_fn = embeddirs_fn.to(device) if embeddirs_fn is not None else None
+    output_ch = 5 if args.N_importance > 0 else 4
+    skips = [4]
+    model = NeRF(D=args.netdepth, W=args.netwidth, input_ch=input_ch, output_ch=output_ch, skips=skips,
+                 input_ch_views=input_ch_views, use_viewdirs=args.use_viewdirs).to(device)
+    grad_vars = list(model.parameters())
+    model_fine = None
+    if args.N_importance > 0:
+        model_fine = NeRF(D=args.netdepth_fine, W=args.netwidth_fine, input_ch=input_ch, output_ch=output_ch,
+                          skips=skips, input_ch_views=input_ch_views, use_viewdirs=args.use_viewdirs).to(device)
+        grad_vars += list(model_fine.parameters())
+
+    def network_query_fn(inputs, viewdirs, network_fn):
+        return run_network(inputs, viewdirs, network_fn, embed_fn=embed_fn, embeddirs_fn=embeddirs_fn,
+                           netchunk=args.netchunk)
+
+    optimizer = torch.optim.Adam(params=grad_vars, lr=args.lrate, betas=(0.9, 0.999))
+
+    if ckpt is None:
+        ckpt_path, ckpt = find_checkpoint(Path(args.basedir) / str(args.expname), args.ft_path, args.no_reload,
+                                          map_location=device)
+    start = 0
+    if ckpt is not None:
+        log.info("reloading from %s", ckpt_path)
+        load_network_state(model, ckpt["network_fn_state_dict"], ckpt_path, "network_fn_state_dict")
+        if model_fine is not None:
+            if ckpt.get("network_fine_state_dict") is None:
+                raise DataError(ckpt_path, "has no fine network but --N_importance > 0")
+            load_network_state(model_fine, ckpt["network_fine_state_dict"], ckpt_path, "network_fine_state_dict")
+        try:
+            optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        except (KeyError, ValueError) as exc:
+            raise DataError(ckpt_path, f"optimizer state does not match the networks ({exc})") from None
+        start = steps_done(ckpt)
+
+    render_kwargs_train = {
+        'network_query_fn': network_query_fn,
+        'perturb': args.perturb,
+        'N_importance': args.N_importance,
+        'network_fine': model_fine,
+        'N_samples': args.N_samples,
+        'network_fn': model,
+        'use_viewdirs': args.use_viewdirs,
+        'white_bkgd': args.white_bkgd,
+        'raw_noise_std': args.raw_noise_std,
+    }
+    if args.dataset_type != 'llff' or args.no_ndc:
+        render_kwargs_train['ndc'] = False
+        render_kwargs_train['lindisp'] = args.lindisp
+    render_kwargs_test = {k: render_kwargs_train[k] for k in render_kwargs_train}
+    render_kwargs_test['perturb'] = False
+    render_kwargs_test['raw_noise_std'] = 0.
+    return render_kwargs_train, render_kwargs_test, start, grad_vars, optimizer
+
+
+# --- Outputs -----------------------------------------------------------------
+
+def write_run_files(args, expdir: Path) -> None:
+    """args.txt (every flag, sorted) and config.txt (a copy of the config file)."""
+    expdir.mkdir(parents=True, exist_ok=True)
+    with open(expdir / 'args.txt', 'w') as f:
+        for arg in sorted(vars(args)):
+            f.write(f'{arg} = {getattr(args, arg)}\n')
+    if args.config is not None:
+        shutil.copyfile(args.config, expdir / 'config.txt')
+
+
+def write_video(path: Path, frames: np.ndarray) -> None:
+    """(F, H, W[, 3]) frames in [0, 1] as an mp4 at 30 fps, quality 8."""
+    imageio.mimwrite(str(path), to8b(frames), fps=30, quality=8, macro_block_size=1)
+
+
+def normalized_disparity(disps: np.ndarray) -> np.ndarray:
+    """Disparity divided by its maximum (all zeros stay zeros)."""
+    peak = float(np.max(disps)) if disps.size else 0.0
+    return disps / peak if peak > 0 else disps
+
+
+def render_only(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> Path:
+    """Renders the spiral path (or the test views with --render_test) into
+    renderonly_{path|test}_{step:06d}/ with its frames and video.mp4."""
+    poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
+    savedir = expdir / f"renderonly_{'test' if args.render_test else 'path'}_{step:06d}"
+    savedir.mkdir(parents=True, exist_ok=True)
+    gt = scene.images[scene.i_test] if args.render_test else None
+    rgbs, _ = render_path(torch.as_tensor(poses, device=device), scene.hwf, scene.K, args.chunk, render_kwargs_test,
+                          gt_imgs=gt, savedir=str(savedir), render_factor=args.render_factor)
+    write_video(savedir / 'video.mp4', rgbs)
+    if gt is not None and not args.render_factor:
+        log.info("test views PSNR %.2f", float(mse2psnr(img2mse(torch.from_numpy(rgbs), torch.from_numpy(gt)))))
+    return savedir
+
+
+# --- Training ----------------------------------------------------------------
+
+def learning_rate(args, global_step: int) -> float:
+    """lrate * 0.1 ** (global_step / (lrate_decay * 1000))."""
+    return args.lrate * (0.1 ** (global_step / (args.lrate_decay * 1000)))
+
+
+def train_step(batch_rays, target_s, scene: Scene, render_kwargs: dict, optimizer, chunk: int) -> dict:
+    """One gradient step on the fine (and coarse) colour MSE."""
+    rgb, _, _, extras = render(scene.H, scene.W, scene.K, chunk=chunk, rays=batch_rays, retraw=True,
+                               **render_kwargs)
+    optimizer.zero_grad()
+    img_loss = img2mse(rgb, target_s)
+    loss = img_loss
+    out = {'psnr': mse2psnr(img_loss.detach())}
+    if 'rgb0' in extras:
+        img_loss0 = img2mse(extras['rgb0'], target_s)
+        loss = loss + img_loss0
+        out['psnr0'] = mse2psnr(img_loss0.detach())
+    loss.backward()
+    optimizer.step()
+    out['loss'] = loss.detach()
+    return out
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def make_sampler(args, scene: Scene, device):
+    if args.no_batching:
+        return ImageRaySampler(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand,
+                               args.precrop_iters, args.precrop_frac, device)
+    return RayBatcher(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand, device)
+
+
+def log_heldout_view(writer, scene: Scene, args, render_kwargs_test: dict, step: int, device) -> None:
+    """TensorBoard: one validation view's RGB, disparity, accumulation and PSNR."""
+    img_i = int(scene.i_val[(step // args.i_img) % len(scene.i_val)])
+    with torch.no_grad():
+        rgb, disp, acc, _ = render(scene.H, scene.W, scene.K, chunk=args.chunk,
+                                   c2w=torch.as_tensor(scene.poses[img_i], device=device), **render_kwargs_test)
+    target = torch.as_tensor(scene.images[img_i], device=device)
+    writer.add_scalar('heldout/psnr', float(mse2psnr(img2mse(rgb, target))), step)
+    writer.add_image('heldout/rgb', rgb.clamp(0, 1).cpu(), step, dataformats='HWC')
+    writer.add_image('heldout/disp', (disp / disp.max().clamp(min=1e-10)).cpu(), step, dataformats='HW')
+    writer.add_image('heldout/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
+
+
+def render_testset(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> float:
+    """Renders the test views into testset_{step:06d}/ and returns their PSNR."""
+    savedir = expdir / f'testset_{step:06d}'
+    savedir.mkdir(parents=True, exist_ok=True)
+    gt = scene.images[scene.i_test]
+    rgbs, _ = render_path(torch.as_tensor(scene.poses[scene.i_test], device=device), scene.hwf, scene.K, args.chunk,
+                          render_kwargs_test, gt_imgs=gt, savedir=str(savedir))
+    return float(mse2psnr(img2mse(torch.from_numpy(rgbs), torch.from_numpy(gt))))
+
+
+def train(argv=None) -> int:
+    """Parses the flags, loads the scene, then trains (or renders with --render_only).
+    Returns the process exit status."""
+    parser = config_parser()
+    args = parser.parse_args(argv)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = default_device()
+
+    scene = load_scene(args)
+    expdir = Path(args.basedir) / str(args.expname)
+    ckpt_path, ckpt = find_checkpoint(expdir, args.ft_path, args.no_reload, map_location=device)
+    render_kwargs_train, render_kwargs_test, start, _, optimizer = create_nerf(args, device, ckpt, ckpt_path)
+    bounds = {'near': scene.near, 'far': scene.far}
+    render_kwargs_train.update(bounds)
+    render_kwargs_test.update(bounds)
+    write_run_files(args, expdir)
+
+    if args.render_only:
+        step = int(ckpt['global_step']) if ckpt is not None else 0
+        savedir = render_only(args, scene, render_kwargs_test, step, expdir, device)
+        tqdm.write(f"Rendered to {savedir}")
+        return 0
+
+    sampler = make_sampler(args, scene, device)
+    if ckpt is not None:
+        if ckpt.get('sampler_state') is not None:
+            sampler.load_state_dict(ckpt['sampler_state'])
+        if ckpt.get('rng_state') is not None:
+            set_rng_state(ckpt['rng_state'])
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(args.basedir, 'summaries', str(args.expname)))
+    network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
+
+    def save(step: int) -> Path:
+        path = expdir / f'{step:06d}.tar'
+        save_checkpoint(path, step, network_fn, network_fine, optimizer, sampler.state_dict())
+        return path
+
+    first_bad_step = torch.zeros((), dtype=torch.long, device=device)
+    last_saved = start
+    status = 0
+    with StopRequest() as stop, tqdm(range(start + 1, args.N_iters + 1), initial=start, total=args.N_iters,
+                                     dynamic_ncols=True) as bar:
+        for i in bar:
+            batch_rays, target_s = sampler(i)
+            stats = train_step(batch_rays, target_s, scene, render_kwargs_train, optimizer, args.chunk)
+            first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(stats['loss']),
+                                         torch.full_like(first_bad_step, i), first_bad_step)
+            for param_group in optimizer.param_groups:
+                param_group['lr'] = learning_rate(args, i - 1)
+
+            due = {name: i % getattr(args, f'i_{name}') == 0
+                   for name in ('print', 'img', 'weights', 'testset', 'video')}
+            if any(due.values()) or stop.signum is not None or i == args.N_iters:
+                bad = int(first_bad_step)
+                if bad:
+                    tqdm.write(f"error: step {bad}: loss is not finite; stopped, newest checkpoint is step "
+                               f"{last_saved:06d}", file=sys.stderr)
+                    status = 1
+                    break
+            if due['print']:
+                loss, psnr = float(stats['loss']), float(stats['psnr'])
+                tqdm.write(f"[TRAIN] Iter: {i} Loss: {loss}  PSNR: {psnr}")
+                bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{psnr:.2f}")
+                writer.add_scalar('train/loss', loss, i)
+                writer.add_scalar('train/psnr', psnr, i)
+                if 'psnr0' in stats:
+                    writer.add_scalar('train/psnr0', float(stats['psnr0']), i)
+                writer.add_scalar('train/lrate', optimizer.param_groups[0]['lr'], i)
+            if due['img']:
+                log_heldout_view(writer, scene, args, render_kwargs_test, i, device)
+            if due['weights']:
+                tqdm.write(f"Saved checkpoints at {save(i)}")
+                last_saved = i
+            if due['video']:
+                rgbs, disps = render_path(torch.as_tensor(scene.render_poses, device=device), scene.hwf, scene.K,
+                                          args.chunk, render_kwargs_test)
+                moviebase = expdir / f'{args.expname}_spiral_{i:06d}_'
+                write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
+                write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
+            if due['testset']:
+                psnr = render_testset(args, scene, render_kwargs_test, i, expdir, device)
+                tqdm.write(f"[TEST] Iter: {i} PSNR: {psnr:.2f}")
+                writer.add_scalar('test/psnr', psnr, i)
+            if stop.signum is not None:
+                if last_saved != i:
+                    save(i)
+                tqdm.write(f"Interrupted: saved step {i} to {expdir / f'{i:06d}.tar'}")
+                status = 128 + stop.signum
+                break
+    writer.close()
+    return status
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    debug = '--debug' in (argv if argv is not None else sys.argv[1:])
+    try:
+        return train(argv)
+    except DataError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

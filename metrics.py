@@ -277,7 +277,7 @@ class LPIPSScorer:
     def _find_problem(self) -> str | None:
         lpips_spec = importlib.util.find_spec("lpips")
         if lpips_spec is None:
-            return "the lpips package is not installed (pip install lpips)"
+            return "the lpips package is not installed (see docs/evaluation.md)"
         if importlib.util.find_spec("torchvision") is None:
             return "torchvision is not installed (lpips needs it for VGG16)"
         locations = list(lpips_spec.submodule_search_locations or [])

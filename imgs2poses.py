@@ -20,7 +20,6 @@ so unregistered ones are left out of training instead of being mis-paired.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -76,8 +75,7 @@ def reconstruct(scenedir: Path, image_names: Sequence[str], args: argparse.Names
     pycolmap = import_pycolmap()
     if not args.verbose:
         pycolmap.logging.minloglevel = 2  # COLMAP's own log: errors only
-    if args.seed is not None:
-        pycolmap.set_random_seed(args.seed)
+    pycolmap.set_random_seed(args.seed)
     images_dir = scenedir / "images"
     threads = args.num_threads
 
@@ -112,8 +110,7 @@ def reconstruct(scenedir: Path, image_names: Sequence[str], args: argparse.Names
     # stopping, and we keep the largest model. A small capture of 3+ photos
     # still gives a model (the default minimum is 10).
     mapping.min_model_size = 3
-    if args.seed is not None:
-        mapping.random_seed = args.seed
+    mapping.random_seed = args.seed
     print("Mapping (incremental) ...", flush=True)
     with tempfile.TemporaryDirectory(dir=scenedir) as tmp:
         try:
@@ -164,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Estimate camera poses of <scenedir>/images/* with COLMAP (pycolmap) and write "
                     "LLFF poses_bounds.npy, poses_names.txt (and unregistered.txt) into <scenedir>.")
     parser.add_argument("scenedir", type=Path, help="scene folder holding images/")
-    parser.add_argument("--sparse", type=Path, default=None,
+    parser.add_argument("--sparse", type=Path, default=None, metavar="DIR",
                         help="existing COLMAP sparse model folder (binary or text) to convert instead of "
                              "reconstructing")
     parser.add_argument("--match_type", default="exhaustive_matcher",
@@ -172,11 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exhaustive for unordered photos (default); sequential for video frames")
     parser.add_argument("--camera_model", default="SIMPLE_RADIAL", choices=list(SUPPORTED_MODELS),
                         help="camera model for all photos (one shared camera, as the LLFF tool)")
-    parser.add_argument("--max_num_features", type=int, default=8192, help="SIFT features per image")
-    parser.add_argument("--max_image_size", type=int, default=3200,
+    parser.add_argument("--max_num_features", type=int, default=8192, metavar="N", help="SIFT features per image")
+    parser.add_argument("--max_image_size", type=int, default=3200, metavar="N",
                         help="photos are downscaled to this longest side for feature extraction")
-    parser.add_argument("--num_threads", type=int, default=-1, help="CPU threads (-1: all)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for COLMAP's RANSAC and mapping")
+    parser.add_argument("--num_threads", type=int, default=-1, metavar="N", help="CPU threads (-1: all)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="random seed for COLMAP (runs with several threads may still differ slightly)")
     parser.add_argument("--verbose", action="store_true", help="show COLMAP's own log")
     return parser
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import metrics
 from checkpoints import find_checkpoint, load_network_state, save_checkpoint, set_rng_state, steps_done
 from datasets import Scene, load_scene
 from errors import DataError
@@ -204,18 +205,35 @@ def normalized_disparity(disps: np.ndarray) -> np.ndarray:
     return disps / peak if peak > 0 else disps
 
 
+def score_test_views(args, scene: Scene, rgbs: np.ndarray, step: int, savedir: Path, writer=None) -> dict:
+    """Scores renders of the test views the NeRF paper's way into savedir/metrics.json,
+    prints the summary line and adds the means to TensorBoard."""
+    result = metrics.write_metrics_json(
+        savedir, step, scene.images[scene.i_test], renders=rgbs,
+        scene=metrics.scene_from_datadir(args.datadir), dataset_type=args.dataset_type,
+        white_bkgd=args.white_bkgd, lpips_scorer=metrics.default_lpips_scorer(),
+        extra={"expname": args.expname, "factor": args.factor, "half_res": args.half_res,
+               "testskip": args.testskip})
+    tqdm.write(metrics.summary_line(result))
+    if writer is not None:
+        for tag, value in metrics.tensorboard_scalars(result).items():
+            writer.add_scalar(tag, value, step)
+    return result
+
+
 def render_only(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> Path:
-    """Renders the spiral path (or the test views with --render_test) into
-    renderonly_{path|test}_{step:06d}/ with its frames and video.mp4."""
+    """Renders the spiral path (or the test views with --render_test, scored and
+    compared with their ground truth) into renderonly_{path|test}_{step:06d}/
+    with its frames and video.mp4."""
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
     savedir = expdir / f"renderonly_{'test' if args.render_test else 'path'}_{step:06d}"
     savedir.mkdir(parents=True, exist_ok=True)
-    gt = scene.images[scene.i_test] if args.render_test else None
     rgbs, _ = render_path(torch.as_tensor(poses, device=device), scene.hwf, scene.K, args.chunk, render_kwargs_test,
-                          gt_imgs=gt, savedir=str(savedir), render_factor=args.render_factor)
+                          savedir=str(savedir), render_factor=args.render_factor)
     write_video(savedir / 'video.mp4', rgbs)
-    if gt is not None and not args.render_factor:
-        log.info("test views PSNR %.2f", float(mse2psnr(img2mse(torch.from_numpy(rgbs), torch.from_numpy(gt)))))
+    if args.render_test and not args.render_factor:
+        score_test_views(args, scene, rgbs, step, savedir)
+        metrics.save_comparisons(savedir, rgbs, scene.images[scene.i_test])
     return savedir
 
 
@@ -284,14 +302,13 @@ def log_heldout_view(writer, scene: Scene, args, render_kwargs_test: dict, step:
     writer.add_image('heldout/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
 
 
-def render_testset(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> float:
-    """Renders the test views into testset_{step:06d}/ and returns their PSNR."""
+def render_testset(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device, writer) -> dict:
+    """Renders the test views into testset_{step:06d}/ and scores them."""
     savedir = expdir / f'testset_{step:06d}'
     savedir.mkdir(parents=True, exist_ok=True)
-    gt = scene.images[scene.i_test]
     rgbs, _ = render_path(torch.as_tensor(scene.poses[scene.i_test], device=device), scene.hwf, scene.K, args.chunk,
-                          render_kwargs_test, gt_imgs=gt, savedir=str(savedir))
-    return float(mse2psnr(img2mse(torch.from_numpy(rgbs), torch.from_numpy(gt))))
+                          render_kwargs_test, savedir=str(savedir))
+    return score_test_views(args, scene, rgbs, step, savedir, writer)
 
 
 def train(argv=None) -> int:
@@ -377,9 +394,7 @@ def train(argv=None) -> int:
                 write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
                 write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
             if due['testset']:
-                psnr = render_testset(args, scene, render_kwargs_test, i, expdir, device)
-                tqdm.write(f"[TEST] Iter: {i} PSNR: {psnr:.2f}")
-                writer.add_scalar('test/psnr', psnr, i)
+                render_testset(args, scene, render_kwargs_test, i, expdir, device, writer)
             if stop.signum is not None:
                 if last_saved != i:
                     save(i)

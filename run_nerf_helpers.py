@@ -56,7 +56,8 @@ class Embedder(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scaled = x[..., None, :] * self.freq_bands.to(x.dtype)[:, None]      # (..., L, d)
+        freqs = self.freq_bands.to(device=x.device, dtype=x.dtype)
+        scaled = x[..., None, :] * freqs[:, None]                             # (..., L, d)
         periodic = torch.stack([torch.sin(scaled), torch.cos(scaled)], -2)   # (..., L, 2, d)
         return torch.cat([x, periodic.flatten(-3)], -1)
 

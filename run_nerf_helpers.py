@@ -95,8 +95,10 @@ class NeRF(nn.Module):
         for i in range(D - 1):
             layers.append(nn.Linear(W + input_ch if i in self.skips else W, W))
         self.pts_linears = nn.ModuleList(layers)
+        # Built even without view directions (then unused), as in the original:
+        # its checkpoints and optimizer states hold these parameters.
+        self.views_linears = nn.ModuleList([nn.Linear(input_ch_views + W, W // 2)])
         if use_viewdirs:
-            self.views_linears = nn.ModuleList([nn.Linear(input_ch_views + W, W // 2)])
             self.feature_linear = nn.Linear(W, W)
             self.alpha_linear = nn.Linear(W, 1)
             self.rgb_linear = nn.Linear(W // 2, 3)

@@ -56,7 +56,8 @@ class Embedder(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scaled = x[..., None, :] * self.freq_bands.to(x.dtype)[:, None]      # (..., L, d)
+        freqs = self.freq_bands.to(device=x.device, dtype=x.dtype)
+        scaled = x[..., None, :] * freqs[:, None]                             # (..., L, d)
         periodic = torch.stack([torch.sin(scaled), torch.cos(scaled)], -2)   # (..., L, 2, d)
         return torch.cat([x, periodic.flatten(-3)], -1)
 
@@ -94,8 +95,10 @@ class NeRF(nn.Module):
         for i in range(D - 1):
             layers.append(nn.Linear(W + input_ch if i in self.skips else W, W))
         self.pts_linears = nn.ModuleList(layers)
+        # Built even without view directions (then unused), as in the original:
+        # its checkpoints and optimizer states hold these parameters.
+        self.views_linears = nn.ModuleList([nn.Linear(input_ch_views + W, W // 2)])
         if use_viewdirs:
-            self.views_linears = nn.ModuleList([nn.Linear(input_ch_views + W, W // 2)])
             self.feature_linear = nn.Linear(W, W)
             self.alpha_linear = nn.Linear(W, 1)
             self.rgb_linear = nn.Linear(W // 2, 3)

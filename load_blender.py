@@ -55,10 +55,15 @@ def _area_weights(n_in: int, n_out: int) -> np.ndarray:
 
 
 def area_resize(img: np.ndarray, H: int, W: int) -> np.ndarray:
-    """Resizes (h, w, C) to (H, W, C) by area averaging."""
-    rows = _area_weights(img.shape[0], H).astype(np.float32)
-    cols = _area_weights(img.shape[1], W).astype(np.float32)
-    return np.einsum("Hh,hwc,Ww->HWc", rows, img.astype(np.float32), cols, optimize=True)
+    """Resizes (h, w, C) to (H, W, C) by area averaging (exact block means
+    when the sizes divide, overlap-weighted otherwise)."""
+    h, w = img.shape[:2]
+    img = img.astype(np.float32)
+    if h % H == 0 and w % W == 0:
+        return img.reshape(H, h // H, W, w // W, -1).mean((1, 3), dtype=np.float32)
+    rows = _area_weights(h, H).astype(np.float32)
+    cols = _area_weights(w, W).astype(np.float32)
+    return np.einsum("Hh,hwc,Ww->HWc", rows, img, cols, optimize=True)
 
 
 def read_transforms(basedir: Path, split: str) -> dict:

@@ -8,6 +8,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import run_nerf
 
@@ -31,7 +32,7 @@ def test_fern_run_writes_the_original_files(fern_dir, tmp_path):
     config = tmp_path / "fern.txt"
     config.write_text("factor = 8\nllffhold = 8\n")
     argv = ["--config", str(config)] + fern_args(fern_dir, tmp_path / "logs", "--N_iters", "4", "--i_weights", "2",
-                                                 "--i_testset", "4")
+                                                 "--i_testset", "4", "--i_print", "2", "--i_img", "4")
     assert run_nerf.main(argv) == 0
     expdir = tmp_path / "logs" / "fern"
     assert sorted(p.name for p in expdir.glob("*.tar")) == ["000002.tar", "000004.tar"]
@@ -51,6 +52,13 @@ def test_fern_run_writes_the_original_files(fern_dir, tmp_path):
     frames = sorted((expdir / "testset_000004").glob("*.png"))
     assert [f.name for f in frames] == ["000.png", "001.png", "002.png"]   # views 0, 8, 16
     assert iio.imread(frames[0]).shape == (378, 504, 3)
+
+    events = EventAccumulator(str(tmp_path / "logs" / "summaries" / "fern")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/psnr", "train/psnr0", "train/lrate", "heldout/psnr", "test/psnr",
+            "test/ssim"} <= scalars
+    assert [e.step for e in events.Scalars("train/psnr")] == [2, 4]
+    assert {"heldout/rgb", "heldout/disp", "heldout/acc"} <= set(events.Tags()["images"])
 
     # The checkpoint reloads: a further run continues from step 4 and leaves it alone.
     before = (expdir / "000004.tar").read_bytes()

@@ -530,3 +530,23 @@ def test_photo_that_does_not_register_is_excluded(fern_dir, tmp_path):
     extent = max(np.linalg.norm(a - b) for a, b in itertools.combinations(ref, 2))
     assert np.linalg.norm(s * ours @ R.T + t - ref, axis=1).max() < 0.05 * extent
     assert np.linalg.norm(s * ours[[1, 0, 2, 3, 4]] @ R.T + t - ref, axis=1).max() > 0.05 * extent
+
+
+def test_fern_reconstruction_loads_and_trains(fern_reconstruction, tmp_path):
+    """The reconstruction is a scene the loader and the trainer take as is."""
+    import run_nerf
+    from load_llff import load_llff_data
+
+    scene_dir, _, proc = fern_reconstruction
+    assert proc.returncode == 0, proc.stderr
+    images, poses, bds, render_poses, _ = load_llff_data(scene_dir, factor=8)
+    assert images.shape == (20, 47, 63, 3)
+    assert poses[0, :, 4] == pytest.approx([47, 63, poses[0, 2, 4]])
+    assert np.all(bds[:, 0] < bds[:, 1]) and render_poses.shape == (120, 3, 5)
+
+    argv = ["--datadir", str(scene_dir), "--basedir", str(tmp_path), "--expname", "own", "--factor", "8",
+            "--netdepth", "2", "--netwidth", "16", "--netdepth_fine", "2", "--netwidth_fine", "16",
+            "--N_samples", "4", "--N_importance", "4", "--N_rand", "64", "--N_iters", "3", "--i_weights", "3",
+            "--i_print", "1000", "--i_img", "1000", "--i_testset", "1000", "--i_video", "1000"]
+    assert run_nerf.main(argv) == 0
+    assert (tmp_path / "own" / "000003.tar").exists()

@@ -339,6 +339,14 @@ def test_real_scenes_pass_and_lego_testskip_1_names_the_missing_frame(fern_dir, 
     assert "referenced by transforms_val.json" in err.value.what
 
 
+def test_every_shipped_config_passes_the_config_and_flag_checks():
+    configs = sorted((REPO / "configs").glob("*.txt"))
+    assert configs
+    for config in configs:
+        args = validation.parse_args(run_nerf.config_parser(), ["--config", str(config)])
+        assert args.config == str(config)
+
+
 def test_cli_subprocess_exit_status_and_single_line(tmp_path, blender_scene):
     """The real entry point: status 2, one stderr line, no traceback; --debug re-raises."""
     (tmp_path / "c.txt").write_text("expname = x\nnetwdith = 16\n")

@@ -13,6 +13,8 @@ run continues at the next step; the original's files are read accordingly.
 """
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -34,15 +36,30 @@ def list_checkpoints(expdir: Path) -> List[Path]:
 
 
 def read_checkpoint(path: Path, map_location=None) -> dict:
-    """Loads one checkpoint safely; DataError names the file when it can't."""
+    """Loads one checkpoint safely; DataError names the file when it can't.
+    Only tensors and plain containers are accepted (`weights_only=True`): a
+    file that pickles any other object is refused, and none of it runs."""
+    if not Path(path).is_file():
+        raise DataError(path, "no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise DataError(path, f"cannot be loaded as a checkpoint (truncated or corrupt: {_first_line(exc)})") from None
+        found = re.search(r"GLOBAL (\S+)", str(exc), re.IGNORECASE)
+        culprit = f" ({found.group(1)})" if found else ""
+        raise DataError(path, f"refused: it pickles a Python object{culprit}, not only tensors; loading it could "
+                              f"run code (checkpoints are read with torch.load(weights_only=True))") from None
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise DataError(path, f"cannot be loaded as a checkpoint ({reason[:200]})") from None
+        raise DataError(path, f"cannot be loaded as a checkpoint (truncated or corrupt: {_first_line(exc)})") from None
     if not isinstance(ckpt, dict) or "network_fn_state_dict" not in ckpt or "global_step" not in ckpt:
         raise DataError(path, "is not a NeRF checkpoint (no network_fn_state_dict / global_step)")
     return ckpt
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else exc.__class__.__name__
 
 
 def steps_done(ckpt: dict) -> int:
@@ -59,11 +76,15 @@ def find_checkpoint(expdir: Path, ft_path: Optional[str], no_reload: bool, map_l
         return Path(ft_path), read_checkpoint(Path(ft_path), map_location)
     if no_reload:
         return None, None
-    for path in reversed(list_checkpoints(expdir)):
+    candidates = list_checkpoints(expdir)
+    for path in reversed(candidates):
         try:
             return path, read_checkpoint(path, map_location)
         except DataError as err:
-            log.warning("skipping checkpoint %s", err)
+            log.warning("warning: %s: %s; skipped (the file is kept), trying the previous checkpoint",
+                        err.where, err.what)
+    if candidates:
+        log.warning("warning: %s: no readable checkpoint; starting from step 0", expdir)
     return None, None
 
 
@@ -99,11 +120,30 @@ def save_checkpoint(path: Path, step: int, network_fn, network_fine, optimizer, 
     }
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # our own half-written file, never an earlier checkpoint
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes the rename itself durable (where the OS allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_network_state(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
@@ -113,9 +153,11 @@ def load_network_state(module: torch.nn.Module, state: dict, path: Path, what: s
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = ([f"missing {', '.join(missing[:4])}"] if missing else []) + \
-               ([f"unexpected {', '.join(unexpected[:4])}"] if unexpected else []) + \
-               ([f"shape {'; '.join(shapes[:4])}"] if shapes else [])
+    def first(names, sep=", "):
+        return sep.join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    problems = ([f"missing {first(missing)}"] if missing else []) + \
+               ([f"unexpected {first(unexpected)}"] if unexpected else []) + \
+               ([f"shapes (file vs network) {first(shapes, '; ')}"] if shapes else [])
     if problems:
         raise DataError(path, f"{what} does not match the network ({'; '.join(problems)})")
     module.load_state_dict(state, strict=True)

@@ -2,6 +2,7 @@
 
 The command line prints it as `error: <where>: <what>` and exits with status 2.
 """
+import re
 from os import PathLike
 from typing import Union
 
@@ -11,5 +12,5 @@ class DataError(Exception):
 
     def __init__(self, where: Union[str, PathLike], what: str):
         self.where = str(where)
-        self.what = what
-        super().__init__(f"{self.where}: {what}")
+        self.what = re.sub(r"\s*\n\s*", " ", str(what)).strip()   # always one line
+        super().__init__(f"{self.where}: {self.what}")

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
+import validation
 from checkpoints import find_checkpoint, load_network_state, save_checkpoint, set_rng_state, steps_done
 from datasets import Scene, load_scene
 from errors import DataError
@@ -196,7 +197,7 @@ def write_run_files(args, expdir: Path) -> None:
 
 def write_video(path: Path, frames: np.ndarray) -> None:
     """(F, H, W[, 3]) frames in [0, 1] as an mp4 at 30 fps, quality 8."""
-    imageio.mimwrite(str(path), to8b(frames), fps=30, quality=8, macro_block_size=1)
+    imageio.mimwrite(str(validation.keep_earlier(path)), to8b(frames), fps=30, quality=8, macro_block_size=1)
 
 
 def normalized_disparity(disps: np.ndarray) -> np.ndarray:
@@ -304,7 +305,7 @@ def log_heldout_view(writer, scene: Scene, args, render_kwargs_test: dict, step:
 
 def render_testset(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device, writer) -> dict:
     """Renders the test views into testset_{step:06d}/ and scores them."""
-    savedir = expdir / f'testset_{step:06d}'
+    savedir = validation.keep_earlier(expdir / f'testset_{step:06d}')
     savedir.mkdir(parents=True, exist_ok=True)
     rgbs, _ = render_path(torch.as_tensor(scene.poses[scene.i_test], device=device), scene.hwf, scene.K, args.chunk,
                           render_kwargs_test, savedir=str(savedir))
@@ -315,7 +316,8 @@ def train(argv=None) -> int:
     """Parses the flags, loads the scene, then trains (or renders with --render_only).
     Returns the process exit status."""
     parser = config_parser()
-    args = parser.parse_args(argv)
+    args = validation.parse_args(parser, argv)   # config file and flags, as one-line errors
+    validation.check_data(args)                   # the data folder, before any image is loaded
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = default_device()
@@ -327,9 +329,10 @@ def train(argv=None) -> int:
     bounds = {'near': scene.near, 'far': scene.far}
     render_kwargs_train.update(bounds)
     render_kwargs_test.update(bounds)
-    write_run_files(args, expdir)
+    validation.check_outputs(args, expdir, ckpt_path, ckpt, start)   # never overwrite an earlier run's work
 
     if args.render_only:
+        write_run_files(args, expdir)
         step = int(ckpt['global_step']) if ckpt is not None else 0
         savedir = render_only(args, scene, render_kwargs_test, step, expdir, device)
         tqdm.write(f"Rendered to {savedir}")
@@ -338,16 +341,20 @@ def train(argv=None) -> int:
     sampler = make_sampler(args, scene, device)
     if ckpt is not None:
         if ckpt.get('sampler_state') is not None:
-            sampler.load_state_dict(ckpt['sampler_state'])
+            try:
+                sampler.load_state_dict(ckpt['sampler_state'])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DataError(ckpt_path, f"its ray batcher state does not fit this scene ({exc})") from None
         if ckpt.get('rng_state') is not None:
             set_rng_state(ckpt['rng_state'])
+    write_run_files(args, expdir)
 
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(os.path.join(args.basedir, 'summaries', str(args.expname)))
     network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
 
     def save(step: int) -> Path:
-        path = expdir / f'{step:06d}.tar'
+        path = validation.keep_earlier(expdir / f'{step:06d}.tar')
         save_checkpoint(path, step, network_fn, network_fine, optimizer, sampler.state_dict())
         return path
 
@@ -369,8 +376,8 @@ def train(argv=None) -> int:
             if any(due.values()) or stop.signum is not None or i == args.N_iters:
                 bad = int(first_bad_step)
                 if bad:
-                    tqdm.write(f"error: step {bad}: loss is not finite; stopped, newest checkpoint is step "
-                               f"{last_saved:06d}", file=sys.stderr)
+                    tqdm.write(validation.nonfinite_message(
+                        bad, expdir / f'{last_saved:06d}.tar' if last_saved > start else ckpt_path), file=sys.stderr)
                     status = 1
                     break
             if due['print']:
@@ -415,6 +422,11 @@ def main(argv=None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted outside the training loop; no checkpoint was saved", file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

@@ -1,0 +1,545 @@
+"""Failures are caught early, explained in one line, and never cost work on disk.
+
+Covers validation.py (flags, config files, data folders checked before any
+image is loaded or any log is written), the checkpoint guarantees of
+checkpoints.py (atomic writes, fallback from an unreadable newest file,
+weights-only loading), and the training loop's handling of Ctrl-C/SIGTERM
+and of a non-finite loss. Scenes are tiny synthetic ones built in tmp_path;
+networks are 2 x 16.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+import checkpoints
+import run_nerf
+import validation
+from conftest import REPO
+from errors import DataError
+from load_blender import pose_spherical
+from run_nerf_helpers import NeRF
+
+TINY = ["--netdepth", "2", "--netwidth", "16", "--netdepth_fine", "2", "--netwidth_fine", "16",
+        "--N_samples", "4", "--multires", "2", "--multires_views", "1", "--chunk", "4096", "--netchunk", "65536",
+        "--i_print", "1000000", "--i_img", "1000000", "--i_testset", "1000000", "--i_video", "1000000"]
+# the SIGINT test compares runs in separate processes: same thread count everywhere
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+# --- Tiny scenes ------------------------------------------------------------------
+
+def make_blender_scene(root: Path, size: int = 16, counts=(4, 2, 2)) -> Path:
+    """4 train, 2 val, 2 test RGBA views of size x size on the Blender render sphere."""
+    rng = np.random.default_rng(1)
+    for s, (split, n) in enumerate(zip(("train", "val", "test"), counts)):
+        (root / split).mkdir(parents=True)
+        frames = []
+        for k in range(n):
+            img = np.full((size, size, 4), 255, np.uint8)
+            img[..., :3] = rng.integers(0, 256, (size, size, 3))
+            imageio.imwrite(root / split / f"r_{k}.png", img)
+            frames.append({"file_path": f"./{split}/r_{k}",
+                           "transform_matrix": pose_spherical(360.0 * k / n + 25 * s, -30.0, 4.0).tolist()})
+        (root / f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": 0.69, "frames": frames}))
+    return root
+
+
+def make_llff_scene(root: Path, n: int = 4, H: int = 12, W: int = 16) -> Path:
+    """images_8/ with n H x W PNGs and a matching n x 17 poses_bounds.npy
+    (forward-facing cameras, rotation columns down, right, back)."""
+    rng = np.random.default_rng(2)
+    (root / "images_8").mkdir(parents=True)
+    rotation = np.array([[0., 1., 0.], [-1., 0., 0.], [0., 0., 1.]])
+    rows = []
+    for k in range(n):
+        imageio.imwrite(root / "images_8" / f"img_{k:02d}.png", rng.integers(0, 256, (H, W, 3)).astype(np.uint8))
+        pose = np.concatenate([rotation, [[0.1 * k], [0.05 * k], [0.]], [[8 * H], [8 * W], [160.]]], 1)
+        rows.append(np.concatenate([pose.ravel(), [2.0, 10.0]]))
+    np.save(root / "poses_bounds.npy", np.array(rows))
+    return root
+
+
+def blender_argv(datadir: Path, basedir: Path, *extra: str) -> list:
+    return ["--dataset_type", "blender", "--datadir", str(datadir), "--basedir", str(basedir), "--expname", "run",
+            "--testskip", "1", "--N_rand", "64", *TINY, *extra]
+
+
+def llff_argv(datadir: Path, basedir: Path, *extra: str) -> list:
+    return ["--dataset_type", "llff", "--datadir", str(datadir), "--basedir", str(basedir), "--expname", "run",
+            "--factor", "8", "--llffhold", "2", "--N_rand", "64", *TINY, *extra]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every path under `folder` with its size, modification time and bytes."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                         p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+def weights(path: Path) -> dict:
+    ckpt = torch.load(path, weights_only=True)
+    return {"fn": ckpt["network_fn_state_dict"], "fine": ckpt["network_fine_state_dict"],
+            "opt": ckpt["optimizer_state_dict"]["state"], "step": ckpt["global_step"]}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for part in ("fn", "fine"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part} {k} differs"
+    for idx in a["opt"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["opt"][idx][k], b["opt"][idx][k]), f"Adam {k} of parameter {idx} differs"
+
+
+@pytest.fixture(scope="module")
+def blender_scene(tmp_path_factory) -> Path:
+    return make_blender_scene(tmp_path_factory.mktemp("scene") / "blender")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, blender_scene) -> Path:
+    """A finished 4-step coarse + fine run with 000002.tar and 000004.tar (basedir returned)."""
+    basedir = tmp_path_factory.mktemp("trained")
+    argv = blender_argv(blender_scene, basedir, "--N_iters", "4", "--i_weights", "2", "--N_importance", "4",
+                        "--use_viewdirs")
+    assert run_nerf.main(argv) == 0
+    assert sorted(p.name for p in (basedir / "run").glob("*.tar")) == ["000002.tar", "000004.tar"]
+    return basedir
+
+
+def copy_run(trained: Path, tmp_path: Path) -> Path:
+    basedir = tmp_path / "logs"
+    shutil.copytree(trained, basedir)
+    return basedir
+
+
+# --- The table of broken inputs -------------------------------------------------
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _edit_json(path: Path, edit) -> None:
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _poses(path: Path, edit) -> None:
+    arr = np.load(path)
+    np.save(path, edit(arr))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _evil_checkpoint(path: Path, marker: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")   # would create `marker` if ever unpickled
+    torch.save({"global_step": 1, "network_fn_state_dict": {}, "payload": Payload()}, path)
+
+
+# (id, scene, damage(scene_dir, basedir, tmp_path), extra argv, expected `where` (end of), expected words in `what`)
+# A damage function may return extra argv (e.g. a config file it wrote).
+BROKEN = [
+    # LLFF folder
+    ("llff-no-datadir", "llff", lambda d, b, t: shutil.rmtree(d), [], "llff", "data folder does not exist"),
+    ("llff-no-poses", "llff", lambda d, b, t: (d / "poses_bounds.npy").unlink(), [], "poses_bounds.npy", "missing"),
+    ("llff-poses-15-cols", "llff", lambda d, b, t: _poses(d / "poses_bounds.npy", lambda a: a[:, :15]), [],
+     "poses_bounds.npy", "has shape (4, 15), expected N x 17"),
+    ("llff-poses-not-npy", "llff", lambda d, b, t: _write(d / "poses_bounds.npy", "not numpy"), [],
+     "poses_bounds.npy", "not a readable .npy array"),
+    ("llff-poses-nan", "llff", lambda d, b, t: _poses(d / "poses_bounds.npy", lambda a: np.where(
+        np.arange(a.size).reshape(a.shape) == 20, np.nan, a)), [], "poses_bounds.npy", "row 1 holds NaN or inf"),
+    ("llff-bound-zero", "llff", lambda d, b, t: _poses(d / "poses_bounds.npy", lambda a: np.where(
+        np.arange(a.size).reshape(a.shape) == 2 * 17 + 15, 0.0, a)), [], "poses_bounds.npy",
+     "row 2 has a depth bound <= 0"),
+    ("llff-count-mismatch", "llff", lambda d, b, t: (d / "images_8" / "img_03.png").unlink(), [],
+     "poses_bounds.npy", "has 4 poses but"),
+    ("llff-no-images", "llff", lambda d, b, t: shutil.rmtree(d / "images_8"), [], "images",
+     "missing (needed to make images_8/)"),
+    ("llff-unreadable-image", "llff", lambda d, b, t: _write(d / "images_8" / "img_01.png", "garbage"), [],
+     "img_01.png", "unreadable image"),
+    ("llff-odd-size", "llff", lambda d, b, t: imageio.imwrite(d / "images_8" / "img_02.png",
+                                                                 np.zeros((12, 15, 3), np.uint8)), [],
+     "img_02.png", "is 15x12, the first image is 16x12"),
+    ("llff-llffhold-1", "llff", None, ["--llffhold", "1"], "--llffhold", "holds out all 4 images"),
+    # Blender folder
+    ("blender-no-val-json", "blender", lambda d, b, t: (d / "transforms_val.json").unlink(), [],
+     "transforms_val.json", "missing"),
+    ("blender-bad-json", "blender", lambda d, b, t: _write(d / "transforms_train.json", '{"frames": ['), [],
+     "transforms_train.json", "not valid JSON"),
+    ("blender-no-angle", "blender", lambda d, b, t: _edit_json(d / "transforms_test.json",
+                                                                lambda m: m.pop("camera_angle_x")), [],
+     "transforms_test.json", "has no 'camera_angle_x'"),
+    ("blender-no-file-path", "blender", lambda d, b, t: _edit_json(d / "transforms_train.json",
+                                                                    lambda m: m["frames"][1].pop("file_path")), [],
+     "transforms_train.json", "frame 1 has no 'file_path'"),
+    ("blender-3x4-matrix", "blender", lambda d, b, t: _edit_json(
+        d / "transforms_val.json", lambda m: m["frames"][0].update(transform_matrix=m["frames"][0][
+            "transform_matrix"][:3])), [], "transforms_val.json", "frame 0 has no 4x4 'transform_matrix'"),
+    ("blender-missing-frame", "blender", lambda d, b, t: (d / "test" / "r_1.png").unlink(), [],
+     "r_1.png", "missing (referenced by transforms_test.json)"),
+    ("blender-truncated-png", "blender", lambda d, b, t: _truncate(d / "train" / "r_2.png"), [],
+     "r_2.png", "unreadable image"),
+    ("blender-odd-size", "blender", lambda d, b, t: imageio.imwrite(d / "train" / "r_3.png",
+                                                                     np.zeros((8, 16, 4), np.uint8)), [],
+     "r_3.png", "is 16x8, the first image is 16x16"),
+    ("N_rand-over-pixels", "blender", None, ["--no_batching", "--N_rand", "300"], "--N_rand",
+     "300 rays per step, but --no_batching draws without replacement from the 16x16 = 256 pixels"),
+    ("N_rand-over-crop", "blender", None, ["--no_batching", "--N_rand", "100", "--precrop_iters", "10"],
+     "--N_rand", "from the 8x8 = 64 pixels of the centre crop"),
+    # flags
+    ("unknown-dataset-type", "blender", None, ["--dataset_type", "colmap"], "--dataset_type", "unknown 'colmap'"),
+    ("N_rand-zero", "blender", None, ["--N_rand", "0"], "--N_rand", "must be at least 1, got 0"),
+    ("N_rand-not-int", "blender", None, ["--N_rand", "abc"], "--N_rand", "invalid int value: 'abc'"),
+    ("factor-zero", "llff", None, ["--factor", "0"], "--factor", "must be at least 1, got 0"),
+    ("N_samples-zero", "blender", None, ["--N_samples", "0"], "--N_samples", "must be at least 1, got 0"),
+    ("chunk-zero", "blender", None, ["--chunk", "0"], "--chunk", "must be at least 1, got 0"),
+    ("netchunk-negative", "blender", None, ["--netchunk", "-5"], "--netchunk", "must be at least 1, got -5"),
+    ("llffhold-negative", "llff", None, ["--llffhold", "-1"], "--llffhold", "must be 0 or more, got -1"),
+    ("precrop_frac-zero", "blender", None, ["--precrop_frac", "0"], "--precrop_frac", "must be in (0, 1], got 0.0"),
+    ("precrop_frac-big", "blender", None, ["--precrop_frac", "1.5"], "--precrop_frac", "must be in (0, 1], got 1.5"),
+    ("i_weights-zero", "blender", None, ["--i_weights", "0"], "--i_weights", "must be at least 1, got 0"),
+    ("lrate-nan", "blender", None, ["--lrate", "nan"], "--lrate", "must be a finite number >= 0, got nan"),
+    ("unknown-flag", "blender", None, ["--N_rnd", "5"], "--N_rnd", "unknown flag (did you mean --N_rand?)"),
+    # config files
+    ("config-missing", "blender", lambda d, b, t: ["--config", str(t / "nope.txt")], [], "nope.txt",
+     "config file does not exist"),
+    ("config-unknown-key", "blender", lambda d, b, t: (_write(t / "c.txt", "N_samples = 4\nN_rnd = 64\n"),
+                                                        ["--config", str(t / "c.txt")])[1], [],
+     "c.txt", "line 2: unknown key 'N_rnd' (did you mean N_rand?)"),
+    ("config-bad-int", "blender", lambda d, b, t: (_write(t / "c.txt", "# tiny\nN_samples = many\n"),
+                                                    ["--config", str(t / "c.txt")])[1], [],
+     "c.txt", "line 2: N_samples = many: not an integer"),
+    ("config-bad-bool", "blender", lambda d, b, t: (_write(t / "c.txt", "use_viewdirs = maybe\n"),
+                                                     ["--config", str(t / "c.txt")])[1], [],
+     "c.txt", "line 1: use_viewdirs = maybe: expected one of true, false"),
+    ("config-range", "blender", lambda d, b, t: (_write(t / "c.txt", "\nlrate_decay = 0\n"),
+                                                  ["--config", str(t / "c.txt")])[1], [],
+     "--lrate_decay", "must be at least 1, got 0 (set in "),
+    # checkpoints and earlier outputs
+    ("ckpt-shape-mismatch", "blender", None, ["--N_importance", "4", "--use_viewdirs", "--netwidth", "32"],
+     "000004.tar", "network_fn_state_dict does not match the network (shapes (file vs network) "
+                   "pts_linears.0.weight (16, 15) vs "
+                   "(32, 15)"),
+    ("ckpt-fine-missing-layers", "blender", None, ["--N_importance", "4", "--use_viewdirs", "--netdepth_fine", "3"],
+     "000004.tar", "network_fine_state_dict does not match the network (missing pts_linears.2.bias"),
+    ("ft_path-missing", "blender", None, ["--ft_path", "/nonexistent/010000.tar"], "010000.tar",
+     "no such checkpoint file"),
+    ("ft_path-truncated", "blender", lambda d, b, t: (_truncate(b / "run" / "000002.tar"),
+                                                       ["--ft_path", str(b / "run" / "000002.tar")])[1], [],
+     "000002.tar", "cannot be loaded as a checkpoint (truncated or corrupt"),
+    ("ft_path-pickled-object", "blender", lambda d, b, t: (_evil_checkpoint(t / "evil.tar", t / "pwned"),
+                                                            ["--ft_path", str(t / "evil.tar")])[1], [],
+     "evil.tar", "refused: it pickles a Python object (io.open)"),
+    ("no_reload-over-earlier-run", "blender", None, ["--no_reload", "--N_importance", "4", "--use_viewdirs"],
+     "run", "holds checkpoints of an earlier run up to 000004.tar; --no_reload starts at step 0"),
+    ("render_only-over-earlier-render", "blender",
+     lambda d, b, t: (b / "run" / "renderonly_path_000004").mkdir(), ["--render_only", "--N_importance", "4",
+                                                                       "--use_viewdirs"],
+     "renderonly_path_000004", "already exists (an earlier render)"),
+]
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=[c[0] for c in BROKEN])
+def test_broken_input_exits_2_with_one_line(case, tmp_path, blender_scene, trained, capsys):
+    name, kind, damage, extra, where, what = case
+    datadir = tmp_path / kind
+    if kind == "llff":
+        make_llff_scene(datadir)
+    else:
+        shutil.copytree(blender_scene, datadir)
+    basedir = copy_run(trained, tmp_path)
+    added = (damage(datadir, basedir, tmp_path) if damage else None) or []
+    before = snapshot(basedir)
+    argv = (llff_argv if kind == "llff" else blender_argv)(datadir, basedir, *extra, *added)
+    capsys.readouterr()
+
+    status = run_nerf.main(argv)
+
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    prefix = "error: "
+    assert lines[0].startswith(prefix)
+    where_found, what_found = lines[0][len(prefix):].split(": ", 1) if ": " in lines[0] else (lines[0], "")
+    assert where_found.endswith(where), lines[0]
+    assert what in what_found, lines[0]
+    assert snapshot(basedir) == before, "the log folder changed"
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("name", ["blender-missing-frame", "blender-odd-size", "llff-count-mismatch",
+                                  "llff-odd-size", "N_rand-over-pixels"])
+def test_data_errors_come_before_any_image_is_decoded_or_log_written(name, tmp_path, blender_scene, monkeypatch,
+                                                                   capsys):
+    """The same broken inputs, with image decoding made to fail: validation must
+    report them from headers alone, and must not create the log folder."""
+    _, kind, damage, extra, where, what = next(c for c in BROKEN if c[0] == name)
+    datadir = tmp_path / kind
+    make_llff_scene(datadir) if kind == "llff" else shutil.copytree(blender_scene, datadir)
+    if damage:
+        damage(datadir, tmp_path / "logs", tmp_path)
+    decoded = []
+    import imageio.v3 as iio
+    monkeypatch.setattr(iio, "imread", lambda *a, **k: decoded.append(a) or pytest.fail("an image was decoded"))
+    argv = (llff_argv if kind == "llff" else blender_argv)(datadir, tmp_path / "logs", *extra)
+    assert run_nerf.main(argv) == 2
+    assert what in capsys.readouterr().err
+    assert decoded == []
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_table_covers_at_least_15_data_and_flag_mistakes():
+    assert len(BROKEN) >= 15
+    assert len({c[0] for c in BROKEN}) == len(BROKEN)
+
+
+def test_pristine_scenes_pass_validation(tmp_path, blender_scene):
+    args = run_nerf.config_parser().parse_args(blender_argv(blender_scene, tmp_path))
+    assert validation.check_data(args) == (16, 16)
+    args = run_nerf.config_parser().parse_args(blender_argv(blender_scene, tmp_path, "--half_res"))
+    assert validation.check_data(args) == (8, 8)
+    llff = make_llff_scene(tmp_path / "llff")
+    args = run_nerf.config_parser().parse_args(llff_argv(llff, tmp_path))
+    assert validation.check_data(args) == (12, 16)
+
+
+def test_real_scenes_pass_and_lego_testskip_1_names_the_missing_frame(fern_dir, lego_dir, tmp_path):
+    parser = run_nerf.config_parser()
+    fern = parser.parse_args(["--datadir", str(fern_dir), "--factor", "8"])
+    assert validation.check_data(fern) == (378, 504)
+    lego = parser.parse_args(["--dataset_type", "blender", "--datadir", str(lego_dir), "--half_res"])
+    assert validation.check_data(lego) == (400, 400)
+    lego.testskip = 1
+    with pytest.raises(DataError) as err:
+        validation.check_data(lego)
+    assert err.value.where == str(lego_dir / "val" / "r_1.png")
+    assert "referenced by transforms_val.json" in err.value.what
+
+
+def test_every_shipped_config_passes_the_config_and_flag_checks():
+    configs = sorted((REPO / "configs").glob("*.txt"))
+    assert configs
+    for config in configs:
+        args = validation.parse_args(run_nerf.config_parser(), ["--config", str(config)])
+        assert args.config == str(config)
+
+
+def test_cli_subprocess_exit_status_and_single_line(tmp_path, blender_scene):
+    """The real entry point: status 2, one stderr line, no traceback; --debug re-raises."""
+    (tmp_path / "c.txt").write_text("expname = x\nnetwdith = 16\n")
+    argv = [sys.executable, str(REPO / "run_nerf.py"), "--config", str(tmp_path / "c.txt"),
+            "--datadir", str(blender_scene), "--basedir", str(tmp_path / "logs")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'c.txt'}: line 2: unknown key 'netwdith' (did you mean netwidth?)"
+    assert not (tmp_path / "logs").exists()
+    with pytest.raises(DataError, match="unknown key 'netwdith'"):   # --debug: the exception itself, traceback and all
+        run_nerf.main(argv[2:] + ["--debug"])
+
+
+# --- Checkpoints ------------------------------------------------------------------
+
+def test_truncated_newest_checkpoint_is_skipped_kept_and_training_resumes(tmp_path, blender_scene, trained,
+                                                                         caplog):
+    basedir = copy_run(trained, tmp_path)
+    run = basedir / "run"
+    good4 = weights(run / "000004.tar")
+    _truncate(run / "000004.tar")
+    damaged = (run / "000004.tar").read_bytes()
+
+    argv = blender_argv(blender_scene, basedir, "--N_iters", "4", "--i_weights", "2", "--N_importance", "4",
+                        "--use_viewdirs")
+    with caplog.at_level("INFO", logger="nerf"):
+        assert run_nerf.main(argv) == 0
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(run / "000004.tar") in w and "cannot be loaded" in w and "skipped" in w for w in warnings)
+    assert any(f"reloading from {run / '000002.tar'}" in r.getMessage() for r in caplog.records)
+    # the damaged file is kept byte for byte under another name, never deleted or overwritten
+    assert (run / "000004.tar.corrupt").read_bytes() == damaged
+    # resumed from step 2 exactly: the rewritten step 4 equals the lost one
+    assert_same_weights(weights(run / "000004.tar"), good4)
+
+
+def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    net = NeRF(D=2, W=16, input_ch=3, output_ch=4)
+    opt = torch.optim.Adam(net.parameters())
+    path = tmp_path / "000002.tar"
+    checkpoints.save_checkpoint(path, 2, net, None, opt, {})
+    before = path.read_bytes()
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_checkpoint(path, 3, net, None, opt, {})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000002.tar"]   # no partial file left behind
+
+
+def test_pickled_object_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    _evil_checkpoint(tmp_path / "evil.tar", marker)
+    with pytest.raises(DataError) as err:
+        checkpoints.read_checkpoint(tmp_path / "evil.tar")
+    assert err.value.where == str(tmp_path / "evil.tar")
+    assert err.value.what.startswith("refused: it pickles a Python object")
+    assert not marker.exists()
+    # and in a run folder it is skipped like a corrupt one, never loaded
+    (tmp_path / "run").mkdir()
+    _evil_checkpoint(tmp_path / "run" / "000009.tar", marker)
+    assert checkpoints.find_checkpoint(tmp_path / "run", None, False) == (None, None)
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    calls = []
+    for path in REPO.glob("*.py"):
+        for match in re.finditer(r"torch\.load\(([^)]*)\)", path.read_text()):
+            calls.append((path.name, match.group(1)))
+    assert calls, "expected at least the checkpoint reader"
+    assert all("weights_only=True" in args for _, args in calls), calls
+
+
+def test_keep_earlier_renames_instead_of_overwriting(tmp_path):
+    (tmp_path / "testset_000010").mkdir()
+    (tmp_path / "testset_000010" / "000.png").write_bytes(b"old")
+    assert validation.keep_earlier(tmp_path / "testset_000010") == tmp_path / "testset_000010"
+    assert not (tmp_path / "testset_000010").exists()
+    assert (tmp_path / "testset_000010.earlier" / "000.png").read_bytes() == b"old"
+    (tmp_path / "testset_000010").mkdir()
+    validation.keep_earlier(tmp_path / "testset_000010")
+    assert (tmp_path / "testset_000010.earlier2").is_dir()
+    (tmp_path / "000004.tar").write_bytes(b"not a checkpoint")
+    validation.keep_earlier(tmp_path / "000004.tar")
+    assert (tmp_path / "000004.tar.corrupt").read_bytes() == b"not a checkpoint"
+    assert validation.keep_earlier(tmp_path / "absent.mp4") == tmp_path / "absent.mp4"
+
+
+def test_render_only_twice_refuses_and_keeps_the_first_render(tmp_path, blender_scene, trained, capsys):
+    basedir = copy_run(trained, tmp_path)
+    argv = blender_argv(blender_scene, basedir, "--N_importance", "4", "--use_viewdirs", "--render_only",
+                        "--render_factor", "4")
+    assert run_nerf.main(argv) == 0
+    first = snapshot(basedir / "run" / "renderonly_path_000004")
+    assert "000.png" in first and "video.mp4" in first
+    capsys.readouterr()
+    assert run_nerf.main(argv) == 2
+    assert "renderonly_path_000004: already exists" in capsys.readouterr().err
+    assert snapshot(basedir / "run" / "renderonly_path_000004") == first
+
+
+# --- Signals and non-finite losses ------------------------------------------------------
+
+def _count_training_calls(monkeypatch, action, after: int):
+    """Patches NeRF.forward to call `action(output)` from its `after`-th call with
+    gradients on (one call per training step without a fine network)."""
+    original = NeRF.forward
+    calls = {"n": 0}
+
+    def forward(self, x):
+        out = original(self, x)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] >= after:
+                return action(out, calls["n"])
+        return out
+
+    monkeypatch.setattr(NeRF, "forward", forward)
+    return calls
+
+
+def test_nan_loss_stops_naming_the_step_and_writes_nothing_newer(tmp_path, blender_scene, monkeypatch, capsys):
+    _count_training_calls(monkeypatch, lambda out, n: out * float("nan"), after=5)
+    basedir = tmp_path / "logs"
+    argv = blender_argv(blender_scene, basedir, "--N_iters", "12", "--i_weights", "2", "--i_print", "3")
+    status = run_nerf.main(argv)
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "error: step 5: loss is not finite" in err
+    assert f"the newest checkpoint is {basedir / 'run' / '000004.tar'}" in err
+    assert sorted(p.name for p in (basedir / "run").iterdir() if "tar" in p.name) == ["000002.tar", "000004.tar"]
+    assert all(torch.isfinite(v).all() for v in weights(basedir / "run" / "000004.tar")["fn"].values())
+
+
+def test_sigterm_saves_the_current_step_and_exits_143(tmp_path, blender_scene, monkeypatch, capsys):
+    def terminate(out, n):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    _count_training_calls(monkeypatch, terminate, after=3)
+    basedir = tmp_path / "logs"
+    status = run_nerf.main(blender_argv(blender_scene, basedir, "--N_iters", "50", "--i_weights", "1000"))
+    out = capsys.readouterr().out
+    assert status == 128 + signal.SIGTERM == 143
+    assert f"Interrupted: saved step 3 to {basedir / 'run' / '000003.tar'}" in out
+    assert [p.name for p in (basedir / "run").glob("*.tar")] == ["000003.tar"]
+    assert checkpoints.read_checkpoint(basedir / "run" / "000003.tar")["global_step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers restored after the run
+
+
+def test_sigint_mid_run_saves_current_step_and_resume_matches_uninterrupted(tmp_path, blender_scene):
+    def cmd(basedir, *extra):
+        return [sys.executable, str(REPO / "run_nerf.py"),
+                *blender_argv(blender_scene, basedir, "--N_importance", "4", "--use_viewdirs", "--N_rand", "256",
+                              "--raw_noise_std", "1", *extra)]
+
+    interrupted = tmp_path / "interrupted"
+    stderr_file = open(tmp_path / "stderr.txt", "w+")   # a file: the progress bar must never fill a pipe
+    proc = subprocess.Popen(cmd(interrupted, "--N_iters", "100000", "--i_weights", "1000000", "--i_print", "1"),
+                            stdout=subprocess.PIPE, stderr=stderr_file, text=True, env=SUBPROCESS_ENV)
+    deadline = time.time() + 90
+    for line in proc.stdout:   # wait until training is under way
+        if line.startswith("[TRAIN] Iter: 3 ") or time.time() > deadline:
+            break
+    out_before = line
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    stderr_file.seek(0)
+    err = stderr_file.read()
+    stderr_file.close()
+    assert proc.returncode == 130, err
+    saved = re.search(r"Interrupted: saved step (\d+) to (\S+)", out)
+    assert out_before.startswith("[TRAIN] Iter: 3 "), "training never got under way"
+    assert saved, out
+    step = int(saved.group(1))
+    assert step >= 3 and Path(saved.group(2)) == interrupted / "run" / f"{step:06d}.tar"
+    assert checkpoints.read_checkpoint(Path(saved.group(2)))["global_step"] == step
+    assert "Traceback" not in err
+
+    final = str(step + 3)
+    resumed = subprocess.Popen(cmd(interrupted, "--N_iters", final, "--i_weights", final),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+    straight = subprocess.run(cmd(tmp_path / "straight", "--N_iters", final, "--i_weights", final),
+                              capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    _, resumed_err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0 and straight.returncode == 0, resumed_err + straight.stderr
+    assert f"reloading from {interrupted / 'run' / f'{step:06d}.tar'}" in resumed_err
+    name = f"{step + 3:06d}.tar"
+    assert_same_weights(weights(interrupted / "run" / name), weights(tmp_path / "straight" / "run" / name))

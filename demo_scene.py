@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import imageio.v2 as imageio
 import numpy as np
 
+from errors import DataError
+
 # Defaults: lego's field of view and the Blender camera distance; images small
 # enough that a tiny NeRF trains on them in minutes on a CPU.
 CAMERA_ANGLE_X = 0.6911112070083618
@@ -332,14 +334,18 @@ def ensure_demo_scene(outdir="./data/demo", verbose=True, **kwargs):
 
     The scene is written into a temporary sibling folder and renamed into
     place, so an interrupted run never leaves a folder that passes for a
-    complete scene. A folder at `outdir` that is not a complete scene (say,
-    from a copy that was cut short) is replaced. Keyword arguments go to
-    `make_demo_scene` (they only matter when the scene is written).
-    Returns `outdir`.
+    complete scene. A non-empty folder at `outdir` that is not a complete
+    scene is someone's data: it is left alone and DataError says so.
+    Keyword arguments go to `make_demo_scene` (they only matter when the
+    scene is written). Returns `outdir`.
     """
     outdir = os.path.normpath(outdir)
     if is_complete(outdir):
         return outdir
+    if os.path.isdir(outdir) and not os.listdir(outdir):
+        os.rmdir(outdir)
+    if os.path.lexists(outdir):
+        raise DataError(outdir, "exists but is not a complete demo scene; move it away or choose another --datadir")
     parent = os.path.dirname(os.path.abspath(outdir))
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(outdir)
@@ -348,11 +354,6 @@ def ensure_demo_scene(outdir="./data/demo", verbose=True, **kwargs):
     tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
     try:
         make_demo_scene(tmp, **kwargs)
-        if os.path.lexists(outdir):
-            # Incomplete leftovers: move aside first (rename is atomic), then delete.
-            stale = tempfile.mkdtemp(prefix=f".{base}.stale-", dir=parent)
-            os.rename(outdir, os.path.join(stale, base))
-            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, outdir)
         except OSError:

@@ -194,16 +194,17 @@ def check_flags(args, sources: Optional[Dict[str, str]] = None) -> None:
 
 def check_data(args) -> Optional[Tuple[int, int]]:
     """Checks the scene that `args` names without decoding any image; returns
-    the training images' (H, W) as the loader will give them (None for demo,
-    which is made on first use)."""
-    if args.dataset_type == "demo":
-        return None
+    the training images' (H, W) as the loader will give them. The demo scene
+    is made first if it is not there yet."""
     datadir = Path(args.datadir)
+    if args.dataset_type == "demo":
+        from demo_scene import ensure_demo_scene
+        ensure_demo_scene(datadir)
     if not datadir.is_dir():
         raise DataError(datadir, "data folder does not exist" if not datadir.exists() else "is not a folder")
     if args.dataset_type == "llff":
         H, W = _check_llff(datadir, args.factor, args.llffhold, needs_training=not args.render_only)
-    elif args.dataset_type in ("blender", "LINEMOD"):
+    elif args.dataset_type in ("blender", "demo", "LINEMOD"):
         H, W = _check_transforms(datadir, args.testskip, args.half_res, linemod=args.dataset_type == "LINEMOD")
     else:
         H, W = _check_deepvoxels(datadir, args.shape, args.testskip)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import demo_scene
+from errors import DataError
 from demo_scene import Box, Cylinder, Sphere
 
 H = W = 40
@@ -200,15 +201,17 @@ def test_ensure_is_idempotent(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["demo"]  # no temporary folders left
 
 
-def test_incomplete_folder_is_rewritten(tmp_path):
+def test_incomplete_folder_is_refused_not_replaced(tmp_path):
     out = tmp_path / "demo"
     demo_scene.make_demo_scene(str(out), **SMALL)
-    os.remove(out / "test" / "r_1.png")  # as if a copy was cut short
-    assert not demo_scene.is_complete(str(out))
-    demo_scene.ensure_demo_scene(str(out), verbose=False, **SMALL)
-    assert demo_scene.is_complete(str(out))
-    assert (out / "test" / "r_1.png").is_file()
-    assert sorted(os.listdir(tmp_path)) == ["demo"]
+    os.remove(out / "test" / "r_1.png")  # someone's folder, not a whole scene
+    before = snapshot(out)
+    with pytest.raises(DataError, match="not a complete demo scene"):
+        demo_scene.ensure_demo_scene(str(out), verbose=False, **SMALL)
+    assert snapshot(out) == before
+    (tmp_path / "empty").mkdir()
+    demo_scene.ensure_demo_scene(str(tmp_path / "empty"), verbose=False, **SMALL)
+    assert demo_scene.is_complete(str(tmp_path / "empty"))
 
 
 def test_interrupted_write_leaves_nothing_that_counts(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ def final_state(expdir: Path, step: int) -> dict:
 
 
 def assert_resume_is_exact(scene_args, tmp_path: Path, n: int):
-    common = [*scene_args, "--basedir", str(tmp_path), *TINY, *QUIET, "--lrate", "5e-3", "--lrate_decay", "1"]
+    common = ["--basedir", str(tmp_path), *TINY, *QUIET, "--lrate", "5e-3", "--lrate_decay", "1", *scene_args]
     assert run_nerf.main([*common, "--expname", "straight", "--N_iters", str(2 * n), "--i_weights", str(2 * n)]) == 0
     assert run_nerf.main([*common, "--expname", "resumed", "--N_iters", str(n), "--i_weights", str(n)]) == 0
     assert run_nerf.main([*common, "--expname", "resumed", "--N_iters", str(2 * n), "--i_weights", str(n)]) == 0

@@ -290,6 +290,27 @@ def make_sampler(args, scene: Scene, device):
     return RayBatcher(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand, device)
 
 
+def log_progress(writer, bar, stats: dict, lrate: float, step: int) -> None:
+    """The original's [TRAIN] line, the progress bar's figures and TensorBoard scalars."""
+    loss, psnr = float(stats['loss']), float(stats['psnr'])
+    tqdm.write(f"[TRAIN] Iter: {step} Loss: {loss}  PSNR: {psnr}")
+    bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{psnr:.2f}")
+    writer.add_scalar('train/loss', loss, step)
+    writer.add_scalar('train/psnr', psnr, step)
+    if 'psnr0' in stats:
+        writer.add_scalar('train/psnr0', float(stats['psnr0']), step)
+    writer.add_scalar('train/lrate', lrate, step)
+
+
+def write_spiral_videos(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> None:
+    """{expname}_spiral_{step:06d}_rgb.mp4 and _disp.mp4 along the render path."""
+    rgbs, disps = render_path(torch.as_tensor(scene.render_poses, device=device), scene.hwf, scene.K, args.chunk,
+                              render_kwargs_test)
+    moviebase = expdir / f'{args.expname}_spiral_{step:06d}_'
+    write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
+    write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
+
+
 def log_heldout_view(writer, scene: Scene, args, render_kwargs_test: dict, step: int, device) -> None:
     """TensorBoard: one validation view's RGB, disparity, accumulation and PSNR."""
     img_i = int(scene.i_val[(step // args.i_img) % len(scene.i_val)])
@@ -381,25 +402,14 @@ def train(argv=None) -> int:
                     status = 1
                     break
             if due['print']:
-                loss, psnr = float(stats['loss']), float(stats['psnr'])
-                tqdm.write(f"[TRAIN] Iter: {i} Loss: {loss}  PSNR: {psnr}")
-                bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{psnr:.2f}")
-                writer.add_scalar('train/loss', loss, i)
-                writer.add_scalar('train/psnr', psnr, i)
-                if 'psnr0' in stats:
-                    writer.add_scalar('train/psnr0', float(stats['psnr0']), i)
-                writer.add_scalar('train/lrate', optimizer.param_groups[0]['lr'], i)
+                log_progress(writer, bar, stats, optimizer.param_groups[0]['lr'], i)
             if due['img']:
                 log_heldout_view(writer, scene, args, render_kwargs_test, i, device)
             if due['weights']:
                 tqdm.write(f"Saved checkpoints at {save(i)}")
                 last_saved = i
             if due['video']:
-                rgbs, disps = render_path(torch.as_tensor(scene.render_poses, device=device), scene.hwf, scene.K,
-                                          args.chunk, render_kwargs_test)
-                moviebase = expdir / f'{args.expname}_spiral_{i:06d}_'
-                write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
-                write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
+                write_spiral_videos(args, scene, render_kwargs_test, i, expdir, device)
             if due['testset']:
                 render_testset(args, scene, render_kwargs_test, i, expdir, device, writer)
             if stop.signum is not None:

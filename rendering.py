@@ -14,14 +14,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import fast_nerf
 from run_nerf_helpers import get_rays, ndc_rays, sample_pdf, to8b
 
 
 def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Callable,
                 embed_fn: Callable, embeddirs_fn: Optional[Callable],
-                netchunk: int = 1024 * 64) -> torch.Tensor:
+                netchunk: int = 1024 * 64, fast: bool = True) -> torch.Tensor:
     """Encodes points (N, S, 3) and view directions (N, 3) and runs the MLP `fn`
-    over at most `netchunk` points at a time. Returns (N, S, C)."""
+    over at most `netchunk` points at a time. Returns (N, S, C).
+
+    With `fast` (the default) a library `NeRF` runs through `fast_nerf`: the
+    same network and formulas in fewer, fused operations (see there). Other
+    networks or encoders, autocast, or `fast=False` take the plain path below.
+    """
+    if fast and fast_nerf.supports(fn, embed_fn, embeddirs_fn, inputs, viewdirs):
+        return fast_nerf.query(fn, inputs, viewdirs, embed_fn, embeddirs_fn, netchunk)
     inputs_flat = inputs.reshape(-1, inputs.shape[-1])
     embedded = embed_fn(inputs_flat)
     if viewdirs is not None:

@@ -1,29 +1,35 @@
-"""The fast path of the NeRF MLP: the same network, the same formulas, less work.
+"""The fast path of the NeRF MLP: the same network and the same products, less overhead.
 
 `query(model, pts, viewdirs, embed_fn, embeddirs_fn, netchunk)` returns what
-`rendering.run_network` would, `(N, S, C)` raw outputs for points `(N, S, 3)`
-on N rays, but evaluates the MLP in one autograd node (`_FusedNeRF`) that:
+`rendering.run_network` returns, raw outputs (N, S, C) for points (N, S, 3)
+on N rays, but evaluates the MLP as one autograd node per chunk (`_FusedNeRF`)
+that:
 
-- encodes the points straight into the buffer the first layer reads (no cat);
-- encodes each ray's view direction once and adds its share of the views
-  layer once per ray, broadcast over the ray's samples, instead of
-  materialising the direction for every sample: `views_linears.0` is
-  `[W_feat | W_dir]`, so `W_feat f + W_dir d + b` with the second term per ray;
-- feeds the skip layer `[pts, h]` as two matrix products summed
-  (`W_pts pts + W_h h`) instead of concatenating;
-- computes `feature_linear` and `alpha_linear` as one product (their weights
-  stacked), applies ReLU in place and writes every product into reused memory;
-- in the backward pass computes only what the parameters need (no gradient
-  for the encoded inputs) and accumulates the weight gradients in place;
+- encodes the points straight into the buffer the first layer reads, stored
+  transposed so that every sin and cos runs on contiguous rows (no cat);
+- encodes each ray's view direction once (not once per sample) and broadcasts
+  the encoding over the ray's samples in place;
+- lays the buffers out so that the skip layer's input `[pts, h]` and the views
+  layer's input `[feature, direction]` are built in place: no concatenation;
+- writes every product into reused memory and applies ReLU in place;
+- backpropagates by hand: no gradient for the encoded inputs, the weight
+  gradients accumulated in place, ReLU's gradient masked in place;
 - works through the rows in blocks sized for the CPU's caches (the whole
-  chunk at once on a GPU), so the elementwise work runs on cached data.
+  chunk at once on a GPU), so that the elementwise work runs on cached data.
 
-Parameters, their names and the state dict are the `NeRF` module's own: only
-the order of floating-point additions differs from the plain path, so results
-agree to float32 rounding. Memory that an evaluation keeps for its backward
-pass comes from a small pool and is reused by later steps once its graph is
-gone (freshly allocated large tensors cost a page fault per 4 KiB page on
-every step on the CPU).
+Every forward product is the very matrix product the plain path computes on
+the same operands (only their memory layout differs), so forward values match
+the plain path bit for bit on the CPU. That matters beyond taste: the fine
+samples are drawn by inverting the coarse weights' CDF, which magnifies
+rounding differences, so an evaluation that merely rounds differently (say,
+the skip layer as two products summed) moves a tenth of the fine pixels of
+the reference renders by more than 1e-5. Gradients agree to float32 rounding
+(their sums run in another order).
+
+Parameters, their names and the state dict are the `NeRF` module's own.
+Memory an evaluation keeps for its backward pass comes from a small pool and
+is reused by later steps once its graph is gone (on the CPU every freshly
+allocated large tensor costs a page fault per 4 KiB page, every step).
 
 `supports(...)` says when the fast path applies: a `NeRF` whose `forward` is
 the library's own, the library's encoders, inputs that need no gradient and
@@ -177,23 +183,25 @@ def _params(model: NeRF) -> List[torch.Tensor]:
 
 
 def default_block_rows(device: torch.device, width: int) -> int:
-    """Rows per block: about 4 MiB of activations on a CPU; everything on a GPU."""
+    """Rows per block: a few MiB of activations on a CPU; everything on a GPU."""
     if device.type == "cpu":
-        return max(1024, (1 << 20) // max(width, 64))
+        return max(4096, (1 << 19) // max(width, 1))
     return 1 << 62
 
 
 # --- The fused network -------------------------------------------------------
 
-def _encode_into(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor) -> None:
-    """Writes Embedder(x) = [x, sin(f0 x), cos(f0 x), ...] into `out` (B, 3 + 6L)."""
-    out[:, :3].copy_(x)
+def _encode_t(x: torch.Tensor, freqs: torch.Tensor, out_t: torch.Tensor) -> None:
+    """Writes Embedder(x) = [x, sin(f0 x), cos(f0 x), ...] transposed: out_t (3 + 6L, B)
+    for x (B, 3). The same multiplications and sin/cos as the Embedder."""
+    out_t[:3].copy_(x.t())
     L = freqs.numel()
     if L:
-        scaled = x[:, None, :] * freqs.to(device=x.device, dtype=x.dtype)[:, None]   # (B, L, 3)
-        periodic = out[:, 3:].view(x.shape[0], L, 2, 3)
-        torch.sin(scaled, out=periodic[:, :, 0])
-        torch.cos(scaled, out=periodic[:, :, 1])
+        B = x.shape[0]
+        scaled = out_t[:3][None] * freqs.to(device=x.device, dtype=x.dtype)[:, None, None]   # (L, 3, B)
+        periodic = out_t[3:].view(L, 2, 3, B)
+        torch.sin(scaled, out=periodic[:, 0])
+        torch.cos(scaled, out=periodic[:, 1])
 
 
 def _relu_grad_(grad: torch.Tensor, out: torch.Tensor) -> None:
@@ -202,14 +210,15 @@ def _relu_grad_(grad: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _layout(plan: "_Plan", rows: int):
-    """Buffer shapes for `rows` rows: the encoding, then one per layer (the layer
-    before a skip gets Cp + W columns: [encoding, output], the skip layer's input
-    as is), then with view directions [feature, encoded direction] and the
-    views layer's output."""
+    """Buffer shapes for `rows` rows: the encoding transposed (Cp, rows), one
+    buffer per layer (the layer before a skip gets Cp + W columns, [encoding,
+    output]: the skip layer's input as is), then with view directions
+    [feature, encoded direction] transposed (W + Cv, rows) and the views
+    layer's output (rows, Wv)."""
     D, W, Cp = plan.D, plan.W, plan.Cp
-    shapes = [(rows, Cp)] + [(rows, Cp + W) if i in plan.skip_after else (rows, W) for i in range(D)]
+    shapes = [(Cp, rows)] + [(rows, Cp + W) if i in plan.skip_after else (rows, W) for i in range(D)]
     if plan.use_viewdirs:
-        shapes += [(rows, W + plan.Cv), (rows, plan.Wv)]
+        shapes += [(W + plan.Cv, rows), (rows, plan.Wv)]
     return shapes
 
 
@@ -221,8 +230,7 @@ def _out_cols(plan: "_Plan", i: int, buf: torch.Tensor) -> torch.Tensor:
 class _FusedNeRF(torch.autograd.Function):
     """raw (M, C) for points pts (M, 3), M = R rays x S samples, encoded on the
     fly, and per-ray encoded view directions venc (R, Cv) (None without
-    viewdirs). Every forward product is the one the plain path computes, on the
-    same operands, so the forward values match it."""
+    viewdirs). Each forward product is the plain path's, on the same operands."""
 
     @staticmethod
     def forward(ctx, plan: "_Plan", pts: torch.Tensor, venc: Optional[torch.Tensor], *params):
@@ -238,25 +246,25 @@ class _FusedNeRF(torch.autograd.Function):
         for a in range(0, M, block):
             e = min(a + block, M)
             sl = slice(a, e) if saving else slice(0, e - a)
-            enc = bufs[0][sl]
-            _encode_into(pts[a:e], plan.freqs, enc)
-            x = enc
+            enc_t = bufs[0][:, sl]
+            _encode_t(pts[a:e], plan.freqs, enc_t)
+            x = enc_t.t()
             for i in range(D):
                 buf = bufs[1 + i][sl]
                 o = _out_cols(plan, i, buf)
                 torch.addmm(b[i], x, w[i].t(), out=o)
                 o.relu_()
                 if i in plan.skip_after:
-                    buf[:, :Cp].copy_(enc)
+                    buf[:, :Cp].copy_(enc_t.t())
                 x = buf
             if plan.use_viewdirs:
                 wf, wa, wv, wr = w[D:D + 4]
                 bf, ba, bv, br = b[D:D + 4]
-                fv, v = bufs[-2][sl], bufs[-1][sl]
+                fv_t, v = bufs[-2][:, sl], bufs[-1][sl]
                 torch.addmm(ba, x, wa.t(), out=out[a:e, 3:4])
-                torch.addmm(bf, x, wf.t(), out=fv[:, :W])
-                fv[:, W:].view(-1, S, plan.Cv).copy_(venc[a // S:e // S, None, :])
-                torch.addmm(bv, fv, wv.t(), out=v)
+                torch.addmm(bf, x, wf.t(), out=fv_t[:W].t())
+                fv_t[W:].view(plan.Cv, -1, S).copy_(venc[a // S:e // S].t()[:, :, None])
+                torch.addmm(bv, fv_t.t(), wv.t(), out=v)
                 v.relu_()
                 torch.addmm(br, v, wr.t(), out=out[a:e, :3])
             else:
@@ -295,17 +303,16 @@ class _FusedNeRF(torch.autograd.Function):
             e = min(a + block, M)
             n = e - a
             x_last = bufs[D][a:e]
-            h_last = _out_cols(plan, D - 1, x_last)
             dh = scratch[0][:n]
             if plan.use_viewdirs:
                 dfa, dv = scratch[2][:n], scratch[3][:n]
                 g_rgb = grad_out[a:e, :3]
-                v, fv = bufs[-1][a:e], bufs[-2][a:e]
+                v, fv_t = bufs[-1][a:e], bufs[-2][:, a:e]
                 gw[D + 3].addmm_(g_rgb.t(), v)
                 gb[D + 3].add_(g_rgb.sum(0))
                 torch.mm(g_rgb, wr, out=dv)
                 _relu_grad_(dv, v)
-                gw[D + 2].addmm_(dv.t(), fv)
+                gw[D + 2].addmm_(dv.t(), fv_t.t())
                 gb[D + 2].add_(dv.sum(0))
                 torch.mm(dv, wv[:, :W], out=dfa[:, :W])
                 dfa[:, W].copy_(grad_out[a:e, 3])
@@ -320,10 +327,10 @@ class _FusedNeRF(torch.autograd.Function):
             for i in range(D - 1, -1, -1):
                 _relu_grad_(dh, _out_cols(plan, i, bufs[1 + i][a:e]))
                 gb[i].add_(dh.sum(0))
-                x_in = bufs[i][a:e]                       # layer i's input: encoding or layer i-1's buffer
-                gw[i].addmm_(dh.t(), x_in)
                 if i == 0:
+                    gw[0].addmm_(dh.t(), bufs[0][:, a:e].t())
                     break
+                gw[i].addmm_(dh.t(), bufs[i][a:e])        # layer i's input: layer i-1's buffer
                 nxt = scratch[(D - i) % 2][:n]
                 w_h = w[i][:, Cp:] if (i - 1) in plan.skip_after else w[i]
                 torch.mm(dh, w_h, out=nxt)

@@ -7,7 +7,9 @@ directions, view directions materialised per sample, `sample_pdf` gathering
 from expanded tensors, rays of the whole image rebuilt every step with
 `np.random.choice` over all its pixels (--no_batching), and the batching
 path's `get_rays_np` over every training image plus a NumPy shuffle.
-Not used by training; do not import it from the library.
+Not used by training; do not import it from the library. Like the original
+(which made CUDA the default tensor type) it creates tensors on the default
+device: run it inside `with torch.device(...)`.
 """
 import numpy as np
 import torch
@@ -124,7 +126,7 @@ def sample_pdf(bins, weights, N_samples, det=False):
 def raw2outputs(raw, z_vals, rays_d, raw_noise_std=0, white_bkgd=False):
     raw2alpha = lambda raw, dists, act_fn=F.relu: 1. - torch.exp(-act_fn(raw) * dists)
     dists = z_vals[..., 1:] - z_vals[..., :-1]
-    dists = torch.cat([dists, torch.Tensor([1e10]).expand(dists[..., :1].shape)], -1)
+    dists = torch.cat([dists, torch.tensor([1e10]).expand(dists[..., :1].shape)], -1)
     dists = dists * torch.norm(rays_d[..., None, :], dim=-1)
     rgb = torch.sigmoid(raw[..., :3])
     noise = 0.
@@ -234,10 +236,10 @@ class OriginalSampler:
             rays_rgb = np.stack([rays_rgb[i] for i in self.i_train], 0)
             rays_rgb = np.reshape(rays_rgb, [-1, 3, 3]).astype(np.float32)
             np.random.shuffle(rays_rgb)
-            self.rays_rgb = torch.Tensor(rays_rgb)
+            self.rays_rgb = torch.tensor(rays_rgb)
             self.i_batch = 0
-        self.images = torch.Tensor(images)
-        self.poses = torch.Tensor(poses)
+        self.images = torch.tensor(images)
+        self.poses = torch.tensor(poses)
 
     def __call__(self, i):
         N_rand = self.N_rand

@@ -213,12 +213,12 @@ def _layout(plan: "_Plan", rows: int):
     """Buffer shapes for `rows` rows: the encoding transposed (Cp, rows), one
     buffer per layer (the layer before a skip gets Cp + W columns, [encoding,
     output]: the skip layer's input as is), then with view directions
-    [feature, encoded direction] transposed (W + Cv, rows) and the views
-    layer's output (rows, Wv)."""
+    [feature, encoded direction] (rows, W + Cv) and the views layer's output
+    (rows, Wv)."""
     D, W, Cp = plan.D, plan.W, plan.Cp
     shapes = [(Cp, rows)] + [(rows, Cp + W) if i in plan.skip_after else (rows, W) for i in range(D)]
     if plan.use_viewdirs:
-        shapes += [(W + plan.Cv, rows), (rows, plan.Wv)]
+        shapes += [(rows, W + plan.Cv), (rows, plan.Wv)]
     return shapes
 
 
@@ -260,11 +260,11 @@ class _FusedNeRF(torch.autograd.Function):
             if plan.use_viewdirs:
                 wf, wa, wv, wr = w[D:D + 4]
                 bf, ba, bv, br = b[D:D + 4]
-                fv_t, v = bufs[-2][:, sl], bufs[-1][sl]
+                fv, v = bufs[-2][sl], bufs[-1][sl]
                 torch.addmm(ba, x, wa.t(), out=out[a:e, 3:4])
-                torch.addmm(bf, x, wf.t(), out=fv_t[:W].t())
-                fv_t[W:].view(plan.Cv, -1, S).copy_(venc[a // S:e // S].t()[:, :, None])
-                torch.addmm(bv, fv_t.t(), wv.t(), out=v)
+                torch.addmm(bf, x, wf.t(), out=fv[:, :W])
+                fv[:, W:].view(-1, S, plan.Cv).copy_(venc[a // S:e // S, None, :])
+                torch.addmm(bv, fv, wv.t(), out=v)
                 v.relu_()
                 torch.addmm(br, v, wr.t(), out=out[a:e, :3])
             else:
@@ -307,12 +307,12 @@ class _FusedNeRF(torch.autograd.Function):
             if plan.use_viewdirs:
                 dfa, dv = scratch[2][:n], scratch[3][:n]
                 g_rgb = grad_out[a:e, :3]
-                v, fv_t = bufs[-1][a:e], bufs[-2][:, a:e]
+                v, fv = bufs[-1][a:e], bufs[-2][a:e]
                 gw[D + 3].addmm_(g_rgb.t(), v)
                 gb[D + 3].add_(g_rgb.sum(0))
                 torch.mm(g_rgb, wr, out=dv)
                 _relu_grad_(dv, v)
-                gw[D + 2].addmm_(dv.t(), fv_t.t())
+                gw[D + 2].addmm_(dv.t(), fv)
                 gb[D + 2].add_(dv.sum(0))
                 torch.mm(dv, wv[:, :W], out=dfa[:, :W])
                 dfa[:, W].copy_(grad_out[a:e, 3])

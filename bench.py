@@ -187,7 +187,8 @@ def build(args, scene, device, baseline: bool):
         with torch.no_grad():
             return render(scene.H, scene.W, scene.K, chunk=args.chunk, c2w=c2w, **kw_test)
 
-    impls = [Impl("fast", sampler, fast_step, fast_render, lambda: _null())]
+    name = "bf16" if args.mixed_precision else "compiled" if args.compile else "fast"
+    impls = [Impl(name, sampler, fast_step, fast_render, lambda: _null())]
     if baseline:
         impls.append(build_original(args, scene, device, kw_train, kw_test))
     return impls, kw_train
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
                   f"MLP {rrate / 1e9:6.1f} GFLOP/s = {100 * rrate / mm_rate:5.1f}% of matmul")
         results[impl.name] = r
     if bargs.baseline:
-        f, b = results["fast"], results["baseline"]
+        f, b = results[impls[0].name], results["baseline"]
         line = f"speedup vs baseline (same run): training {b['step_s'] / f['step_s']:.2f}x"
         if "render_s" in f:
             line += f", render {b['render_s'] / f['render_s']:.2f}x"

@@ -40,6 +40,29 @@ def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Call
     return outputs_flat.reshape(list(inputs.shape[:-1]) + [outputs_flat.shape[-1]])
 
 
+def make_network_query_fn(embed_fn: Callable, embeddirs_fn: Optional[Callable], netchunk: int,
+                          mixed_precision: bool = False, compiled: Optional[dict] = None) -> Callable:
+    """The `network_query_fn(inputs, viewdirs, network_fn)` of the render kwargs.
+
+    Default: `run_network` (its fast path for library networks). Off-by-default
+    modes: `mixed_precision` runs the networks under bfloat16 autocast (the
+    plain path; outputs back in float32); `compiled` maps id(module) to a
+    `torch.compile`d callable used in the module's place (the module itself
+    stays in the render kwargs, so checkpoints keep its parameter names).
+    """
+    compiled = compiled or {}
+
+    def network_query_fn(inputs, viewdirs, network_fn):
+        fn = compiled.get(id(network_fn), network_fn)
+        if not mixed_precision:
+            return run_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
+            out = run_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk)
+        return out.float()
+
+    return network_query_fn
+
+
 def sample_along_rays(near: torch.Tensor, far: torch.Tensor, N_samples: int,
                       lindisp: bool = False, perturb: float = 0.0) -> torch.Tensor:
     """Coarse sample depths z (N, S) between near and far (each (N, 1)).

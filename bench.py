@@ -2,6 +2,7 @@
 
     python bench.py                                  # fern, small networks, ~30 s
     python bench.py --baseline                       # and the original's code path, interleaved
+    python bench.py --plain                          # and this library's plain (unfused) MLP path
     python bench.py --as_is --steps 3 --render_frames 0          # configs/fern.txt unchanged
     python bench.py --config configs/lego.txt --baseline --render_frames 0
     python bench.py --threads 1 -- --N_rand 2048     # after --: run_nerf flags
@@ -53,6 +54,8 @@ def parse(argv=None):
     p.add_argument("--render_frames", type=int, default=1, help="timed full-image renders (0: none)")
     p.add_argument("--render_factor", type=int, default=0, help="render at 1/N of the size")
     p.add_argument("--baseline", action="store_true", help="also time the original's code path")
+    p.add_argument("--plain", action="store_true",
+                   help="also time this library with its plain MLP path (run_network fast=False)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args, rest = p.parse_known_args(argv)
@@ -168,7 +171,7 @@ class Impl:
         return time.perf_counter() - t
 
 
-def build(args, scene, device, baseline: bool):
+def build(args, scene, device, baseline: bool, plain: bool = False):
     """The library's implementation and, with `baseline`, the original's, with equal initial weights."""
     torch.manual_seed(0)
     np.random.seed(0)
@@ -189,9 +192,43 @@ def build(args, scene, device, baseline: bool):
 
     name = "bf16" if args.mixed_precision else "compiled" if args.compile else "fast"
     impls = [Impl(name, sampler, fast_step, fast_render, lambda: _null())]
+    if plain:
+        impls.append(build_plain(args, scene, device, kw_train, kw_test))
     if baseline:
         impls.append(build_original(args, scene, device, kw_train, kw_test))
     return impls, kw_train
+
+
+def build_plain(args, scene, device, kw_train, kw_test):
+    """The library with `run_network(..., fast=False)`: its MLP as `NeRF.forward` computes it."""
+    import copy
+    from rendering import run_network
+    coarse = copy.deepcopy(kw_train["network_fn"])
+    fine = copy.deepcopy(kw_train["network_fine"])
+    e_fn, _ = run_nerf.get_embedder(args.multires, args.i_embed)
+    e_dirs = run_nerf.get_embedder(args.multires_views, args.i_embed)[0] if args.use_viewdirs else None
+    e_fn = e_fn.to(device)
+    e_dirs = e_dirs.to(device) if e_dirs is not None else None
+
+    def query(inputs, viewdirs, fn):
+        return run_network(inputs, viewdirs, fn, e_fn, e_dirs, args.netchunk, fast=False)
+
+    swap = {"network_fn": coarse, "network_fine": fine, "network_query_fn": query}
+    kw_tr, kw_te = {**kw_train, **swap}, {**kw_test, **swap}
+    params = list(coarse.parameters()) + (list(fine.parameters()) if fine is not None else [])
+    optimizer = torch.optim.Adam(params=params, lr=args.lrate, betas=(0.9, 0.999))
+    sampler = run_nerf.make_sampler(args, scene, device)
+
+    def step(batch_rays, target_s, i):
+        run_nerf.train_step(batch_rays, target_s, scene, kw_tr, optimizer, args.chunk)
+        for group in optimizer.param_groups:
+            group["lr"] = run_nerf.learning_rate(args, i - 1)
+
+    def render_fn(c2w):
+        with torch.no_grad():
+            return render(scene.H, scene.W, scene.K, chunk=args.chunk, c2w=c2w, **kw_te)
+
+    return Impl("plain", sampler, step, render_fn, lambda: _null())
 
 
 class _null:
@@ -258,7 +295,7 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     scene = load_scene(args)
-    impls, kw_train = build(args, scene, device, bargs.baseline)
+    impls, kw_train = build(args, scene, device, bargs.baseline, bargs.plain)
     setup_s = time.perf_counter() - t0
     mm = Matmul(device)
 
@@ -326,9 +363,9 @@ def main(argv=None) -> int:
             print(f"[{impl.name:8s}] render {scene.H}x{scene.W}: {tr:6.2f} s  {scene.H * scene.W / tr:9.0f} rays/s  "
                   f"MLP {rrate / 1e9:6.1f} GFLOP/s = {100 * rrate / mm_rate:5.1f}% of matmul")
         results[impl.name] = r
-    if bargs.baseline:
-        f, b = results[impls[0].name], results["baseline"]
-        line = f"speedup vs baseline (same run): training {b['step_s'] / f['step_s']:.2f}x"
+    for other in impls[1:]:
+        f, b = results[impls[0].name], results[other.name]
+        line = f"speedup vs {other.name} (same run): training {b['step_s'] / f['step_s']:.2f}x"
         if "render_s" in f:
             line += f", render {b['render_s'] / f['render_s']:.2f}x"
         print(line)

@@ -14,14 +14,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import fast_nerf
 from run_nerf_helpers import get_rays, ndc_rays, sample_pdf, to8b
 
 
 def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Callable,
                 embed_fn: Callable, embeddirs_fn: Optional[Callable],
-                netchunk: int = 1024 * 64) -> torch.Tensor:
+                netchunk: int = 1024 * 64, fast: bool = True) -> torch.Tensor:
     """Encodes points (N, S, 3) and view directions (N, 3) and runs the MLP `fn`
-    over at most `netchunk` points at a time. Returns (N, S, C)."""
+    over at most `netchunk` points at a time. Returns (N, S, C).
+
+    With `fast` (the default) a library `NeRF` runs through `fast_nerf`: the
+    same network and formulas in fewer, fused operations (see there). Other
+    networks or encoders, autocast, or `fast=False` take the plain path below.
+    """
+    if fast and fast_nerf.supports(fn, embed_fn, embeddirs_fn, inputs, viewdirs):
+        return fast_nerf.query(fn, inputs, viewdirs, embed_fn, embeddirs_fn, netchunk)
     inputs_flat = inputs.reshape(-1, inputs.shape[-1])
     embedded = embed_fn(inputs_flat)
     if viewdirs is not None:
@@ -30,6 +38,29 @@ def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Call
     outputs_flat = torch.cat([fn(embedded[i:i + netchunk])
                               for i in range(0, embedded.shape[0], netchunk)], 0)
     return outputs_flat.reshape(list(inputs.shape[:-1]) + [outputs_flat.shape[-1]])
+
+
+def make_network_query_fn(embed_fn: Callable, embeddirs_fn: Optional[Callable], netchunk: int,
+                          mixed_precision: bool = False, compiled: Optional[dict] = None) -> Callable:
+    """The `network_query_fn(inputs, viewdirs, network_fn)` of the render kwargs.
+
+    Default: `run_network` (its fast path for library networks). Off-by-default
+    modes: `mixed_precision` runs the networks under bfloat16 autocast (the
+    plain path; outputs back in float32); `compiled` maps id(module) to a
+    `torch.compile`d callable used in the module's place (the module itself
+    stays in the render kwargs, so checkpoints keep its parameter names).
+    """
+    compiled = compiled or {}
+
+    def network_query_fn(inputs, viewdirs, network_fn):
+        fn = compiled.get(id(network_fn), network_fn)
+        if not mixed_precision:
+            return run_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
+            out = run_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk)
+        return out.float()
+
+    return network_query_fn
 
 
 def sample_along_rays(near: torch.Tensor, far: torch.Tensor, N_samples: int,

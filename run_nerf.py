@@ -22,7 +22,8 @@ import validation
 from checkpoints import find_checkpoint, load_network_state, save_checkpoint, set_rng_state, steps_done
 from datasets import Scene, load_scene
 from errors import DataError
-from rendering import batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
+from rendering import (batchify_rays, make_network_query_fn, raw2outputs, render, render_path,  # noqa: F401 (public API)
+                       render_rays, run_network)
 from ray_batches import ImageRaySampler, RayBatcher
 from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, mse2psnr, to8b
 
@@ -75,6 +76,9 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--render_test", action='store_true', help='render the test set instead of render_poses path')
     parser.add_argument("--render_factor", type=int, default=0,
                         help='downsampling factor to speed up rendering, set 4 or 8 for fast preview')
+    parser.add_argument("--mixed_precision", action='store_true',
+                        help='run the MLPs under bfloat16 autocast (meant for GPUs; off by default: other arithmetic)')
+    parser.add_argument("--compile", action='store_true', help='torch.compile the MLPs (off by default)')
 
     # training options
     parser.add_argument("--precrop_iters", type=int, default=0, help='number of steps to train on central crops')
@@ -140,9 +144,11 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
                           skips=skips, input_ch_views=input_ch_views, use_viewdirs=args.use_viewdirs).to(device)
         grad_vars += list(model_fine.parameters())
 
-    def network_query_fn(inputs, viewdirs, network_fn):
-        return run_network(inputs, viewdirs, network_fn, embed_fn=embed_fn, embeddirs_fn=embeddirs_fn,
-                           netchunk=args.netchunk)
+    compiled = {}
+    if getattr(args, 'compile', False):
+        compiled = {id(m): torch.compile(m) for m in (model, model_fine) if m is not None}
+    network_query_fn = make_network_query_fn(embed_fn, embeddirs_fn, args.netchunk,
+                                             getattr(args, 'mixed_precision', False), compiled)
 
     optimizer = torch.optim.Adam(params=grad_vars, lr=args.lrate, betas=(0.9, 0.999))
 

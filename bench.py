@@ -1,0 +1,382 @@
+"""Steady-state speed of training steps and full-image renders.
+
+    python bench.py                                  # fern, small networks, ~30 s
+    python bench.py --baseline                       # and the original's code path, interleaved
+    python bench.py --plain                          # and this library's plain (unfused) MLP path
+    python bench.py --as_is --steps 3 --render_frames 0          # configs/fern.txt unchanged
+    python bench.py --config configs/lego.txt --baseline --render_frames 0
+    python bench.py --threads 1 -- --N_rand 2048     # after --: run_nerf flags
+
+Prints steps/s, rays/s, samples/s (network evaluations, coarse + fine), peak
+memory and the MLPs' arithmetic rate: their FLOPs counted from the layer sizes
+(forward 2 x in x out per sample per layer, backward twice that, whatever the
+implementation actually skips) over the measured time, as a fraction of a
+plain float32 matrix multiply's rate measured in the same run on the same
+device. Timings are medians over many steps after warm-up; with --baseline
+the two implementations alternate in short rounds, with matmul probes in
+between, so a change in machine load hits both alike.
+
+`--small` (the default unless --as_is) is the issue's small configuration:
+networks 4 x 64, --N_rand 512 --N_samples 32 --N_importance 32.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+import run_nerf  # noqa: E402
+from benchmarks import original_path as orig  # noqa: E402
+from datasets import load_scene  # noqa: E402
+from rendering import render  # noqa: E402
+from run_nerf_helpers import default_device  # noqa: E402
+
+SMALL = ["--netdepth", "4", "--netwidth", "64", "--netdepth_fine", "4", "--netwidth_fine", "64",
+         "--N_rand", "512", "--N_samples", "32", "--N_importance", "32"]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", default=str(REPO / "configs" / "fern.txt"))
+    p.add_argument("--as_is", action="store_true", help="use the config's networks and sampling unchanged")
+    p.add_argument("--steps", type=int, default=40, help="timed training steps per implementation")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--round", type=int, default=5, help="steps per round when alternating")
+    p.add_argument("--render_frames", type=int, default=1, help="timed full-image renders (0: none)")
+    p.add_argument("--render_factor", type=int, default=0, help="render at 1/N of the size")
+    p.add_argument("--baseline", action="store_true", help="also time the original's code path")
+    p.add_argument("--plain", action="store_true",
+                   help="also time this library with its plain MLP path (run_network fast=False)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args, rest = p.parse_known_args(argv)
+    rest = [r for r in rest if r != "--"]
+    return args, rest
+
+
+def resolve_datadir(datadir: str) -> str:
+    """The config's ./data/... path, else the same scene under $NERF_DATA or ../shared/data."""
+    if Path(datadir).is_dir():
+        return datadir
+    parts = Path(datadir).parts
+    if "data" in parts:
+        tail = Path(*parts[parts.index("data") + 1:])
+        for root in (os.environ.get("NERF_DATA"), REPO.parent / "shared" / "data"):
+            if root and (Path(root) / tail).is_dir():
+                return str(Path(root) / tail)
+    return datadir
+
+
+def mlp_flops_per_sample(model) -> int:
+    """Forward FLOPs of one point through the MLP: 2 x in x out per layer."""
+    layers = list(model.pts_linears)
+    if model.use_viewdirs:
+        layers += [model.feature_linear, model.alpha_linear, model.views_linears[0], model.rgb_linear]
+    else:
+        layers += [model.output_linear]
+    return sum(2 * l.in_features * l.out_features for l in layers)
+
+
+def forward_flops_per_ray(args, kw) -> float:
+    coarse, fine = kw["network_fn"], kw["network_fine"]
+    flops = args.N_samples * mlp_flops_per_sample(coarse)
+    if args.N_importance > 0:
+        flops += (args.N_samples + args.N_importance) * mlp_flops_per_sample(fine if fine is not None else coarse)
+    return flops
+
+
+def samples_per_ray(args) -> int:
+    return args.N_samples + ((args.N_samples + args.N_importance) if args.N_importance > 0 else 0)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Matmul:
+    """Plain float32 square matrix products on the device: the reference rate."""
+
+    def __init__(self, device):
+        n = 4096 if device.type == "cuda" else 2048
+        self.a = torch.randn(n, n, device=device)
+        self.b = torch.randn(n, n, device=device)
+        self.flops = 2 * n ** 3
+        self.device = device
+        self.rates = []
+        self.probe()
+
+    def probe(self, reps: int = 3):
+        best = float("inf")
+        for _ in range(reps):
+            sync(self.device)
+            t = time.perf_counter()
+            torch.mm(self.a, self.b)
+            sync(self.device)
+            best = min(best, time.perf_counter() - t)
+        self.rates.append(self.flops / best)
+
+
+def peak_memory_start(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_memory_bytes(device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Impl:
+    """One implementation's training state: sampler, networks, optimizer, step."""
+
+    def __init__(self, name, sampler, step_fn, render_fn, device_ctx):
+        self.name, self.sampler, self.step_fn, self.render_fn = name, sampler, step_fn, render_fn
+        self.device_ctx = device_ctx
+        self.step_times, self.render_times = [], []
+        self.i = 0
+        self.peak = None
+
+    def step(self, device):
+        self.i += 1
+        sync(device)
+        t = time.perf_counter()
+        with self.device_ctx():
+            batch_rays, target_s = self.sampler(self.i)
+            self.step_fn(batch_rays, target_s, self.i)
+        sync(device)
+        return time.perf_counter() - t
+
+
+def build(args, scene, device, baseline: bool, plain: bool = False):
+    """The library's implementation and, with `baseline`, the original's, with equal initial weights."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    kw_train, kw_test, _, _, optimizer = run_nerf.create_nerf(args, device)
+    bounds = {"near": scene.near, "far": scene.far}
+    kw_train.update(bounds)
+    kw_test.update(bounds)
+    sampler = run_nerf.make_sampler(args, scene, device)
+
+    def fast_step(batch_rays, target_s, i):
+        run_nerf.train_step(batch_rays, target_s, scene, kw_train, optimizer, args.chunk)
+        for group in optimizer.param_groups:
+            group["lr"] = run_nerf.learning_rate(args, i - 1)
+
+    def fast_render(c2w):
+        with torch.no_grad():
+            return render(scene.H, scene.W, scene.K, chunk=args.chunk, c2w=c2w, **kw_test)
+
+    name = "bf16" if args.mixed_precision else "compiled" if args.compile else "fast"
+    impls = [Impl(name, sampler, fast_step, fast_render, lambda: _null())]
+    if plain:
+        impls.append(build_plain(args, scene, device, kw_train, kw_test))
+    if baseline:
+        impls.append(build_original(args, scene, device, kw_train, kw_test))
+    return impls, kw_train
+
+
+def build_plain(args, scene, device, kw_train, kw_test):
+    """The library with `run_network(..., fast=False)`: its MLP as `NeRF.forward` computes it."""
+    import copy
+    from rendering import run_network
+    coarse = copy.deepcopy(kw_train["network_fn"])
+    fine = copy.deepcopy(kw_train["network_fine"])
+    e_fn, _ = run_nerf.get_embedder(args.multires, args.i_embed)
+    e_dirs = run_nerf.get_embedder(args.multires_views, args.i_embed)[0] if args.use_viewdirs else None
+    e_fn = e_fn.to(device)
+    e_dirs = e_dirs.to(device) if e_dirs is not None else None
+
+    def query(inputs, viewdirs, fn):
+        return run_network(inputs, viewdirs, fn, e_fn, e_dirs, args.netchunk, fast=False)
+
+    swap = {"network_fn": coarse, "network_fine": fine, "network_query_fn": query}
+    kw_tr, kw_te = {**kw_train, **swap}, {**kw_test, **swap}
+    params = list(coarse.parameters()) + (list(fine.parameters()) if fine is not None else [])
+    optimizer = torch.optim.Adam(params=params, lr=args.lrate, betas=(0.9, 0.999))
+    sampler = run_nerf.make_sampler(args, scene, device)
+
+    def step(batch_rays, target_s, i):
+        run_nerf.train_step(batch_rays, target_s, scene, kw_tr, optimizer, args.chunk)
+        for group in optimizer.param_groups:
+            group["lr"] = run_nerf.learning_rate(args, i - 1)
+
+    def render_fn(c2w):
+        with torch.no_grad():
+            return render(scene.H, scene.W, scene.K, chunk=args.chunk, c2w=c2w, **kw_te)
+
+    return Impl("plain", sampler, step, render_fn, lambda: _null())
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def build_original(args, scene, device, kw_train, kw_test):
+    def twin(model):
+        if model is None:
+            return None
+        t = orig.OriginalNeRF(D=model.D, W=model.W, input_ch=model.input_ch, input_ch_views=model.input_ch_views,
+                              output_ch=(model.output_linear.out_features if not model.use_viewdirs else 4),
+                              skips=model.skips, use_viewdirs=model.use_viewdirs).to(device)
+        orig.load_matching_state(t, model.state_dict())
+        return t
+
+    coarse, fine = twin(kw_train["network_fn"]), twin(kw_train["network_fine"])
+    params = list(coarse.parameters()) + (list(fine.parameters()) if fine is not None else [])
+    optimizer = torch.optim.Adam(params=params, lr=args.lrate, betas=(0.9, 0.999))
+    embed = orig.OriginalEmbedder(args.multires) if args.i_embed == 0 else (lambda x: x)
+    embeddirs = None
+    if args.use_viewdirs:
+        embeddirs = orig.OriginalEmbedder(args.multires_views) if args.i_embed == 0 else (lambda x: x)
+
+    def query(inputs, viewdirs, fn):
+        return orig.run_network(inputs, viewdirs, fn, embed, embeddirs, args.netchunk)
+
+    swap = {"network_fn": coarse, "network_fine": fine, "network_query_fn": query}
+    kw_tr = {**kw_train, **swap}
+    kw_te = {**kw_test, **swap}
+    with torch.device(device):
+        sampler = orig.OriginalSampler(scene.images, scene.poses, scene.i_train, scene.H, scene.W,
+                                       scene.K, args.N_rand, args.no_batching,
+                                       args.precrop_iters, args.precrop_frac)
+
+    def step(batch_rays, target_s, i):
+        orig.train_step(scene.H, scene.W, scene.K, args.chunk, batch_rays, target_s, kw_tr, optimizer)
+        for group in optimizer.param_groups:
+            group["lr"] = run_nerf.learning_rate(args, i - 1)
+
+    def render_fn(c2w):
+        with torch.no_grad(), torch.device(device):
+            return orig.render(scene.H, scene.W, scene.K, chunk=args.chunk, c2w=c2w, **kw_te)
+
+    return Impl("baseline", sampler, step, render_fn, lambda: torch.device(device))
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main(argv=None) -> int:
+    bargs, rest = parse(argv)
+    if bargs.threads:
+        torch.set_num_threads(bargs.threads)
+    run_argv = ["--config", bargs.config] + ([] if bargs.as_is else SMALL) + rest + ["--no_reload"]
+    args = run_nerf.config_parser().parse_args(run_argv)
+    args.datadir = resolve_datadir(args.datadir)
+    device = default_device()
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    scene = load_scene(args)
+    impls, kw_train = build(args, scene, device, bargs.baseline, bargs.plain)
+    setup_s = time.perf_counter() - t0
+    mm = Matmul(device)
+
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    print(f"config {bargs.config}{'' if bargs.as_is else ' + small networks'} {' '.join(rest)}: "
+          f"{args.netdepth}x{args.netwidth} / {args.netdepth_fine}x{args.netwidth_fine}, N_rand {args.N_rand}, "
+          f"N_samples {args.N_samples} + N_importance {args.N_importance}, viewdirs {args.use_viewdirs}, "
+          f"{'no_batching' if args.no_batching else 'batching'}, image {scene.H}x{scene.W}  (setup {setup_s:.1f} s)")
+
+    # Warm-up, one implementation after the other (peak memory measured here).
+    for impl in reversed(impls):
+        peak_memory_start(device)
+        for _ in range(bargs.warmup):
+            impl.step(device)
+        impl.peak = peak_memory_bytes(device)
+    # Timed steps, alternating in rounds with matmul probes between.
+    done = 0
+    while done < bargs.steps:
+        n = min(bargs.round, bargs.steps - done)
+        for impl in impls:
+            impl.step_times += [impl.step(device) for _ in range(n)]
+        mm.probe()
+        done += n
+
+    step_flops = 3 * args.N_rand * forward_flops_per_ray(args, kw_train)
+    ray_flops = forward_flops_per_ray(args, kw_train)
+    spr = samples_per_ray(args)
+    results = {"device": str(device), "threads": torch.get_num_threads(), "load_before": load0,
+               "config": bargs.config, "small": not bargs.as_is, "extra_args": rest}
+
+    # Full-image renders (the first test view), alternating.
+    if bargs.render_frames > 0:
+        pose = torch.as_tensor(scene.poses[scene.i_test[0]][:3, :4], device=device)
+        for _ in range(bargs.render_frames):
+            for impl in impls:
+                sync(device)
+                t = time.perf_counter()
+                impl.render_fn(pose)
+                sync(device)
+                impl.render_times.append(time.perf_counter() - t)
+            mm.probe()
+
+    mm_rate = median(mm.rates)
+    print(f"plain float32 matmul: {mm_rate / 1e9:.1f} GFLOP/s (median of {len(mm.rates)} probes, "
+          f"range {min(mm.rates) / 1e9:.1f}-{max(mm.rates) / 1e9:.1f})")
+    print(f"MLP work: {step_flops / 1e9:.2f} GFLOP per training step, {ray_flops / 1e6:.3f} MFLOP per rendered ray")
+    results["matmul_gflops"] = mm_rate / 1e9
+    results["step_gflop"] = step_flops / 1e9
+    for impl in impls:
+        t = median(impl.step_times)
+        rate = step_flops / t
+        r = {"step_s": t, "steps_per_s": 1 / t, "rays_per_s": args.N_rand / t,
+             "samples_per_s": args.N_rand * spr / t, "mlp_gflops": rate / 1e9, "fraction_of_matmul": rate / mm_rate,
+             "peak_memory_mb": impl.peak / 2 ** 20, "step_times": impl.step_times}
+        print(f"[{impl.name:8s}] train: {1 / t:7.2f} steps/s  {args.N_rand / t:9.0f} rays/s  "
+              f"{args.N_rand * spr / t:11.0f} samples/s  MLP {rate / 1e9:6.1f} GFLOP/s = "
+              f"{100 * rate / mm_rate:5.1f}% of matmul  (median of {len(impl.step_times)} steps, "
+              f"peak {'RSS' if device.type == 'cpu' else 'allocated'} {impl.peak / 2 ** 20:.0f} MiB)")
+        if impl.render_times:
+            tr = median(impl.render_times)
+            rrate = scene.H * scene.W * ray_flops / tr
+            r.update(render_s=tr, render_rays_per_s=scene.H * scene.W / tr, render_mlp_gflops=rrate / 1e9,
+                     render_fraction_of_matmul=rrate / mm_rate)
+            print(f"[{impl.name:8s}] render {scene.H}x{scene.W}: {tr:6.2f} s  {scene.H * scene.W / tr:9.0f} rays/s  "
+                  f"MLP {rrate / 1e9:6.1f} GFLOP/s = {100 * rrate / mm_rate:5.1f}% of matmul")
+        results[impl.name] = r
+    for other in impls[1:]:
+        f, b = results[impls[0].name], results[other.name]
+        line = f"speedup vs {other.name} (same run): training {b['step_s'] / f['step_s']:.2f}x"
+        if "render_s" in f:
+            line += f", render {b['render_s'] / f['render_s']:.2f}x"
+        print(line)
+    load1 = os.getloadavg()
+    results["load_after"] = load1
+    print(f"load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    if bargs.json:
+        with open(bargs.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

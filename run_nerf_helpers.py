@@ -5,7 +5,7 @@ Shapes use these letters: N rays, S samples per ray, C channels, H x W pixels.
 Every function builds its new tensors on the device and in the dtype of its
 inputs, so the same code runs on CPU, CUDA and MPS.
 """
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

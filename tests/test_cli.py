@@ -6,7 +6,6 @@ from pathlib import Path
 import imageio.v2 as imageio
 import imageio.v3 as iio
 import numpy as np
-import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import checkpoints
+import rendering
 import run_nerf
 import validation
 from conftest import REPO
@@ -457,20 +458,21 @@ def test_render_only_twice_refuses_and_keeps_the_first_render(tmp_path, blender_
 # --- Signals and non-finite losses ------------------------------------------------------
 
 def _count_training_calls(monkeypatch, action, after: int):
-    """Patches NeRF.forward to call `action(output)` from its `after`-th call with
-    gradients on (one call per training step without a fine network)."""
-    original = NeRF.forward
+    """Wraps the network query (fast path or not) to call `action(output, n)`
+    from its `after`-th call with gradients on (one call per training step
+    without a fine network)."""
+    original = rendering.run_network
     calls = {"n": 0}
 
-    def forward(self, x):
-        out = original(self, x)
+    def run_network(*args, **kwargs):
+        out = original(*args, **kwargs)
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] >= after:
                 return action(out, calls["n"])
         return out
 
-    monkeypatch.setattr(NeRF, "forward", forward)
+    monkeypatch.setattr(rendering, "run_network", run_network)
     return calls
 
 

@@ -41,6 +41,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from run_nerf_helpers import Embedder, NeRF
 
@@ -295,6 +296,7 @@ class _FusedNeRF(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         plan = ctx.plan
         D, W, Cp = plan.D, plan.W, plan.Cp

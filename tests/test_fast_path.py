@@ -250,6 +250,15 @@ def test_plain_path_for_what_the_fast_path_does_not_know():
     assert out.shape == (2, 3, 4)
 
 
+def test_mixed_precision_query_runs_the_plain_path_in_bfloat16():
+    nets, embed, embeddirs = make_networks(seed=3)
+    pts, dirs = torch.randn(4, 5, 3), F.normalize(torch.randn(4, 3), dim=-1)
+    exact = rendering.make_network_query_fn(embed, embeddirs, 1024)(pts, dirs, nets[0])
+    mixed = rendering.make_network_query_fn(embed, embeddirs, 1024, mixed_precision=True)(pts, dirs, nets[0])
+    assert mixed.dtype == torch.float32 and mixed.shape == exact.shape
+    assert not torch.equal(mixed, exact) and (mixed - exact).abs().max() < 0.1
+
+
 # --- Memory reuse ---------------------------------------------------------------
 
 def test_pool_never_hands_out_memory_a_graph_holds():

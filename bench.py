@@ -1,6 +1,6 @@
 """Steady-state speed of training steps and full-image renders.
 
-    python bench.py                                  # fern, small networks, ~30 s
+    python bench.py                                  # fern, small networks: ~40 s (longer when the CPU is shared)
     python bench.py --baseline                       # and the original's code path, interleaved
     python bench.py --plain                          # and this library's plain (unfused) MLP path
     python bench.py --as_is --steps 3 --render_frames 0          # configs/fern.txt unchanged
@@ -48,8 +48,8 @@ def parse(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", default=str(REPO / "configs" / "fern.txt"))
     p.add_argument("--as_is", action="store_true", help="use the config's networks and sampling unchanged")
-    p.add_argument("--steps", type=int, default=40, help="timed training steps per implementation")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per implementation")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--round", type=int, default=5, help="steps per round when alternating")
     p.add_argument("--render_frames", type=int, default=1, help="timed full-image renders (0: none)")
     p.add_argument("--render_factor", type=int, default=0, help="render at 1/N of the size")

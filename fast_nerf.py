@@ -41,6 +41,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from run_nerf_helpers import Embedder, NeRF
 
@@ -295,6 +296,7 @@ class _FusedNeRF(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         plan = ctx.plan
         D, W, Cp = plan.D, plan.W, plan.Cp
@@ -317,6 +319,7 @@ class _FusedNeRF(torch.autograd.Function):
             gb_fa = torch.zeros(W + 1, dtype=w_fa.dtype, device=w_fa.device)
             shapes += [(rows, W + 1), (rows, plan.Wv)]
         scratch = _carve(_POOL.take(_numel(shapes), grad_out.dtype, grad_out.device), shapes)
+        ones = torch.ones(rows, dtype=grad_out.dtype, device=grad_out.device)    # bias gradients: row sums
 
         for a in range(0, M, block):
             e = min(a + block, M)
@@ -328,24 +331,24 @@ class _FusedNeRF(torch.autograd.Function):
                 g_rgb = grad_out[a:e, :3]
                 v, fv = bufs[-1][a:e], bufs[-2][a:e]
                 gw[D + 3].addmm_(g_rgb.t(), v)
-                gb[D + 3].add_(g_rgb.sum(0))
+                gb[D + 3].addmv_(g_rgb.t(), ones[:n])
                 torch.mm(g_rgb, wr, out=dv)
                 _relu_grad_(dv, v)
                 gw[D + 2].addmm_(dv.t(), fv)
-                gb[D + 2].add_(dv.sum(0))
+                gb[D + 2].addmv_(dv.t(), ones[:n])
                 torch.mm(dv, wv[:, :W], out=dfa[:, :W])
                 dfa[:, W].copy_(grad_out[a:e, 3])
                 gw_fa.addmm_(dfa.t(), x_last)
-                gb_fa.add_(dfa.sum(0))
+                gb_fa.addmv_(dfa.t(), ones[:n])
                 torch.mm(dfa, w_fa, out=dh)
             else:
                 g = grad_out[a:e]
                 gw[D].addmm_(g.t(), x_last)
-                gb[D].add_(g.sum(0))
+                gb[D].addmv_(g.t(), ones[:n])
                 torch.mm(g, w[D], out=dh)
             for i in range(D - 1, -1, -1):
                 _relu_grad_(dh, _out_cols(plan, i, bufs[1 + i][a:e]))
-                gb[i].add_(dh.sum(0))
+                gb[i].addmv_(dh.t(), ones[:n])
                 if i == 0:
                     gw[0].addmm_(dh.t(), bufs[0][:, a:e].t())
                     break

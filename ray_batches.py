@@ -79,6 +79,8 @@ class _AsyncRows:
         self.k = 0
 
     def __call__(self, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":                   # host to host: nothing to overlap
+            return torch.index_select(source, 0, index).to(self.device)
         k = self.k = 1 - self.k
         if self.events[k] is not None:
             self.events[k].synchronize()            # its previous copy has finished
@@ -107,7 +109,7 @@ class RayBatcher:
         device = torch.device(device)
         n_rows = len(i_train) * H * W
         budget = default_device_budget(device) if device_budget_bytes is None else device_budget_bytes
-        on_device = device.type == "cpu" or n_rows * 9 * 4 <= budget
+        on_device = n_rows * 9 * 4 <= budget
         home = device if on_device else torch.device("cpu")
         rays_rgb = torch.empty(len(i_train), H, W, 3, 3, dtype=torch.float32, device=home)
         for k, i in enumerate(i_train):
@@ -176,7 +178,7 @@ class ImageRaySampler:
         device = torch.device(device)
         budget = default_device_budget(device) if device_budget_bytes is None else device_budget_bytes
         images = torch.from_numpy(np.ascontiguousarray(images[..., :3], dtype=np.float32))
-        on_device = device.type == "cpu" or images.numel() * 4 <= budget
+        on_device = images.numel() * 4 <= budget
         self.images = images.to(device) if on_device else _pinned(images, device)
         self.fetch = None if on_device else _AsyncRows(device)
         self.poses = torch.from_numpy(np.ascontiguousarray(poses[:, :3, :4])).float().to(device)

@@ -22,8 +22,8 @@ import validation
 from checkpoints import find_checkpoint, load_network_state, save_checkpoint, set_rng_state, steps_done
 from datasets import Scene, load_scene
 from errors import DataError
-from rendering import (batchify_rays, make_network_query_fn, raw2outputs, render, render_path,  # noqa: F401 (public API)
-                       render_rays, run_network)
+from rendering import batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
+from rendering import make_network_query_fn
 from ray_batches import ImageRaySampler, RayBatcher
 from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, mse2psnr, to8b
 

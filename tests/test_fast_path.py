@@ -250,6 +250,15 @@ def test_plain_path_for_what_the_fast_path_does_not_know():
     assert out.shape == (2, 3, 4)
 
 
+def test_mixed_precision_query_runs_the_plain_path_in_bfloat16():
+    nets, embed, embeddirs = make_networks(seed=3)
+    pts, dirs = torch.randn(4, 5, 3), F.normalize(torch.randn(4, 3), dim=-1)
+    exact = rendering.make_network_query_fn(embed, embeddirs, 1024)(pts, dirs, nets[0])
+    mixed = rendering.make_network_query_fn(embed, embeddirs, 1024, mixed_precision=True)(pts, dirs, nets[0])
+    assert mixed.dtype == torch.float32 and mixed.shape == exact.shape
+    assert not torch.equal(mixed, exact) and (mixed - exact).abs().max() < 0.1
+
+
 # --- Memory reuse ---------------------------------------------------------------
 
 def test_pool_never_hands_out_memory_a_graph_holds():
@@ -395,6 +404,30 @@ def test_samplers_resume_exactly(no_batching):
     for i, (rays, target) in zip(range(8, 20), straight):
         r, t = resumed(i)
         assert torch.equal(r, rays) and torch.equal(t, target)
+
+
+@pytest.mark.parametrize("no_batching", [False, True])
+def test_host_memory_path_draws_the_same_batches(no_batching):
+    """Over the device budget the data stays in host memory and batches are
+    gathered there (and prefetched): the same batches, the same resumption."""
+    images, poses, K = small_images()
+    H, W = images.shape[1:3]
+
+    def make(budget):
+        if no_batching:
+            return ImageRaySampler(images, poses, [0, 1, 3], H, W, K, 17, 5, 0.5, torch.device("cpu"),
+                                   device_budget_bytes=budget)
+        return RayBatcher(images, poses, [0, 1, 3], H, W, K, 100, torch.device("cpu"), device_budget_bytes=budget)
+
+    runs = []
+    for budget in (None, 0):
+        np.random.seed(0)
+        torch.manual_seed(0)
+        sampler = make(budget)
+        assert (sampler.fetch is None) == (budget is None)
+        runs.append([sampler(i) for i in range(1, 15)])
+    for (r0, t0), (r1, t1) in zip(*runs):
+        assert torch.equal(r0, r1) and torch.equal(t0, t1)
 
 
 def test_batcher_rays_are_the_images_rays():

@@ -37,7 +37,7 @@ import run_nerf  # noqa: E402
 from benchmarks import original_path as orig  # noqa: E402
 from datasets import load_scene  # noqa: E402
 from rendering import render  # noqa: E402
-from run_nerf_helpers import default_device  # noqa: E402
+from run_nerf_helpers import default_device, keep_freed_memory  # noqa: E402
 
 SMALL = ["--netdepth", "4", "--netwidth", "64", "--netdepth_fine", "4", "--netwidth_fine", "64",
          "--N_rand", "512", "--N_samples", "32", "--N_importance", "32"]
@@ -286,6 +286,7 @@ def median(xs):
 
 def main(argv=None) -> int:
     bargs, rest = parse(argv)
+    keep_freed_memory()   # as run_nerf.main does
     if bargs.threads:
         torch.set_num_threads(bargs.threads)
     run_argv = ["--config", bargs.config] + ([] if bargs.as_is else SMALL) + rest + ["--no_reload"]

@@ -25,7 +25,7 @@ from errors import DataError
 from rendering import batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
 from rendering import make_network_query_fn
 from ray_batches import ImageRaySampler, RayBatcher
-from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, mse2psnr, to8b
+from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b
 
 log = logging.getLogger("nerf")
 
@@ -430,6 +430,7 @@ def train(argv=None) -> int:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
+    keep_freed_memory()
     debug = '--debug' in (argv if argv is not None else sys.argv[1:])
     try:
         return train(argv)

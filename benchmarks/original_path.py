@@ -13,9 +13,10 @@ device: run it inside `with torch.device(...)`.
 """
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+# The original's MLP forward (cat-based skip and view inputs) is the library's NeRF.forward.
+from run_nerf_helpers import NeRF as OriginalNeRF
 from run_nerf_helpers import get_rays_np, img2mse, mse2psnr, ndc_rays
 
 
@@ -30,46 +31,6 @@ class OriginalEmbedder:
 
     def __call__(self, inputs):
         return torch.cat([fn(inputs) for fn in self.embed_fns], -1)
-
-
-class OriginalNeRF(nn.Module):
-    """Same parameters (names and shapes) as run_nerf_helpers.NeRF, original forward."""
-
-    def __init__(self, D=8, W=256, input_ch=3, input_ch_views=3, output_ch=4, skips=(4,), use_viewdirs=False):
-        super().__init__()
-        self.D, self.W, self.input_ch, self.input_ch_views = D, W, input_ch, input_ch_views
-        self.skips, self.use_viewdirs = list(skips), use_viewdirs
-        self.pts_linears = nn.ModuleList(
-            [nn.Linear(input_ch, W)] + [nn.Linear(W, W) if i not in self.skips else nn.Linear(W + input_ch, W)
-                                        for i in range(D - 1)])
-        self.views_linears = nn.ModuleList([nn.Linear(input_ch_views + W, W // 2)])
-        if use_viewdirs:
-            self.feature_linear = nn.Linear(W, W)
-            self.alpha_linear = nn.Linear(W, 1)
-            self.rgb_linear = nn.Linear(W // 2, 3)
-        else:
-            self.output_linear = nn.Linear(W, output_ch)
-
-    def forward(self, x):
-        input_pts, input_views = torch.split(x, [self.input_ch, self.input_ch_views], dim=-1)
-        h = input_pts
-        for i, l in enumerate(self.pts_linears):
-            h = self.pts_linears[i](h)
-            h = F.relu(h)
-            if i in self.skips:
-                h = torch.cat([input_pts, h], -1)
-        if self.use_viewdirs:
-            alpha = self.alpha_linear(h)
-            feature = self.feature_linear(h)
-            h = torch.cat([feature, input_views], -1)
-            for i, l in enumerate(self.views_linears):
-                h = self.views_linears[i](h)
-                h = F.relu(h)
-            rgb = self.rgb_linear(h)
-            outputs = torch.cat([rgb, alpha], -1)
-        else:
-            outputs = self.output_linear(h)
-        return outputs
 
 
 def load_matching_state(orig: OriginalNeRF, state: dict) -> None:

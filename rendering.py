@@ -219,7 +219,8 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
     """Renders every pose in `render_poses` ((P, 3 or 4, 4)) with one progress bar.
 
     `render_factor` N renders at 1/N of the size (the intrinsics scaled to
-    match). Frames go to `savedir/{k:03d}.png` when given. Returns rgbs
+    match). Frames go to `savedir/{k:03d}.png` when given. `gt_imgs` is kept
+    for the original's signature; scoring the frames is metrics.py's job. Returns rgbs
     (P, H, W, 3) and disps (P, H, W) as float32 arrays.
     """
     H, W, focal = hwf

@@ -52,3 +52,32 @@ def test_demo_run_scores_its_test_views_and_writes_videos(demo_dir, tmp_path):
 def test_resume_without_batching_is_exact(demo_dir, tmp_path):
     assert_resume_is_exact(["--dataset_type", "demo", "--datadir", str(demo_dir), "--white_bkgd",
                             "--no_batching", "--N_rand", "64", "--precrop_iters", "3"], tmp_path, n=3)
+
+
+def test_checkpoint_of_the_original_program_loads_and_resumes_at_the_next_step(demo_dir, tmp_path):
+    """The original saves global_step = step - 1 with four keys only (its
+    001000.tar holds 999); it must load unchanged and training must go on at
+    step 1001 without repeating step 1000."""
+    import torch
+
+    assert run_nerf.main(demo_args(demo_dir, tmp_path, "--expname", "ours", "--N_iters", "2", "--i_weights", "2")) == 0
+    ours = torch.load(tmp_path / "ours" / "000002.tar", weights_only=True)
+    original = {k: ours[k] for k in ("network_fn_state_dict", "network_fine_state_dict", "optimizer_state_dict")}
+    original["global_step"] = 999
+    (tmp_path / "orig").mkdir()
+    torch.save(original, tmp_path / "orig" / "001000.tar")
+    before = (tmp_path / "orig" / "001000.tar").read_bytes()
+
+    assert run_nerf.main(demo_args(demo_dir, tmp_path, "--expname", "orig", "--render_only",
+                                   "--render_factor", "4")) == 0
+    assert len(list((tmp_path / "orig" / "renderonly_path_000999").glob("*.png"))) == 40
+
+    assert run_nerf.main(demo_args(demo_dir, tmp_path, "--expname", "orig", "--N_iters", "1001",
+                                   "--i_weights", "1")) == 0
+    assert sorted(p.name for p in (tmp_path / "orig").glob("*.tar")) == ["001000.tar", "001001.tar"]
+    assert (tmp_path / "orig" / "001000.tar").read_bytes() == before
+    resumed = torch.load(tmp_path / "orig" / "001001.tar", weights_only=True)
+    assert resumed["global_step"] == 1001
+    moved = max(float((resumed["network_fn_state_dict"][k] - v).abs().max())
+                for k, v in original["network_fn_state_dict"].items())
+    assert moved > 0

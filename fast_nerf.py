@@ -192,33 +192,19 @@ def default_block_rows(device: torch.device, width: int) -> int:
 
 # --- The fused network -------------------------------------------------------
 
-def _scaling_matrix(freqs: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(3L, 3) with row 3k + j holding freqs[k] in column j: times x^T gives every f_k x_j."""
-    L = freqs.numel()
-    m = torch.zeros(3 * L, 3, dtype=dtype, device=device)
-    for j in range(3):
-        m[j::3, j] = freqs.to(device=device, dtype=dtype)
-    return m
-
-
-def _encode_t(x: torch.Tensor, freqs: torch.Tensor, out_t: torch.Tensor,
-              scaling: Optional[torch.Tensor] = None) -> None:
+def _encode_t(x: torch.Tensor, freqs: torch.Tensor, out_t: torch.Tensor) -> None:
     """Writes Embedder(x) = [x, sin(f0 x), cos(f0 x), ...] transposed: out_t (3 + 6L, B)
-    for x (B, 3). The same products f_k x_j and sin/cos as the Embedder; on the
-    CPU the products come from one small matrix product with `scaling` (exact:
-    each output is one product of a power of two plus zeros), which is ten
-    times faster there than the broadcast multiply."""
+    for x (B, 3). The same products f_k x_j and sin/cos as the Embedder, with
+    no temporary: the products go into the sine rows, the cosines are taken
+    from them, then the sines in place."""
     out_t[:3].copy_(x.t())
     L = freqs.numel()
     if L:
-        B = x.shape[0]
-        if scaling is not None:
-            scaled = torch.mm(scaling, x.t()).view(L, 3, B)
-        else:
-            scaled = out_t[:3][None] * freqs.to(device=x.device, dtype=x.dtype)[:, None, None]   # (L, 3, B)
-        periodic = out_t[3:].view(L, 2, 3, B)
-        torch.sin(scaled, out=periodic[:, 0])
+        periodic = out_t[3:].view(L, 2, 3, x.shape[0])
+        scaled = periodic[:, 0]
+        torch.mul(out_t[:3][None], freqs.to(device=x.device, dtype=x.dtype)[:, None, None], out=scaled)
         torch.cos(scaled, out=periodic[:, 1])
+        scaled.sin_()
 
 
 def _relu_grad_(grad: torch.Tensor, out: torch.Tensor) -> None:
@@ -258,16 +244,13 @@ class _FusedNeRF(torch.autograd.Function):
         out = torch.empty(M, plan.C, dtype=pts.dtype, device=pts.device)
 
         block = plan.block_rows
-        scaling = None
-        if pts.device.type == "cpu" and plan.freqs.numel():
-            scaling = _scaling_matrix(plan.freqs, pts.dtype, pts.device)
         shapes = _layout(plan, M if saving else min(M, block))
         bufs = _carve(_POOL.take(_numel(shapes), pts.dtype, pts.device), shapes)
         for a in range(0, M, block):
             e = min(a + block, M)
             sl = slice(a, e) if saving else slice(0, e - a)
             enc_t = bufs[0][:, sl]
-            _encode_t(pts[a:e], plan.freqs, enc_t, scaling)
+            _encode_t(pts[a:e], plan.freqs, enc_t)
             x = enc_t.t()
             for i in range(D):
                 buf = bufs[1 + i][sl]

@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
+import fast_nerf  # noqa: E402
 import run_nerf  # noqa: E402
 from benchmarks import original_path as orig  # noqa: E402
 from datasets import load_scene  # noqa: E402
@@ -84,6 +86,74 @@ def mlp_flops_per_sample(model) -> int:
     else:
         layers += [model.output_linear]
     return sum(2 * l.in_features * l.out_features for l in layers)
+
+
+def layer_shapes(model, density_only: bool = False) -> List[Tuple[int, int, int]]:
+    """(inputs, outputs, input-gradient columns) of each of the MLP's products,
+    as the fast path forms them: no gradient for the encoded points (the first
+    layer) nor for the encoded view direction (the views layer's last inputs);
+    with `density_only` the layers up to sigma."""
+    shapes = [(l.in_features, l.out_features, l.in_features if k else 0)
+              for k, l in enumerate(model.pts_linears)]
+    if model.use_viewdirs and density_only:
+        shapes.append((model.W, 1, model.W))
+    elif model.use_viewdirs:
+        W = model.W
+        views = model.views_linears[0]
+        shapes += [(W, W, W), (W, 1, W), (views.in_features, views.out_features, W),
+                   (model.rgb_linear.in_features, model.rgb_linear.out_features, model.rgb_linear.in_features)]
+    else:
+        shapes.append((model.W, model.output_linear.out_features, model.W))
+    return shapes
+
+
+class Products:
+    """The MLPs' matrix products alone, on random operands of a step's shapes
+    and in the fast path's blocks: forward products, weight gradients and (with
+    `train`) input gradients. No bias, no activation, no encoding, no
+    sampling: their time bounds what any implementation doing these products
+    with this library can reach on this device."""
+
+    def __init__(self, jobs, device, train: bool):
+        """jobs: (model, points, samples per ray, density only) for each network evaluation."""
+        self.train, self.device, self.jobs, self.times = train, device, [], []
+        for model, points, S, density_only in jobs:
+            rows = min(points, fast_nerf.rows_per_block(model, S, device))
+            ops = [(torch.randn(rows, cin, device=device), torch.randn(cout, cin, device=device),
+                    torch.empty(rows, cout, device=device), torch.randn(rows, cout, device=device),
+                    torch.zeros(cout, cin, device=device), torch.empty(rows, gin, device=device) if gin else None)
+                   for cin, cout, gin in layer_shapes(model, density_only)]
+            self.jobs.append((points, rows, ops))
+
+    def run(self):
+        for points, rows, ops in self.jobs:
+            for a in range(0, points, rows):
+                n = min(rows, points - a)
+                for x, w, y, g, gw, gx in ops:
+                    torch.mm(x[:n], w.t(), out=y[:n])
+                    if self.train:
+                        gw.addmm_(g[:n].t(), x[:n])
+                        if gx is not None:
+                            torch.mm(g[:n], w[:, :gx.shape[1]], out=gx[:n])
+
+    def probe(self):
+        sync(self.device)
+        t = time.perf_counter()
+        self.run()
+        sync(self.device)
+        self.times.append(time.perf_counter() - t)
+
+
+def network_jobs(args, kw, n_rays: int, train: bool):
+    """(model, points, samples per ray, density only) of the network
+    evaluations for n_rays rays; a render (not `train`) asks the coarse
+    network for densities only, as `render_path` does."""
+    coarse, fine = kw["network_fn"], kw["network_fine"]
+    jobs = [(coarse, n_rays * args.N_samples, args.N_samples, not train and args.N_importance > 0)]
+    if args.N_importance > 0:
+        S = args.N_samples + args.N_importance
+        jobs.append((fine if fine is not None else coarse, n_rays * S, S, False))
+    return jobs
 
 
 def forward_flops_per_ray(args, kw) -> float:
@@ -201,8 +271,8 @@ def build_plain(args, scene, device, kw_train, kw_test):
     e_fn = e_fn.to(device)
     e_dirs = e_dirs.to(device) if e_dirs is not None else None
 
-    def query(inputs, viewdirs, fn):
-        return run_network(inputs, viewdirs, fn, e_fn, e_dirs, args.netchunk, fast=False)
+    def query(inputs, viewdirs, fn, density_only=False):
+        return run_network(inputs, viewdirs, fn, e_fn, e_dirs, args.netchunk, fast=False, density_only=density_only)
 
     swap = {"network_fn": coarse, "network_fine": fine, "network_query_fn": query}
     kw_tr, kw_te = {**kw_train, **swap}, {**kw_test, **swap}
@@ -219,9 +289,9 @@ def library_impl(name, args, scene, sampler, kw_train, kw_test, optimizer) -> "I
         for group in optimizer.param_groups:
             group["lr"] = run_nerf.learning_rate(args, i - 1)
 
-    def render_fn(c2w):
+    def render_fn(c2w):          # as render_path renders a frame
         with torch.no_grad():
-            return render(scene.H, scene.W, scene.K, chunk=args.chunk, c2w=c2w, **kw_test)
+            return render(scene.H, scene.W, scene.K, chunk=args.chunk, c2w=c2w, coarse_maps=False, **kw_test)
 
     return Impl(name, sampler, step, render_fn, lambda: _null())
 
@@ -294,6 +364,9 @@ def main(argv=None) -> int:
     impls, kw_train = build(args, scene, device, bargs.baseline, bargs.plain)
     setup_s = time.perf_counter() - t0
     mm = Matmul(device)
+    step_products = Products(network_jobs(args, kw_train, args.N_rand, train=True), device, train=True)
+    render_rays_probe = min(scene.H * scene.W, 4096)
+    render_products = Products(network_jobs(args, kw_train, render_rays_probe, train=False), device, train=False)
 
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
@@ -315,6 +388,7 @@ def main(argv=None) -> int:
         for impl in impls:
             impl.step_times += [impl.step(device) for _ in range(n)]
         mm.probe()
+        step_products.probe()
         done += n
 
     step_flops = 3 * args.N_rand * forward_flops_per_ray(args, kw_train)
@@ -334,6 +408,7 @@ def main(argv=None) -> int:
                 sync(device)
                 impl.render_times.append(time.perf_counter() - t)
             mm.probe()
+            render_products.probe()
 
     mm_rate = median(mm.rates)
     print(f"plain float32 matmul: {mm_rate / 1e9:.1f} GFLOP/s (median of {len(mm.rates)} probes, "
@@ -341,23 +416,36 @@ def main(argv=None) -> int:
     print(f"MLP work: {step_flops / 1e9:.2f} GFLOP per training step, {ray_flops / 1e6:.3f} MFLOP per rendered ray")
     results["matmul_gflops"] = mm_rate / 1e9
     results["step_gflop"] = step_flops / 1e9
+    t_products = median(step_products.times)
+    results["products_step_s"] = t_products
+    print(f"the step's matrix products alone (same shapes and blocks, no other work): {1e3 * t_products:.1f} ms "
+          f"= at most {1 / t_products:.2f} steps/s on this device")
+    if render_products.times:
+        products_rays = render_rays_probe / median(render_products.times)
+        results["products_render_rays_per_s"] = products_rays
+        print(f"a rendered ray's matrix products alone: at most {products_rays:.0f} rays/s")
     for impl in impls:
         t = median(impl.step_times)
         rate = step_flops / t
         r = {"step_s": t, "steps_per_s": 1 / t, "rays_per_s": args.N_rand / t,
              "samples_per_s": args.N_rand * spr / t, "mlp_gflops": rate / 1e9, "fraction_of_matmul": rate / mm_rate,
+             "fraction_of_products_bound": t_products / t,
              "peak_memory_mb": impl.peak / 2 ** 20, "step_times": impl.step_times}
         print(f"[{impl.name:8s}] train: {1 / t:7.2f} steps/s  {args.N_rand / t:9.0f} rays/s  "
               f"{args.N_rand * spr / t:11.0f} samples/s  MLP {rate / 1e9:6.1f} GFLOP/s = "
-              f"{100 * rate / mm_rate:5.1f}% of matmul  (median of {len(impl.step_times)} steps, "
+              f"{100 * rate / mm_rate:5.1f}% of matmul, {100 * t_products / t:5.1f}% of the products' bound  "
+              f"(median of {len(impl.step_times)} steps, "
               f"peak {'RSS' if device.type == 'cpu' else 'allocated'} {impl.peak / 2 ** 20:.0f} MiB)")
         if impl.render_times:
             tr = median(impl.render_times)
             rrate = scene.H * scene.W * ray_flops / tr
-            r.update(render_s=tr, render_rays_per_s=scene.H * scene.W / tr, render_mlp_gflops=rrate / 1e9,
-                     render_fraction_of_matmul=rrate / mm_rate)
-            print(f"[{impl.name:8s}] render {scene.H}x{scene.W}: {tr:6.2f} s  {scene.H * scene.W / tr:9.0f} rays/s  "
-                  f"MLP {rrate / 1e9:6.1f} GFLOP/s = {100 * rrate / mm_rate:5.1f}% of matmul")
+            rays_s = scene.H * scene.W / tr
+            r.update(render_s=tr, render_rays_per_s=rays_s, render_mlp_gflops=rrate / 1e9,
+                     render_fraction_of_matmul=rrate / mm_rate,
+                     render_fraction_of_products_bound=rays_s / products_rays)
+            print(f"[{impl.name:8s}] render {scene.H}x{scene.W}: {tr:6.2f} s  {rays_s:9.0f} rays/s  "
+                  f"MLP {rrate / 1e9:6.1f} GFLOP/s = {100 * rrate / mm_rate:5.1f}% of matmul, "
+                  f"{100 * rays_s / products_rays:5.1f}% of the products' bound")
         results[impl.name] = r
     for other in impls[1:]:
         f, b = results[impls[0].name], results[other.name]

@@ -45,7 +45,7 @@ from torch.autograd.function import once_differentiable
 
 from run_nerf_helpers import Embedder, NeRF
 
-__all__ = ["supports", "query", "release_memory"]
+__all__ = ["supports", "query", "release_memory", "rows_per_block"]
 
 
 # --- Reusable memory ---------------------------------------------------------
@@ -158,8 +158,10 @@ def supports(fn, embed_fn, embeddirs_fn, inputs: torch.Tensor, viewdirs: Optiona
 class _Plan:
     """What the fused evaluation needs to know about the network."""
 
-    def __init__(self, model: NeRF, freqs: torch.Tensor, S: int, block_rows: int):
+    def __init__(self, model: NeRF, freqs: torch.Tensor, S: int, block_rows: int, density_only: bool = False):
         self.D, self.W, self.Cp = model.D, model.W, model.input_ch
+        self.density_only = density_only and model.use_viewdirs     # sigma from the last hidden layer only
+        self.recording = torch.is_grad_enabled()
         self.skip_after = set(s for s in model.skips if 0 <= s < model.D - 1)
         self.use_viewdirs = model.use_viewdirs
         self.freqs = freqs
@@ -183,11 +185,15 @@ def _params(model: NeRF) -> List[torch.Tensor]:
     return [t for layer in layers for t in (layer.weight, layer.bias)]
 
 
-def default_block_rows(device: torch.device, width: int) -> int:
-    """Rows per block: a few MiB of activations on a CPU; everything on a GPU."""
-    if device.type == "cpu":
-        return max(4096, (1 << 19) // max(width, 1))
-    return 1 << 62
+def rows_per_block(model: NeRF, S: int, device: torch.device, requested: Optional[int] = None) -> int:
+    """Rows (points) per block for rays of S samples: `requested`, else a few
+    MiB of activations on a CPU and everything on a GPU; rounded to whole rays
+    and a multiple of 64 rows."""
+    block = requested
+    if block is None:
+        block = max(4096, (1 << 19) // max(model.W, model.input_ch, 1)) if device.type == "cpu" else 1 << 62
+    unit = S * 64 // math.gcd(S, 64)
+    return max(unit, block // unit * unit)
 
 
 # --- The fused network -------------------------------------------------------
@@ -215,12 +221,12 @@ def _relu_grad_(grad: torch.Tensor, out: torch.Tensor) -> None:
 def _layout(plan: "_Plan", rows: int):
     """Buffer shapes for `rows` rows: the encoding transposed (Cp, rows), one
     buffer per layer (the layer before a skip gets Cp + W columns, [encoding,
-    output]: the skip layer's input as is), then with view directions
-    [feature, encoded direction] (rows, W + Cv) and the views layer's output
-    (rows, Wv)."""
+    output]: the skip layer's input as is), then with view directions (and
+    colours wanted) [feature, encoded direction] (rows, W + Cv) and the views
+    layer's output (rows, Wv)."""
     D, W, Cp = plan.D, plan.W, plan.Cp
     shapes = [(Cp, rows)] + [(rows, Cp + W) if i in plan.skip_after else (rows, W) for i in range(D)]
-    if plan.use_viewdirs:
+    if plan.use_viewdirs and not plan.density_only:
         shapes += [(rows, W + plan.Cv), (rows, plan.Wv)]
     return shapes
 
@@ -233,15 +239,20 @@ def _out_cols(plan: "_Plan", i: int, buf: torch.Tensor) -> torch.Tensor:
 class _FusedNeRF(torch.autograd.Function):
     """raw (M, C) for points pts (M, 3), M = R rays x S samples, encoded on the
     fly, and per-ray encoded view directions venc (R, Cv) (None without
-    viewdirs). Each forward product is the plain path's, on the same operands."""
+    viewdirs); with `plan.density_only` (no gradients then) sigma (M, 1).
+    Each forward product is the plain path's, on the same operands."""
 
     @staticmethod
     def forward(ctx, plan: "_Plan", pts: torch.Tensor, venc: Optional[torch.Tensor], *params):
         D, W, Cp, S = plan.D, plan.W, plan.Cp, plan.S
         M = pts.shape[0]
-        saving = any(ctx.needs_input_grad[3:])
+        # Keep the activations only for a backward pass: `needs_input_grad`
+        # is set under no_grad too, so ask whether a graph is being recorded.
+        saving = plan.recording and any(ctx.needs_input_grad[3:])
+        if saving and plan.density_only:
+            raise RuntimeError("fast_nerf: density_only evaluations have no backward pass")
         w, b = params[0::2], params[1::2]
-        out = torch.empty(M, plan.C, dtype=pts.dtype, device=pts.device)
+        out = torch.empty(M, 1 if plan.density_only else plan.C, dtype=pts.dtype, device=pts.device)
 
         block = plan.block_rows
         shapes = _layout(plan, M if saving else min(M, block))
@@ -260,7 +271,9 @@ class _FusedNeRF(torch.autograd.Function):
                 if i in plan.skip_after:
                     buf[:, :Cp].copy_(enc_t.t())
                 x = buf
-            if plan.use_viewdirs:
+            if plan.density_only:
+                torch.addmm(b[D + 1], x, w[D + 1].t(), out=out[a:e])
+            elif plan.use_viewdirs:
                 wf, wa, wv, wr = w[D:D + 4]
                 bf, ba, bv, br = b[D:D + 4]
                 fv, v = bufs[-2][sl], bufs[-1][sl]
@@ -352,16 +365,16 @@ class _FusedNeRF(torch.autograd.Function):
 
 
 def query(model: NeRF, inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], embed_fn, embeddirs_fn,
-          netchunk: int = 1024 * 64, block_rows: Optional[int] = None) -> torch.Tensor:
+          netchunk: int = 1024 * 64, block_rows: Optional[int] = None, density_only: bool = False) -> torch.Tensor:
     """`run_network` for a `NeRF` (check `supports` first): raw (N, S, C) for
     points (N, S, 3) and view directions (N, 3), at most about `netchunk`
-    points (whole rays) per evaluation."""
+    points (whole rays) per evaluation. `density_only` (not for gradients):
+    sigma (N, S, 1) alone, skipping the colour layers."""
     N, S, _ = inputs.shape
-    venc = embeddirs_fn(viewdirs) if model.use_viewdirs else None
-    block = block_rows or default_block_rows(inputs.device, max(model.W, model.input_ch))
-    unit = S * 64 // math.gcd(S, 64)          # whole rays, and a multiple of 64 rows
-    block = max(unit, block // unit * unit)
-    plan = _Plan(model, _freqs(embed_fn), S, block)
+    if density_only and not model.use_viewdirs:     # one output layer computes every channel
+        return query(model, inputs, viewdirs, embed_fn, embeddirs_fn, netchunk, block_rows)[..., 3:4]
+    venc = embeddirs_fn(viewdirs) if model.use_viewdirs and not density_only else None
+    plan = _Plan(model, _freqs(embed_fn), S, rows_per_block(model, S, inputs.device, block_rows), density_only)
     params = _params(model)
     rays_per_chunk = max(1, netchunk // S)
     outs = []

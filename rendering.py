@@ -20,16 +20,19 @@ from run_nerf_helpers import get_rays, ndc_rays, sample_pdf, to8b
 
 def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Callable,
                 embed_fn: Callable, embeddirs_fn: Optional[Callable],
-                netchunk: int = 1024 * 64, fast: bool = True) -> torch.Tensor:
+                netchunk: int = 1024 * 64, fast: bool = True, density_only: bool = False) -> torch.Tensor:
     """Encodes points (N, S, 3) and view directions (N, 3) and runs the MLP `fn`
-    over at most `netchunk` points at a time. Returns (N, S, C).
+    over at most `netchunk` points at a time. Returns (N, S, C), or with
+    `density_only` just sigma (N, S, 1) (the raw output's channel 3).
 
     With `fast` (the default) a library `NeRF` runs through `fast_nerf`: the
-    same network and formulas in fewer, fused operations (see there). Other
-    networks or encoders, autocast, or `fast=False` take the plain path below.
+    same network and formulas in fewer, fused operations (see there); without
+    gradients, `density_only` there skips the colour layers. Other networks or
+    encoders, autocast, or `fast=False` take the plain path below.
     """
-    if fast and fast_nerf.supports(fn, embed_fn, embeddirs_fn, inputs, viewdirs):
-        return fast_nerf.query(fn, inputs, viewdirs, embed_fn, embeddirs_fn, netchunk)
+    if (fast and fast_nerf.supports(fn, embed_fn, embeddirs_fn, inputs, viewdirs)
+            and not (density_only and torch.is_grad_enabled())):
+        return fast_nerf.query(fn, inputs, viewdirs, embed_fn, embeddirs_fn, netchunk, density_only=density_only)
     inputs_flat = inputs.reshape(-1, inputs.shape[-1])
     embedded = embed_fn(inputs_flat)
     if viewdirs is not None:
@@ -37,12 +40,15 @@ def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Call
         embedded = torch.cat([embedded, embeddirs_fn(dirs_flat)], -1)
     outputs_flat = torch.cat([fn(embedded[i:i + netchunk])
                               for i in range(0, embedded.shape[0], netchunk)], 0)
+    if density_only:
+        outputs_flat = outputs_flat[:, 3:4]
     return outputs_flat.reshape(list(inputs.shape[:-1]) + [outputs_flat.shape[-1]])
 
 
 def make_network_query_fn(embed_fn: Callable, embeddirs_fn: Optional[Callable], netchunk: int,
                           mixed_precision: bool = False, compiled: Optional[dict] = None) -> Callable:
-    """The `network_query_fn(inputs, viewdirs, network_fn)` of the render kwargs.
+    """The `network_query_fn(inputs, viewdirs, network_fn, density_only=False)`
+    of the render kwargs (see `run_network`).
 
     Default: `run_network` (its fast path for library networks). Off-by-default
     modes: `mixed_precision` runs the networks under bfloat16 autocast (the
@@ -52,12 +58,12 @@ def make_network_query_fn(embed_fn: Callable, embeddirs_fn: Optional[Callable], 
     """
     compiled = compiled or {}
 
-    def network_query_fn(inputs, viewdirs, network_fn):
+    def network_query_fn(inputs, viewdirs, network_fn, density_only=False):
         fn = compiled.get(id(network_fn), network_fn)
         if not mixed_precision:
-            return run_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk)
+            return run_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk, density_only=density_only)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
-            out = run_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk)
+            out = run_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk, density_only=density_only)
         return out.float()
 
     return network_query_fn
@@ -85,31 +91,38 @@ def sample_along_rays(near: torch.Tensor, far: torch.Tensor, N_samples: int,
     return z_vals
 
 
+def compositing_weights(sigma: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
+                        raw_noise_std: float = 0) -> torch.Tensor:
+    """Each sample's weight w (N, S) in the ray's colour, from densities sigma (N, S).
+
+    delta_i = (z_{i+1} - z_i) |d| (1e10 after the last sample),
+    alpha_i = 1 - exp(-relu(sigma_i + noise) delta_i), noise ~ N(0, raw_noise_std^2),
+    w_i = alpha_i prod_{j<i} (1 - alpha_j + 1e-10).
+    """
+    dists = z_vals[..., 1:] - z_vals[..., :-1]
+    dists = torch.cat([dists, torch.full_like(dists[..., :1], 1e10)], -1)
+    dists = dists * torch.norm(rays_d[..., None, :], dim=-1)
+    if raw_noise_std > 0.0:
+        sigma = sigma + torch.randn_like(sigma) * raw_noise_std
+    alpha = 1.0 - torch.exp(-F.relu(sigma) * dists)
+    transmittance = torch.cumprod(
+        torch.cat([torch.ones_like(alpha[..., :1]), 1.0 - alpha + 1e-10], -1), -1)[..., :-1]
+    return alpha * transmittance
+
+
 def raw2outputs(raw: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
                 raw_noise_std: float = 0, white_bkgd: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alpha-composites network outputs along each ray.
 
     raw: (N, S, 4) [rgb logits, sigma]; z_vals: (N, S); rays_d: (N, 3).
-    delta_i = (z_{i+1} - z_i) |d| (1e10 after the last sample),
-    alpha_i = 1 - exp(-relu(sigma_i + noise) delta_i),
-    w_i = alpha_i prod_{j<i} (1 - alpha_j + 1e-10).
-    Returns rgb_map (N, 3) = sum w c (+ 1 - acc on white), disp_map (N,) =
+    With the weights w of `compositing_weights`, returns rgb_map (N, 3) =
+    sum w sigmoid(logits) (+ 1 - acc on white), disp_map (N,) =
     1 / max(1e-10, depth / acc) (0 where acc is 0), acc_map (N,) = sum w,
     weights (N, S), depth_map (N,) = sum w z.
     """
-    dists = z_vals[..., 1:] - z_vals[..., :-1]
-    dists = torch.cat([dists, torch.full_like(dists[..., :1], 1e10)], -1)
-    dists = dists * torch.norm(rays_d[..., None, :], dim=-1)
-
     rgb = torch.sigmoid(raw[..., :3])
-    sigma = raw[..., 3]
-    if raw_noise_std > 0.0:
-        sigma = sigma + torch.randn_like(sigma) * raw_noise_std
-    alpha = 1.0 - torch.exp(-F.relu(sigma) * dists)
-    transmittance = torch.cumprod(
-        torch.cat([torch.ones_like(alpha[..., :1]), 1.0 - alpha + 1e-10], -1), -1)[..., :-1]
-    weights = alpha * transmittance
+    weights = compositing_weights(raw[..., 3], z_vals, rays_d, raw_noise_std)
 
     rgb_map = torch.sum(weights[..., None] * rgb, -2)
     depth_map = torch.sum(weights * z_vals, -1)
@@ -126,14 +139,17 @@ def raw2outputs(raw: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
 def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn: Callable,
                 N_samples: int, retraw: bool = False, lindisp: bool = False,
                 perturb: float = 0.0, N_importance: int = 0, network_fine: Optional[Callable] = None,
-                white_bkgd: bool = False, raw_noise_std: float = 0.0) -> Dict[str, torch.Tensor]:
+                white_bkgd: bool = False, raw_noise_std: float = 0.0,
+                coarse_maps: bool = True) -> Dict[str, torch.Tensor]:
     """Renders a ray batch (N, 8 or 11): coarse samples, then with
     `N_importance` > 0 as many more drawn from the coarse weights, all of them
     evaluated by the fine network (the coarse one when there is none).
 
     Returns rgb_map (N, 3), disp_map (N,), acc_map (N,), raw (N, S', 4) with
-    `retraw`, and with fine sampling the coarse rgb0, disp0, acc0 and z_std
-    (N,), the population std of the fine samples' depths.
+    `retraw`, and with fine sampling the coarse rgb0, disp0, acc0 (unless
+    `coarse_maps` is False: then the coarse pass asks the network for
+    densities only, as the fine samples need no more) and z_std (N,), the
+    population std of the fine samples' depths.
     """
     rays_o, rays_d = ray_batch[:, 0:3], ray_batch[:, 3:6]
     viewdirs = ray_batch[:, -3:] if ray_batch.shape[-1] > 8 else None
@@ -141,12 +157,17 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
 
     z_vals = sample_along_rays(near, far, N_samples, lindisp, perturb)
     pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
-    raw = network_query_fn(pts, viewdirs, network_fn)
-    rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd)
-
     ret = {}
+    if N_importance > 0 and not coarse_maps:
+        sigma = network_query_fn(pts, viewdirs, network_fn, density_only=True)[..., 0]
+        weights = compositing_weights(sigma, z_vals, rays_d, raw_noise_std)
+    else:
+        raw = network_query_fn(pts, viewdirs, network_fn)
+        rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd)
+        if N_importance > 0:
+            ret.update(rgb0=rgb_map, disp0=disp_map, acc0=acc_map)
+
     if N_importance > 0:
-        ret.update(rgb0=rgb_map, disp0=disp_map, acc0=acc_map)
         z_vals_mid = 0.5 * (z_vals[..., 1:] + z_vals[..., :-1])
         z_samples = sample_pdf(z_vals_mid, weights[..., 1:-1], N_importance,
                                det=(perturb == 0.0)).detach()
@@ -231,7 +252,7 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
     for k, c2w in enumerate(tqdm(render_poses, desc="render", leave=False, dynamic_ncols=True)):
         c2w = torch.as_tensor(c2w, dtype=torch.float32)[:3, :4]
         with torch.no_grad():
-            rgb, disp, _, _ = render(int(H), int(W), K, chunk=chunk, c2w=c2w, **render_kwargs)
+            rgb, disp, _, _ = render(int(H), int(W), K, chunk=chunk, c2w=c2w, coarse_maps=False, **render_kwargs)
         rgbs.append(rgb.cpu().numpy())
         disps.append(disp.cpu().numpy())
         if savedir is not None:

@@ -300,24 +300,70 @@ def test_reference_renders_through_the_fast_path(reference_dir, name):
 
     nets = network("network_fn_state_dict"), network("network_fine_state_dict")
     assert fast_nerf.supports(nets[0], embed, embeddirs, torch.zeros(1, 1, 3), torch.zeros(1, 3))
-    outs = []
-    for fast in (True, False):
-        query = lambda pts, viewdirs, fn, fast=fast: rendering.run_network(pts, viewdirs, fn, embed, embeddirs,
-                                                                          fast=fast)
+    def render(fast, coarse_maps=True):
+        def query(pts, viewdirs, fn, density_only=False):
+            return rendering.run_network(pts, viewdirs, fn, embed, embeddirs, fast=fast, density_only=density_only)
         with torch.no_grad():
             rgb, disp, acc, extras = rendering.render(
                 H, W, K, c2w=ref["c2w"], ndc=cfg["ndc"], near=cfg["near"], far=cfg["far"], use_viewdirs=True,
                 network_fn=nets[0], network_fine=nets[1], network_query_fn=query, N_samples=cfg["N_samples"],
                 N_importance=cfg["N_importance"], perturb=0.0, raw_noise_std=0.0, white_bkgd=cfg["white_bkgd"],
-                lindisp=cfg["lindisp"])
-        outs.append(dict(rgb_map=rgb, disp_map=disp, acc_map=acc, **extras))
-    fast_out, plain_out = outs
+                lindisp=cfg["lindisp"], coarse_maps=coarse_maps)
+        return dict(rgb_map=rgb, disp_map=disp, acc_map=acc, **extras)
+
+    fast_out, plain_out = render(fast=True), render(fast=False)
     for key in ["rgb_map", "disp_map", "acc_map", "rgb0", "disp0", "acc0", "z_std"]:
         diff = (fast_out[key] - ref[key]).abs()
         assert diff.max() <= 1e-2 and (diff > 1e-5).float().mean() <= 0.005, key
         # Same products as the plain path: the coarse maps to the last bit on any CPU,
         # and so (the fine samples follow them) the fine ones.
         torch.testing.assert_close(fast_out[key], plain_out[key], rtol=0, atol=1e-6)
+    # render_path's frames: the coarse pass asks for densities only, and the
+    # fine maps come out bit for bit the same.
+    for fast, full in ((True, fast_out), (False, plain_out)):
+        lean = render(fast, coarse_maps=False)
+        assert sorted(lean) == ["acc_map", "disp_map", "rgb_map", "z_std"]
+        for key in lean:
+            assert torch.equal(lean[key], full[key]), (fast, key)
+
+
+@pytest.mark.parametrize("viewdirs", [True, False])
+def test_density_only_is_the_sigma_channel(viewdirs):
+    torch.manual_seed(4)
+    embed, input_ch = get_embedder(10)
+    embeddirs, input_ch_views = get_embedder(4) if viewdirs else (None, 0)
+    net = NeRF(D=4, W=32, input_ch=input_ch, input_ch_views=input_ch_views, output_ch=5, skips=[2],
+               use_viewdirs=viewdirs)
+    pts = torch.randn(50, 24, 3)
+    dirs = F.normalize(torch.randn(50, 3), dim=-1) if viewdirs else None
+    for fast in (True, False):
+        with torch.no_grad():
+            full = rendering.run_network(pts, dirs, net, embed, embeddirs, netchunk=200, fast=fast)
+            sigma = rendering.run_network(pts, dirs, net, embed, embeddirs, netchunk=200, fast=fast,
+                                          density_only=True)
+        assert sigma.shape == (50, 24, 1) and torch.equal(sigma, full[..., 3:4]), fast
+    # With gradients recorded the plain path serves it, and sigma has a gradient.
+    sigma = rendering.run_network(pts, dirs, net, embed, embeddirs, density_only=True)
+    sigma.sum().backward()
+    assert torch.equal(sigma.detach(), full[..., 3:4]) and net.pts_linears[0].weight.grad.abs().sum() > 0
+
+
+def test_no_grad_evaluation_keeps_block_scratch_not_the_activations():
+    nets, embed, embeddirs = make_networks(seed=5)
+    pts, dirs = torch.randn(64, 64, 3), F.normalize(torch.randn(64, 3), dim=-1)     # 4096 points
+
+    def pooled_after(grad):
+        fast_nerf.release_memory()
+        with torch.set_grad_enabled(grad):
+            out = fast_nerf.query(nets[1], pts, dirs, embed, embeddirs, block_rows=256)
+        n = sum(b.numel() for b in fast_nerf._POOL.buffers)
+        del out
+        return n
+
+    kept, scratch = pooled_after(True), pooled_after(False)
+    fast_nerf.release_memory()
+    assert kept >= 4096 * CFG["W"] * CFG["D"]          # every layer's activations for the backward pass
+    assert scratch * 8 <= kept                          # 16 blocks: one block's worth (and a spare)
 
 
 # --- Ray samplers -------------------------------------------------------------------

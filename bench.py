@@ -1,6 +1,6 @@
 """Steady-state speed of training steps and full-image renders.
 
-    python bench.py                                  # fern, small networks: ~40 s (longer when the CPU is shared)
+    python bench.py                                  # fern, small networks: ~30-45 s (longer when the CPU is shared)
     python bench.py --baseline                       # and the original's code path, interleaved
     python bench.py --plain                          # and this library's plain (unfused) MLP path
     python bench.py --as_is --steps 3 --render_frames 0          # configs/fern.txt unchanged
@@ -12,9 +12,12 @@ memory and the MLPs' arithmetic rate: their FLOPs counted from the layer sizes
 (forward 2 x in x out per sample per layer, backward twice that, whatever the
 implementation actually skips) over the measured time, as a fraction of a
 plain float32 matrix multiply's rate measured in the same run on the same
-device. Timings are medians over many steps after warm-up; with --baseline
-the two implementations alternate in short rounds, with matmul probes in
-between, so a change in machine load hits both alike.
+device. Next to it, the bound set by the step's (and a rendered ray's)
+matrix products alone: the same products on random operands of the same
+shapes, in the fast path's blocks, with nothing else around them. Timings
+are medians over many steps after warm-up; with --baseline the two
+implementations alternate in short rounds, with matmul and products probes
+in between, so a change in machine load hits all of them alike.
 
 `--small` (the default unless --as_is) is the issue's small configuration:
 networks 4 x 64, --N_rand 512 --N_samples 32 --N_importance 32.
@@ -408,7 +411,8 @@ def main(argv=None) -> int:
                 sync(device)
                 impl.render_times.append(time.perf_counter() - t)
             mm.probe()
-            render_products.probe()
+            for _ in range(3):
+                render_products.probe()
 
     mm_rate = median(mm.rates)
     print(f"plain float32 matmul: {mm_rate / 1e9:.1f} GFLOP/s (median of {len(mm.rates)} probes, "

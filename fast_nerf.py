@@ -160,7 +160,7 @@ class _Plan:
 
     def __init__(self, model: NeRF, freqs: torch.Tensor, S: int, block_rows: int, density_only: bool = False):
         self.D, self.W, self.Cp = model.D, model.W, model.input_ch
-        self.density_only = density_only and model.use_viewdirs     # sigma from the last hidden layer only
+        self.density_only = density_only     # sigma from the last hidden layer only (with view directions)
         self.recording = torch.is_grad_enabled()
         self.skip_after = set(s for s in model.skips if 0 <= s < model.D - 1)
         self.use_viewdirs = model.use_viewdirs
@@ -190,7 +190,7 @@ def rows_per_block(model: NeRF, S: int, device: torch.device, requested: Optiona
     MiB of activations on a CPU and everything on a GPU; rounded to whole rays
     and a multiple of 64 rows."""
     block = requested
-    if block is None:
+    if not block:
         block = max(4096, (1 << 19) // max(model.W, model.input_ch, 1)) if device.type == "cpu" else 1 << 62
     unit = S * 64 // math.gcd(S, 64)
     return max(unit, block // unit * unit)
@@ -257,6 +257,9 @@ class _FusedNeRF(torch.autograd.Function):
         block = plan.block_rows
         shapes = _layout(plan, M if saving else min(M, block))
         bufs = _carve(_POOL.take(_numel(shapes), pts.dtype, pts.device), shapes)
+        sigma = None
+        if plan.use_viewdirs and not plan.density_only:
+            sigma = torch.empty(min(M, block), 1, dtype=pts.dtype, device=pts.device)
         for a in range(0, M, block):
             e = min(a + block, M)
             sl = slice(a, e) if saving else slice(0, e - a)
@@ -277,7 +280,11 @@ class _FusedNeRF(torch.autograd.Function):
                 wf, wa, wv, wr = w[D:D + 4]
                 bf, ba, bv, br = b[D:D + 4]
                 fv, v = bufs[-2][sl], bufs[-1][sl]
-                torch.addmm(ba, x, wa.t(), out=out[a:e, 3:4])
+                # sigma into contiguous memory, then its column: MKL rounds the
+                # last rows of a one-column product into a strided column
+                # differently, and sigma steers the fine samples.
+                torch.addmm(ba, x, wa.t(), out=sigma[:e - a])
+                out[a:e, 3:4].copy_(sigma[:e - a])
                 torch.addmm(bf, x, wf.t(), out=fv[:, :W])
                 fv[:, W:].view(-1, S, plan.Cv).copy_(venc[a // S:e // S, None, :])
                 torch.addmm(bv, fv, wv.t(), out=v)
@@ -368,8 +375,10 @@ def query(model: NeRF, inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], e
           netchunk: int = 1024 * 64, block_rows: Optional[int] = None, density_only: bool = False) -> torch.Tensor:
     """`run_network` for a `NeRF` (check `supports` first): raw (N, S, C) for
     points (N, S, 3) and view directions (N, 3), at most about `netchunk`
-    points (whole rays) per evaluation. `density_only` (not for gradients):
-    sigma (N, S, 1) alone, skipping the colour layers."""
+    points (whole rays) per evaluation. `density_only`: sigma (N, S, 1)
+    alone, skipping the colour layers; with view directions that evaluation
+    has no backward pass (`run_network` sends gradient-recording calls to
+    the plain path)."""
     N, S, _ = inputs.shape
     if density_only and not model.use_viewdirs:     # one output layer computes every channel
         return query(model, inputs, viewdirs, embed_fn, embeddirs_fn, netchunk, block_rows)[..., 3:4]

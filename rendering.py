@@ -5,6 +5,7 @@
 Shapes: N rays, S samples per ray. A ray batch packs, per ray,
 [rays_o (3), rays_d (3), near (1), far (1), viewdirs (3, optional)].
 """
+import inspect
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -67,6 +68,15 @@ def make_network_query_fn(embed_fn: Callable, embeddirs_fn: Optional[Callable], 
         return out.float()
 
     return network_query_fn
+
+
+def accepts_density_only(network_query_fn: Callable) -> bool:
+    """Whether `network_query_fn` takes `density_only` (the original's takes
+    just (inputs, viewdirs, network_fn); forks may still pass one such)."""
+    try:
+        return "density_only" in inspect.signature(network_query_fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def sample_along_rays(near: torch.Tensor, far: torch.Tensor, N_samples: int,
@@ -159,7 +169,8 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
     pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
     ret = {}
     if N_importance > 0 and not coarse_maps:
-        sigma = network_query_fn(pts, viewdirs, network_fn, density_only=True)[..., 0]
+        raw = network_query_fn(pts, viewdirs, network_fn, density_only=True)
+        sigma = raw[..., 0] if raw.shape[-1] == 1 else raw[..., 3]     # a query that ignored density_only
         weights = compositing_weights(sigma, z_vals, rays_d, raw_noise_std)
     else:
         raw = network_query_fn(pts, viewdirs, network_fn)
@@ -248,11 +259,13 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
     if render_factor:
         H, W = H // render_factor, W // render_factor
     K = scaled_intrinsics(K, render_factor)
+    coarse_maps = not accepts_density_only(render_kwargs["network_query_fn"])    # the frames need no rgb0
     rgbs, disps = [], []
     for k, c2w in enumerate(tqdm(render_poses, desc="render", leave=False, dynamic_ncols=True)):
         c2w = torch.as_tensor(c2w, dtype=torch.float32)[:3, :4]
         with torch.no_grad():
-            rgb, disp, _, _ = render(int(H), int(W), K, chunk=chunk, c2w=c2w, coarse_maps=False, **render_kwargs)
+            rgb, disp, _, _ = render(int(H), int(W), K, chunk=chunk, c2w=c2w, coarse_maps=coarse_maps,
+                                     **render_kwargs)
         rgbs.append(rgb.cpu().numpy())
         disps.append(disp.cpu().numpy())
         if savedir is not None:

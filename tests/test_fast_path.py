@@ -491,3 +491,26 @@ def test_batcher_rays_are_the_images_rays():
     order = np.lexsort(got.T[::-1])
     order_w = np.lexsort(want.T[::-1])
     np.testing.assert_allclose(got[order], want[order_w], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_rays, N_samples, N_importance", [(1, 7, 16), (13, 7, 5), (5, 10, 3)])
+def test_density_only_coarse_pass_gives_the_same_fine_samples(n_rays, N_samples, N_importance):
+    """Odd sample counts put ray ends anywhere in the product's row tiles:
+    the density-only and the full coarse pass must still give sigma, hence
+    the fine samples, bit for bit."""
+    nets, embed, embeddirs = make_networks(seed=6)
+    query = rendering.make_network_query_fn(embed, embeddirs, 1024)
+    rays_o, rays_d = torch.randn(n_rays, 3) * 0.2, F.normalize(torch.randn(n_rays, 3), dim=-1)
+    batch = torch.cat([rays_o, rays_d, torch.full((n_rays, 1), 2.0), torch.full((n_rays, 1), 6.0), rays_d], -1)
+    for trial in range(20):
+        torch.manual_seed(100 + trial)
+        for net in nets:
+            for p in net.parameters():
+                p.data.normal_(0, 0.3)
+        outs = []
+        for coarse_maps in (True, False):
+            with torch.no_grad():
+                outs.append(rendering.render_rays(batch, nets[0], query, N_samples, N_importance=N_importance,
+                                                  network_fine=nets[1], coarse_maps=coarse_maps))
+        for key in ["rgb_map", "disp_map", "acc_map", "z_std"]:
+            assert torch.equal(outs[0][key], outs[1][key]), (trial, key)

@@ -343,3 +343,26 @@ def test_viewdirs_are_normalised_world_directions_taken_before_ndc():
     assert_close(pts[:, 0], o_ndc.reshape(-1, 3), atol=1e-6)
     assert_close(pts[:, -1], (o_ndc + d_ndc).reshape(-1, 3), atol=1e-6)
     assert torch.allclose(pts[:, 0, 2], torch.tensor(-1.0))
+
+
+def test_render_path_frames_with_the_originals_three_argument_query():
+    """render_path asks a density-only coarse pass of the library's query
+    function; an original-style network_query_fn (inputs, viewdirs, fn), as
+    forks pass, gets the full coarse pass instead, and the frames agree."""
+    H, W, focal = 6, 8, 7.0
+    K = np.array([[focal, 0, W / 2], [0, focal, H / 2], [0, 0, 1]])
+    poses = np.stack([np.eye(4)[:3], np.array([[0.96, -0.28, 0.0, 0.1], [0.28, 0.96, 0.0, -0.2],
+                                               [0.0, 0.0, 1.0, 0.3]])]).astype(np.float32)
+    scene = small_scene(1024)
+    embed, _ = get_embedder(10)
+    embeddirs, _ = get_embedder(4)
+    library_query = rendering.make_network_query_fn(embed, embeddirs, 1024)
+    assert rendering.accepts_density_only(library_query)
+    assert not rendering.accepts_density_only(scene["network_query_fn"])
+    common = dict(network_fn=scene["network_fn"], network_fine=scene["network_fine"], ndc=False, near=2.0, far=6.0,
+                  use_viewdirs=True, N_samples=8, N_importance=8, perturb=0.0, raw_noise_std=0.0)
+    original = rendering.render_path(poses, (H, W, focal), K, 1024, dict(common, **scene))
+    lean = rendering.render_path(poses, (H, W, focal), K, 1024, dict(common, network_query_fn=library_query))
+    for a, b in zip(original, lean):
+        assert a.shape[:3] == (2, H, W)
+        np.testing.assert_array_equal(a, b)

@@ -10,7 +10,8 @@
 Prints steps/s, rays/s, samples/s (network evaluations, coarse + fine), peak
 memory and the MLPs' arithmetic rate: their FLOPs counted from the layer sizes
 (forward 2 x in x out per sample per layer, backward twice that, whatever the
-implementation actually skips) over the measured time, as a fraction of a
+implementation actually skips; for a rendered frame the coarse network up to
+sigma, all that a frame needs of it) over the measured time, as a fraction of a
 plain float32 matrix multiply's rate measured in the same run on the same
 device. Next to it, the bound set by the step's (and a rendered ray's)
 matrix products alone: the same products on random operands of the same
@@ -81,23 +82,14 @@ def resolve_datadir(datadir: str) -> str:
     return datadir
 
 
-def mlp_flops_per_sample(model) -> int:
-    """Forward FLOPs of one point through the MLP: 2 x in x out per layer."""
-    layers = list(model.pts_linears)
-    if model.use_viewdirs:
-        layers += [model.feature_linear, model.alpha_linear, model.views_linears[0], model.rgb_linear]
-    else:
-        layers += [model.output_linear]
-    return sum(2 * l.in_features * l.out_features for l in layers)
-
-
 def layer_shapes(model, density_only: bool = False) -> List[Tuple[int, int, int]]:
-    """(inputs, outputs, input-gradient columns) of each of the MLP's products,
-    as the fast path forms them: no gradient for the encoded points (the first
-    layer) nor for the encoded view direction (the views layer's last inputs);
-    with `density_only` the layers up to sigma."""
-    shapes = [(l.in_features, l.out_features, l.in_features if k else 0)
-              for k, l in enumerate(model.pts_linears)]
+    """(inputs, outputs, input-gradient columns) of each of the MLP's layers,
+    with `density_only` the layers up to sigma. Input gradients as the fast
+    path computes them: none for the encoded points (the first layer's input
+    and the skip layer's encoding columns) nor for the encoded view direction.
+    (Its backward also fuses the feature and alpha layers into one product of
+    W + 1 rows; here they stay apart.)"""
+    shapes = [(l.in_features, l.out_features, model.W if k else 0) for k, l in enumerate(model.pts_linears)]
     if model.use_viewdirs and density_only:
         shapes.append((model.W, 1, model.W))
     elif model.use_viewdirs:
@@ -111,33 +103,42 @@ def layer_shapes(model, density_only: bool = False) -> List[Tuple[int, int, int]
 
 
 class Products:
-    """The MLPs' matrix products alone, on random operands of a step's shapes
-    and in the fast path's blocks: forward products, weight gradients and (with
-    `train`) input gradients. No bias, no activation, no encoding, no
-    sampling: their time bounds what any implementation doing these products
-    with this library can reach on this device."""
+    """The MLPs' matrix products alone, on random operands of a step's shapes,
+    in the fast path's netchunk chunks and blocks: forward products and, with
+    `train`, weight and input gradients. No bias, no activation, no encoding,
+    no sampling: the time these products take as bench.py issues them, a
+    bound for an implementation that does them this way on this device."""
 
-    def __init__(self, jobs, device, train: bool):
+    def __init__(self, jobs, device, train: bool, netchunk: int):
         """jobs: (model, points, samples per ray, density only) for each network evaluation."""
         self.train, self.device, self.jobs, self.times = train, device, [], []
         for model, points, S, density_only in jobs:
-            rows = min(points, fast_nerf.rows_per_block(model, S, device))
-            ops = [(torch.randn(rows, cin, device=device), torch.randn(cout, cin, device=device),
-                    torch.empty(rows, cout, device=device), torch.randn(rows, cout, device=device),
-                    torch.zeros(cout, cin, device=device), torch.empty(rows, gin, device=device) if gin else None)
-                   for cin, cout, gin in layer_shapes(model, density_only)]
-            self.jobs.append((points, rows, ops))
+            chunk = min(points, max(1, netchunk // S) * S)
+            rows = min(chunk, fast_nerf.rows_per_block(model, S, device))
+            ops = []
+            for cin, cout, gin in layer_shapes(model, density_only):
+                x, w = torch.randn(rows, cin, device=device), torch.randn(cout, cin, device=device)
+                y = torch.empty(rows, cout, device=device)
+                grads = None
+                if train:
+                    grads = (torch.randn(rows, cout, device=device), torch.zeros(cout, cin, device=device),
+                             torch.empty(rows, gin, device=device) if gin else None)
+                ops.append((x, w, y, grads))
+            self.jobs.append((points, chunk, rows, ops))
 
     def run(self):
-        for points, rows, ops in self.jobs:
-            for a in range(0, points, rows):
-                n = min(rows, points - a)
-                for x, w, y, g, gw, gx in ops:
-                    torch.mm(x[:n], w.t(), out=y[:n])
-                    if self.train:
-                        gw.addmm_(g[:n].t(), x[:n])
-                        if gx is not None:
-                            torch.mm(g[:n], w[:, :gx.shape[1]], out=gx[:n])
+        for points, chunk, rows, ops in self.jobs:
+            for c in range(0, points, chunk):
+                in_chunk = min(chunk, points - c)
+                for a in range(0, in_chunk, rows):
+                    n = min(rows, in_chunk - a)
+                    for x, w, y, grads in ops:
+                        torch.mm(x[:n], w.t(), out=y[:n])
+                        if grads is not None:
+                            g, gw, gx = grads
+                            gw.addmm_(g[:n].t(), x[:n])
+                            if gx is not None:
+                                torch.mm(g[:n], w[:, :gx.shape[1]], out=gx[:n])
 
     def probe(self):
         sync(self.device)
@@ -159,12 +160,12 @@ def network_jobs(args, kw, n_rays: int, train: bool):
     return jobs
 
 
-def forward_flops_per_ray(args, kw) -> float:
-    coarse, fine = kw["network_fn"], kw["network_fine"]
-    flops = args.N_samples * mlp_flops_per_sample(coarse)
-    if args.N_importance > 0:
-        flops += (args.N_samples + args.N_importance) * mlp_flops_per_sample(fine if fine is not None else coarse)
-    return flops
+def forward_flops_per_ray(args, kw, train: bool = True) -> float:
+    """Forward FLOPs of one ray's network evaluations, 2 x in x out per sample
+    per layer; for a rendered frame (not `train`) the coarse network counts
+    only up to sigma, all that a frame needs of it."""
+    return sum(S * sum(2 * cin * cout for cin, cout, _ in layer_shapes(model, density_only))
+               for model, _, S, density_only in network_jobs(args, kw, 1, train))
 
 
 def samples_per_ray(args) -> int:
@@ -367,9 +368,10 @@ def main(argv=None) -> int:
     impls, kw_train = build(args, scene, device, bargs.baseline, bargs.plain)
     setup_s = time.perf_counter() - t0
     mm = Matmul(device)
-    step_products = Products(network_jobs(args, kw_train, args.N_rand, train=True), device, train=True)
+    step_products = Products(network_jobs(args, kw_train, args.N_rand, train=True), device, True, args.netchunk)
     render_rays_probe = min(scene.H * scene.W, 4096)
-    render_products = Products(network_jobs(args, kw_train, render_rays_probe, train=False), device, train=False)
+    render_products = Products(network_jobs(args, kw_train, render_rays_probe, train=False), device, False,
+                               args.netchunk)
 
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
@@ -395,7 +397,7 @@ def main(argv=None) -> int:
         done += n
 
     step_flops = 3 * args.N_rand * forward_flops_per_ray(args, kw_train)
-    ray_flops = forward_flops_per_ray(args, kw_train)
+    ray_flops = forward_flops_per_ray(args, kw_train, train=False)
     spr = samples_per_ray(args)
     results = {"device": str(device), "threads": torch.get_num_threads(), "load_before": load0,
                "config": bargs.config, "small": not bargs.as_is, "extra_args": rest}
@@ -417,7 +419,8 @@ def main(argv=None) -> int:
     mm_rate = median(mm.rates)
     print(f"plain float32 matmul: {mm_rate / 1e9:.1f} GFLOP/s (median of {len(mm.rates)} probes, "
           f"range {min(mm.rates) / 1e9:.1f}-{max(mm.rates) / 1e9:.1f})")
-    print(f"MLP work: {step_flops / 1e9:.2f} GFLOP per training step, {ray_flops / 1e6:.3f} MFLOP per rendered ray")
+    print(f"MLP work: {step_flops / 1e9:.2f} GFLOP per training step, {ray_flops / 1e6:.3f} MFLOP per rendered ray "
+          f"(coarse network up to sigma)")
     results["matmul_gflops"] = mm_rate / 1e9
     results["step_gflop"] = step_flops / 1e9
     t_products = median(step_products.times)

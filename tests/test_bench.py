@@ -8,6 +8,7 @@ Timings themselves are bench.py's job, not a test's.
 from types import SimpleNamespace
 
 import pytest
+import torch.nn as nn
 
 import bench
 from run_nerf_helpers import NeRF, get_embedder
@@ -24,13 +25,21 @@ def forward_flops(shapes):
     return sum(2 * cin * cout for cin, cout, _ in shapes)
 
 
+def module_flops(model):
+    """2 x in x out over the module's linear layers that a forward pass uses."""
+    unused = set() if model.use_viewdirs else set(model.views_linears.modules())
+    return sum(2 * m.in_features * m.out_features for m in model.modules()
+               if isinstance(m, nn.Linear) and m not in unused)
+
+
 @pytest.mark.parametrize("D, W, skips, viewdirs", [(8, 256, [4], True), (4, 64, [4], True), (4, 64, [2], False)])
 def test_product_shapes_are_the_counted_layers(D, W, skips, viewdirs):
     model = network(D, W, skips, viewdirs)
     shapes = bench.layer_shapes(model)
-    assert forward_flops(shapes) == bench.mlp_flops_per_sample(model)
-    # Input gradients: none for the encoded points; the views layer's only for the feature.
-    assert shapes[0][2] == 0
+    assert forward_flops(shapes) == module_flops(model)
+    # Input gradients: none for the encoded points (nor the skip layer's
+    # encoding columns); the views layer's only for the feature.
+    assert shapes[0][2] == 0 and all(gin == W for _, _, gin in shapes[1:D])
     if viewdirs:
         views = model.views_linears[0]
         assert (views.in_features, views.out_features, W) in shapes
@@ -51,5 +60,9 @@ def test_network_jobs_count_every_sample():
                                                              (fine, 512 * 64, 64, False)]
     assert bench.network_jobs(args, kw, 100, train=False) == [(coarse, 100 * 32, 32, True),
                                                               (fine, 100 * 64, 64, False)]
+    per_sample = module_flops(coarse)
+    sigma_only = forward_flops(bench.layer_shapes(coarse, density_only=True))
+    assert bench.forward_flops_per_ray(args, kw, train=True) == (32 + 64) * per_sample
+    assert bench.forward_flops_per_ray(args, kw, train=False) == 32 * sigma_only + 64 * per_sample
     args.N_importance = 0
     assert bench.network_jobs(args, kw, 10, train=False) == [(coarse, 10 * 32, 32, False)]

@@ -19,7 +19,10 @@ that:
 
 Every forward product is the very matrix product the plain path computes on
 the same operands (only their memory layout differs), so forward values match
-the plain path bit for bit on the CPU. That matters beyond taste: the fine
+the plain path bit for bit on the CPU wherever both multiply the same rows
+together (as in the reference renders; a block or chunk boundary elsewhere
+can change a BLAS kernel's rounding of the rows near it). That matters beyond
+taste: the fine
 samples are drawn by inverting the coarse weights' CDF, which magnifies
 rounding differences, so an evaluation that merely rounds differently (say,
 the skip layer as two products summed) moves a tenth of the fine pixels of

@@ -169,8 +169,7 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
     pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
     ret = {}
     if N_importance > 0 and not coarse_maps:
-        raw = network_query_fn(pts, viewdirs, network_fn, density_only=True)
-        sigma = raw[..., 0] if raw.shape[-1] == 1 else raw[..., 3]     # a query that ignored density_only
+        sigma = network_query_fn(pts, viewdirs, network_fn, density_only=True)[..., 0]
         weights = compositing_weights(sigma, z_vals, rays_d, raw_noise_std)
     else:
         raw = network_query_fn(pts, viewdirs, network_fn)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fast_nerf
+import geometry
 from run_nerf_helpers import get_rays, ndc_rays, sample_pdf, to8b
 
 
@@ -246,27 +247,33 @@ def scaled_intrinsics(K: np.ndarray, render_factor: int) -> np.ndarray:
 
 
 def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=None,
-                savedir: Optional[str] = None, render_factor: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+                savedir: Optional[str] = None, render_factor: int = 0, with_depth: bool = False) -> Tuple:
     """Renders every pose in `render_poses` ((P, 3 or 4, 4)) with one progress bar.
 
     `render_factor` N renders at 1/N of the size (the intrinsics scaled to
     match). Frames go to `savedir/{k:03d}.png` when given. `gt_imgs` is kept
     for the original's signature; scoring the frames is metrics.py's job. Returns rgbs
-    (P, H, W, 3) and disps (P, H, W) as float32 arrays.
+    (P, H, W, 3) and disps (P, H, W) as float32 arrays, and with `with_depth` also
+    depths (P, H, W): world units along each camera's viewing axis, NaN where the
+    accumulated opacity is below 0.5 (`geometry.depth_map`).
     """
     H, W, focal = hwf
     if render_factor:
         H, W = H // render_factor, W // render_factor
     K = scaled_intrinsics(K, render_factor)
     coarse_maps = not accepts_density_only(render_kwargs["network_query_fn"])    # the frames need no rgb0
-    rgbs, disps = [], []
+    rgbs, disps, depths = [], [], []
     for k, c2w in enumerate(tqdm(render_poses, desc="render", leave=False, dynamic_ncols=True)):
         c2w = torch.as_tensor(c2w, dtype=torch.float32)[:3, :4]
         with torch.no_grad():
-            rgb, disp, _, _ = render(int(H), int(W), K, chunk=chunk, c2w=c2w, coarse_maps=coarse_maps,
-                                     **render_kwargs)
+            rgb, disp, acc, _ = render(int(H), int(W), K, chunk=chunk, c2w=c2w, coarse_maps=coarse_maps,
+                                       **render_kwargs)
+            if with_depth:
+                depths.append(geometry.depth_map(disp, acc, c2w, K, render_kwargs.get("ndc", True)).cpu().numpy())
         rgbs.append(rgb.cpu().numpy())
         disps.append(disp.cpu().numpy())
         if savedir is not None:
             iio.imwrite(os.path.join(savedir, f"{k:03d}.png"), to8b(rgbs[-1]))
+    if with_depth:
+        return np.stack(rgbs, 0), np.stack(disps, 0), np.stack(depths, 0)
     return np.stack(rgbs, 0), np.stack(disps, 0)

@@ -148,3 +148,22 @@ def grid_axes(lo: np.ndarray, hi: np.ndarray, resolution: int) -> Tuple[List[np.
     lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
     h = float(np.max(hi - lo)) / resolution
     return [lo[k] + h * np.arange(int(round((hi[k] - lo[k]) / h)) + 1) for k in range(3)], h
+
+
+# Near to far: yellow, orange, magenta, blue, dark blue (a perceptually ordered ramp).
+DEPTH_RAMP = np.array([[0.99, 0.91, 0.14], [0.96, 0.52, 0.10], [0.72, 0.21, 0.47], [0.25, 0.16, 0.58],
+                       [0.05, 0.03, 0.20]])
+
+
+def colour_depth(depths: np.ndarray) -> np.ndarray:
+    """Depth maps (..., H, W) as colours (..., H, W, 3) in [0, 1] for viewing: depth from its
+    1st to its 99th percentile over all maps along DEPTH_RAMP (near yellow, far dark blue);
+    NaN (nothing hit) black."""
+    finite = np.isfinite(depths)
+    if not finite.any():
+        return np.zeros(depths.shape + (3,), dtype=np.float32)
+    near, far = np.percentile(depths[finite], [1, 99])
+    x = np.clip((np.where(finite, depths, near) - near) / max(far - near, 1e-12), 0, 1)
+    stops = np.linspace(0, 1, len(DEPTH_RAMP))
+    rgb = np.stack([np.interp(x, stops, DEPTH_RAMP[:, c]) for c in range(3)], -1)
+    return np.where(finite[..., None], rgb, 0.0).astype(np.float32)

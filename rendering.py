@@ -269,7 +269,8 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
             rgb, disp, acc, _ = render(int(H), int(W), K, chunk=chunk, c2w=c2w, coarse_maps=coarse_maps,
                                        **render_kwargs)
             if with_depth:
-                depths.append(geometry.depth_map(disp, acc, c2w, K, render_kwargs.get("ndc", True)).cpu().numpy())
+                ndc = render_kwargs.get("ndc", True)   # render's default
+                depths.append(geometry.depth_map(disp, acc, c2w, K, ndc).cpu().numpy())
         rgbs.append(rgb.cpu().numpy())
         disps.append(disp.cpu().numpy())
         if savedir is not None:

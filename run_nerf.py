@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import geometry
 import metrics
 import validation
 from checkpoints import find_checkpoint, load_network_state, save_checkpoint, set_rng_state, steps_done
@@ -231,13 +232,18 @@ def score_test_views(args, scene: Scene, rgbs: np.ndarray, step: int, savedir: P
 def render_only(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> Path:
     """Renders the spiral path (or the test views with --render_test, scored and
     compared with their ground truth) into renderonly_{path|test}_{step:06d}/
-    with its frames and video.mp4."""
+    with its frames and video.mp4, and depth/{k:03d}.npy (world units along the
+    viewing axis, NaN where opacity < 0.5) with depth.mp4."""
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
     savedir = expdir / f"renderonly_{'test' if args.render_test else 'path'}_{step:06d}"
-    savedir.mkdir(parents=True, exist_ok=True)
-    rgbs, _ = render_path(torch.as_tensor(poses, device=device), scene.hwf, scene.K, args.chunk, render_kwargs_test,
-                          savedir=str(savedir), render_factor=args.render_factor)
+    (savedir / 'depth').mkdir(parents=True, exist_ok=True)
+    rgbs, _, depths = render_path(torch.as_tensor(poses, device=device), scene.hwf, scene.K, args.chunk,
+                                  render_kwargs_test, savedir=str(savedir), render_factor=args.render_factor,
+                                  with_depth=True)
     write_video(savedir / 'video.mp4', rgbs)
+    for k, depth in enumerate(depths):
+        np.save(savedir / 'depth' / f'{k:03d}.npy', depth)
+    write_video(savedir / 'depth.mp4', geometry.colour_depth(depths))
     if args.render_test and not args.render_factor:
         score_test_views(args, scene, rgbs, step, savedir)
         metrics.save_comparisons(savedir, rgbs, scene.images[scene.i_test])

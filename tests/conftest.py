@@ -40,3 +40,7 @@ def reference_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference outputs of the original not found at {path}")
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test (or module) that takes more than ~10 s")

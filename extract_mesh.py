@@ -38,9 +38,9 @@ from run_nerf_helpers import default_device, get_rays, keep_freed_memory
 log = logging.getLogger("nerf")
 
 REQUIREMENTS = "requirements-mesh.txt"
-PROBE_RAYS = 16384            # training rays rendered to choose the default level and the NDC far side
+PROBE_RAYS = 4096             # training rays rendered to choose the default level and the NDC far side
 SURFACE_LEVEL_FRACTION = 0.5  # default level: this fraction of the median density where those rays stop
-COLOUR_SAMPLES = 32           # coarse (and fine) samples of a vertex's colour ray
+COLOUR_SAMPLES = 8            # coarse (and fine) samples of a vertex's colour ray
 COLOUR_RAY_CELLS = 4          # the colour ray starts this many lattice cells outside the vertex
 MIN_ACC = 0.5                 # rays less opaque than this hit nothing
 

@@ -113,7 +113,7 @@ def box_points(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def seen_region(poses: torch.Tensor, K, H: int, W: int, near: float, far: float, ndc: bool, hwf,
-                n: int = 40) -> Tuple[torch.Tensor, torch.Tensor]:
+                n: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
     """Render-space box (lo, hi, each (3,)) around the points every training camera sees
     (see `seen_by_all`), found on an n^3 lattice, then again on one within that box
     widened by a lattice step. Starts from the NDC cube [-1, 1]^3 or, in world scenes,

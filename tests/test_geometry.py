@@ -7,6 +7,8 @@ and its colour is the solid's albedo. The render and mesh code cannot tell
 it from a network. A sharp layer renders like a trained opaque surface; a
 wide one is smooth enough on the lattice for marching cubes to be exact.
 """
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ import demo_scene
 import extract_mesh
 import geometry
 from datasets import Scene
+from errors import DataError
 from rendering import render_path
 from run_nerf_helpers import ndc_rays
 
@@ -214,3 +217,10 @@ def test_ndc_depth_mesh_and_point_cloud_are_in_world_coordinates(front):
     assert np.all(idx == 0)                              # the largest piece: the ball
     assert np.mean(np.abs(sdf)) < 0.05                   # NDC cells here are ~0.06 x 0.06 x 0.25 in world
     assert mesh.volume == pytest.approx(4 / 3 * np.pi * 0.7 ** 3, rel=0.05)
+
+
+def test_missing_mesh_libraries_name_the_requirements_file(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trimesh", None)     # makes `import trimesh` fail
+    with pytest.raises(DataError) as err:
+        extract_mesh.import_mesh_libraries()
+    assert err.value.where == "requirements-mesh.txt" and "trimesh" in err.value.what

@@ -192,6 +192,7 @@ def test_fern_pose_and_image_count_mismatch(fern_dir, tmp_path):
 
 # --- Blender -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lego_matches_the_original(lego_full, lego_dir, reference_dir):
     imgs, poses, render_poses, hwf, i_split = lego_full
     ref = np.load(reference_dir / "blender_lego_testskip8.npz")
@@ -216,6 +217,7 @@ def test_lego_matches_the_original(lego_full, lego_dir, reference_dir):
     np.testing.assert_allclose(np.asarray(render_poses)[:, :3, 2], centres / 4.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lego_white_background_compositing(lego_full, lego_dir):
     """rgb * a + (1 - a) on the loaded straight-alpha RGBA equals PIL's
     compositing of the PNG over white."""

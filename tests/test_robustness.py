@@ -506,6 +506,7 @@ def test_sigterm_saves_the_current_step_and_exits_143(tmp_path, blender_scene, m
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers restored after the run
 
 
+@pytest.mark.slow
 def test_sigint_mid_run_saves_current_step_and_resume_matches_uninterrupted(tmp_path, blender_scene):
     def cmd(basedir, *extra):
         return [sys.executable, str(REPO / "run_nerf.py"),

@@ -44,3 +44,16 @@ def reference_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference outputs of the original not found at {path}")
     return path
+
+
+def scene_copy_without(scene: Path, dest: Path, missing: str) -> Path:
+    """`scene` laid out again under `dest` as symlinks, except the file
+    `missing` (relative to the scene): for tests of what happens when a file
+    is absent, whether or not the scene they read has it."""
+    for folder, _, files in os.walk(scene, followlinks=True):
+        for name in files:
+            rel = (Path(folder) / name).relative_to(scene)
+            if rel != Path(missing):
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(scene / rel, dest / rel)
+    return dest

@@ -26,7 +26,7 @@ import checkpoints
 import rendering
 import run_nerf
 import validation
-from conftest import REPO
+from conftest import REPO, scene_copy_without
 from errors import DataError
 from load_blender import pose_spherical
 from run_nerf_helpers import NeRF
@@ -334,9 +334,10 @@ def test_real_scenes_pass_and_lego_testskip_1_names_the_missing_frame(fern_dir, 
     lego = parser.parse_args(["--dataset_type", "blender", "--datadir", str(lego_dir), "--half_res"])
     assert validation.check_data(lego) == (400, 400)
     lego.testskip = 1
+    lego.datadir = str(scene_copy_without(lego_dir, tmp_path / "lego", "val/r_1.png"))
     with pytest.raises(DataError) as err:
         validation.check_data(lego)
-    assert err.value.where == str(lego_dir / "val" / "r_1.png")
+    assert err.value.where == str(tmp_path / "lego" / "val" / "r_1.png")
     assert "referenced by transforms_val.json" in err.value.what
 
 

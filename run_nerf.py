@@ -5,7 +5,6 @@ rendering.py, the building blocks in run_nerf_helpers.py.
 """
 import logging
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -22,12 +21,30 @@ import validation
 from checkpoints import find_checkpoint, load_network_state, save_checkpoint, set_rng_state, steps_done
 from datasets import Scene, load_scene
 from errors import DataError
-from rendering import batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
+from rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
 from rendering import make_network_query_fn
 from ray_batches import ImageRaySampler, RayBatcher
-from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b
+from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b  # noqa: F401 (public API)
+from run_nerf_helpers import Embedder, get_rays, get_rays_np, ndc_rays, sample_pdf  # noqa: F401 (public API)
 
 log = logging.getLogger("nerf")
+
+
+def __getattr__(name: str):
+    """The original's module-level names that forks import: `device` (here the
+    default device: CUDA, else MPS, else the CPU) and `DEBUG` (False: it only
+    switched on NaN printouts, which the non-finite-loss check replaces)."""
+    if name == "device":
+        return default_device()
+    if name == "DEBUG":
+        return False
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def optional_path(value: str) -> Optional[str]:
+    """A path flag's value, where "None" (as args.txt writes an unset one)
+    means no path, as the original reads it."""
+    return None if value == "None" else value
 
 
 def config_parser() -> configargparse.ArgumentParser:
@@ -53,7 +70,7 @@ def config_parser() -> configargparse.ArgumentParser:
                         help='number of pts sent through network in parallel, decrease if running out of memory')
     parser.add_argument("--no_batching", action='store_true', help='only take random rays from 1 image at a time')
     parser.add_argument("--no_reload", action='store_true', help='do not reload weights from saved ckpt')
-    parser.add_argument("--ft_path", type=str, default=None,
+    parser.add_argument("--ft_path", type=optional_path, default=None,
                         help='specific weights npy file to reload for coarse network')
     parser.add_argument("--N_iters", type=int, default=200000, help='number of training steps')
     parser.add_argument("--seed", type=int, default=0, help='seed of the NumPy and torch generators')
@@ -79,6 +96,8 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--mixed_precision", action='store_true',
                         help='run the MLPs under bfloat16 autocast (meant for GPUs; off by default: other arithmetic)')
     parser.add_argument("--compile", action='store_true', help='torch.compile the MLPs (off by default)')
+    parser.add_argument("--fast_path", type=str, default='auto', choices=['auto', 'off'],
+                        help='auto: the fused MLP (fast_nerf.py) where it computes what NeRF.forward does; off: never')
 
     # training options
     parser.add_argument("--precrop_iters", type=int, default=0, help='number of steps to train on central crops')
@@ -148,7 +167,8 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
     if getattr(args, 'compile', False):
         compiled = {id(m): torch.compile(m) for m in (model, model_fine) if m is not None}
     network_query_fn = make_network_query_fn(embed_fn, embeddirs_fn, args.netchunk,
-                                             getattr(args, 'mixed_precision', False), compiled)
+                                             getattr(args, 'mixed_precision', False), compiled,
+                                             fast=getattr(args, 'fast_path', 'auto') != 'off')
 
     optimizer = torch.optim.Adam(params=grad_vars, lr=args.lrate, betas=(0.9, 0.999))
 
@@ -192,13 +212,15 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
 # --- Outputs -----------------------------------------------------------------
 
 def write_run_files(args, expdir: Path) -> None:
-    """args.txt (every flag, sorted) and config.txt (a copy of the config file)."""
+    """args.txt (every flag, sorted) and config.txt (a copy of the config file,
+    read first: it may be this folder's own args.txt or config.txt)."""
     expdir.mkdir(parents=True, exist_ok=True)
+    config = Path(args.config).read_bytes() if args.config is not None else None
     with open(expdir / 'args.txt', 'w') as f:
         for arg in sorted(vars(args)):
             f.write(f'{arg} = {getattr(args, arg)}\n')
-    if args.config is not None:
-        shutil.copyfile(args.config, expdir / 'config.txt')
+    if config is not None:
+        (expdir / 'config.txt').write_bytes(config)
 
 
 def write_video(path: Path, frames: np.ndarray) -> None:
@@ -231,10 +253,11 @@ def score_test_views(args, scene: Scene, rgbs: np.ndarray, step: int, savedir: P
 def render_only(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> Path:
     """Renders the spiral path (or the test views with --render_test, scored and
     compared with their ground truth) into renderonly_{path|test}_{step:06d}/
-    with its frames and video.mp4."""
+    with its frames and video.mp4; an earlier render there is kept aside
+    (`keep_earlier`)."""
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
-    savedir = expdir / f"renderonly_{'test' if args.render_test else 'path'}_{step:06d}"
-    savedir.mkdir(parents=True, exist_ok=True)
+    savedir = validation.keep_earlier(validation.render_only_dir(expdir, args.render_test, step))
+    savedir.mkdir(parents=True)
     rgbs, _ = render_path(torch.as_tensor(poses, device=device), scene.hwf, scene.K, args.chunk, render_kwargs_test,
                           savedir=str(savedir), render_factor=args.render_factor)
     write_video(savedir / 'video.mp4', rgbs)
@@ -309,8 +332,10 @@ def log_progress(writer, bar, stats: dict, lrate: float, step: int) -> None:
 
 
 def write_spiral_videos(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> None:
-    """{expname}_spiral_{step:06d}_rgb.mp4 and _disp.mp4 along the render path."""
-    rgbs, disps = render_path(torch.as_tensor(scene.render_poses, device=device), scene.hwf, scene.K, args.chunk,
+    """{expname}_spiral_{step:06d}_rgb.mp4 and _disp.mp4 along the render path
+    (along the test views with --render_test, as in the original)."""
+    poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
+    rgbs, disps = render_path(torch.as_tensor(poses, device=device), scene.hwf, scene.K, args.chunk,
                               render_kwargs_test)
     moviebase = expdir / f'{args.expname}_spiral_{step:06d}_'
     write_video(Path(f'{moviebase}rgb.mp4'), rgbs)

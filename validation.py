@@ -15,12 +15,12 @@ status 2. In the order `run_nerf.train` calls them:
   without replacement.
 - `check_outputs`: after the checkpoint is chosen and before anything is
   written, refuses a run that would overwrite an earlier run's work
-  (`--no_reload`/`--ft_path` into a folder holding later checkpoints, or a
-  `--render_only` whose folder exists).
+  (`--no_reload`/`--ft_path` into a folder holding later checkpoints).
 
 `keep_earlier` is the last guard when writing: an existing file or folder at
-the target (only possible after falling back from an unreadable newest
-checkpoint) is renamed aside, never overwritten or deleted.
+the target (an earlier `--render_only` render, or outputs left after falling
+back from an unreadable newest checkpoint) is renamed aside, never
+overwritten or deleted.
 """
 import difflib
 import io
@@ -201,7 +201,8 @@ def check_data(args) -> Optional[Tuple[int, int]]:
         from demo_scene import ensure_demo_scene
         ensure_demo_scene(datadir)
     if not datadir.is_dir():
-        raise DataError(datadir, "data folder does not exist" if not datadir.exists() else "is not a folder")
+        raise DataError(datadir, "data folder does not exist" + how_to_get(datadir)
+                        if not datadir.exists() else "is not a folder")
     if args.dataset_type == "llff":
         H, W = _check_llff(datadir, args.factor, args.llffhold, needs_training=not args.render_only)
     elif args.dataset_type in ("blender", "demo", "LINEMOD"):
@@ -211,6 +212,23 @@ def check_data(args) -> Optional[Tuple[int, int]]:
     if args.no_batching and not args.render_only:
         _check_ray_count(args, H, W)
     return H, W
+
+
+EXAMPLE_SCENES = ("fern", "lego")      # what download_example_data.sh fetches
+RELEASED_SCENES = {"nerf_llff_data": ("fern", "flower", "fortress", "horns", "leaves", "orchids", "room", "trex"),
+                   "nerf_synthetic": ("chair", "drums", "ficus", "hotdog", "lego", "materials", "mic", "ship")}
+
+
+def how_to_get(datadir: Path) -> str:
+    """Where a missing scene of the shipped configs comes from, as a clause
+    to append to the error ("" for other folders)."""
+    release, scene = Path(datadir).parent.name, Path(datadir).name
+    if scene not in RELEASED_SCENES.get(release, ()):
+        return ""
+    if scene in EXAMPLE_SCENES:
+        return "; run `bash download_example_data.sh` to fetch it (the example scenes fern and lego)"
+    return (f"; {scene} is in {release}.zip of the NeRF authors' data release (see README): unzip it into "
+            f"{Path(datadir).parent.parent}")
 
 
 def image_size(path: Path) -> Tuple[int, int]:
@@ -370,11 +388,7 @@ def check_outputs(args, expdir: Path, ckpt_path: Optional[Path], ckpt: Optional[
         if folder.exists() and not folder.is_dir():
             raise DataError(folder, f"is a file, not a folder ({flag})")
     if args.render_only:
-        step = int(ckpt["global_step"]) if ckpt is not None else 0
-        savedir = render_only_dir(expdir, args.render_test, step)
-        if savedir.exists():
-            raise DataError(savedir, "already exists (an earlier render); move or rename it to render again")
-        return
+        return   # an earlier render in the same folder is kept aside (keep_earlier)
     if not (args.no_reload or args.ft_path):
         return   # resuming: newer checkpoints, if any, were unreadable and get set aside when reached
     own = Path(ckpt_path).resolve() if ckpt_path is not None else None

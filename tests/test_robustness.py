@@ -254,10 +254,6 @@ BROKEN = [
      "evil.tar", "refused: it pickles a Python object (io.open)"),
     ("no_reload-over-earlier-run", "blender", None, ["--no_reload", "--N_importance", "4", "--use_viewdirs"],
      "run", "holds checkpoints of an earlier run up to 000004.tar; --no_reload starts at step 0"),
-    ("render_only-over-earlier-render", "blender",
-     lambda d, b, t: (b / "run" / "renderonly_path_000004").mkdir(), ["--render_only", "--N_importance", "4",
-                                                                       "--use_viewdirs"],
-     "renderonly_path_000004", "already exists (an earlier render)"),
 ]
 
 
@@ -443,17 +439,21 @@ def test_keep_earlier_renames_instead_of_overwriting(tmp_path):
     assert validation.keep_earlier(tmp_path / "absent.mp4") == tmp_path / "absent.mp4"
 
 
-def test_render_only_twice_refuses_and_keeps_the_first_render(tmp_path, blender_scene, trained, capsys):
+def test_render_only_twice_keeps_the_first_render_aside(tmp_path, blender_scene, trained, caplog):
+    """Re-rendering (here at another --render_factor) is allowed: the earlier
+    render moves to `<folder>.earlier`, untouched, as training outputs do."""
     basedir = copy_run(trained, tmp_path)
-    argv = blender_argv(blender_scene, basedir, "--N_importance", "4", "--use_viewdirs", "--render_only",
-                        "--render_factor", "4")
-    assert run_nerf.main(argv) == 0
+    argv = blender_argv(blender_scene, basedir, "--N_importance", "4", "--use_viewdirs", "--render_only")
+    assert run_nerf.main(argv + ["--render_factor", "4"]) == 0
     first = snapshot(basedir / "run" / "renderonly_path_000004")
     assert "000.png" in first and "video.mp4" in first
-    capsys.readouterr()
-    assert run_nerf.main(argv) == 2
-    assert "renderonly_path_000004: already exists" in capsys.readouterr().err
-    assert snapshot(basedir / "run" / "renderonly_path_000004") == first
+    with caplog.at_level("WARNING", logger="nerf"):
+        assert run_nerf.main(argv + ["--render_factor", "2"]) == 0
+    assert snapshot(basedir / "run" / "renderonly_path_000004.earlier") == first
+    again = basedir / "run" / "renderonly_path_000004"
+    assert imageio.imread(again / "000.png").shape == (8, 8, 3)    # 16 / 2, where the first was 16 / 4
+    assert sorted(p.name for p in again.iterdir()) == sorted(k for k in first if "/" not in k)
+    assert any("already existed; kept it as renderonly_path_000004.earlier" in r.getMessage() for r in caplog.records)
 
 
 # --- Signals and non-finite losses ------------------------------------------------------

@@ -105,10 +105,10 @@ def leaky_forward(self, x):
     return torch.cat([self.rgb_linear(h), alpha], -1)
 
 
-def half_frequency_embed(original):
-    def embed(self, inputs):      # a fork's edit of Embedder.embed: every frequency halved
+def half_frequency(original):
+    def edited(self, inputs):      # a fork's edit of the Embedder: every frequency halved
         return original(self, inputs * 0.5)
-    return embed
+    return edited
 
 
 def official_views_layers(original):
@@ -120,7 +120,8 @@ def official_views_layers(original):
 
 EDITS = {
     "NeRF.forward": lambda mp: mp.setattr(NeRF, "forward", leaky_forward),
-    "Embedder.embed": lambda mp: mp.setattr(Embedder, "embed", half_frequency_embed(Embedder.embed)),
+    "Embedder.embed": lambda mp: mp.setattr(Embedder, "embed", half_frequency(Embedder.embed)),
+    "Embedder.forward": lambda mp: mp.setattr(Embedder, "forward", half_frequency(Embedder.forward)),
     "extra views layer": lambda mp: mp.setattr(NeRF, "__init__", official_views_layers(NeRF.__init__)),
 }
 

@@ -16,7 +16,7 @@ the GPU's memory); otherwise it stays in pinned host memory, each step gathers
 its rows there and copies them over asynchronously, the next batch being
 gathered and sent while the current step runs.
 """
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -105,8 +105,10 @@ class RayBatcher:
     """
 
     def __init__(self, images: np.ndarray, poses: np.ndarray, i_train, H: int, W: int, K, N_rand: int,
-                 device: torch.device, device_budget_bytes: Optional[float] = None):
+                 device: torch.device, device_budget_bytes: Optional[float] = None, rank: int = 0,
+                 world_size: int = 1, share_permutation: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         device = torch.device(device)
+        self.rank, self.world_size, self.share_permutation = rank, world_size, share_permutation
         n_rows = len(i_train) * H * W
         budget = default_device_budget(device) if device_budget_bytes is None else device_budget_bytes
         on_device = n_rows * 9 * 4 <= budget
@@ -144,11 +146,15 @@ class RayBatcher:
         batch = torch.transpose(batch, 0, 1)
         self.i_batch += self.N_rand
         if self.i_batch >= self.rays_rgb.shape[0]:
-            self.perm = self.perm[torch.randperm(self.perm.shape[0], device=self.perm.device)]
+            shuffle = torch.randperm(self.perm.shape[0], device=self.perm.device)
+            if self.share_permutation is not None:
+                shuffle = self.share_permutation(shuffle)
+            self.perm = self.perm[shuffle]
             self.i_batch = 0
         if self.fetch is not None:
             self.ahead = (self.i_batch, self._gather(self.i_batch))
-        return batch[:2], batch[2]
+        n = batch.shape[1] // self.world_size
+        return batch[:2, self.rank * n:(self.rank + 1) * n], batch[2, self.rank * n:(self.rank + 1) * n]
 
     def state_dict(self) -> dict:
         small = self.perm.shape[0] < 2 ** 31
@@ -174,8 +180,9 @@ class ImageRaySampler:
 
     def __init__(self, images: np.ndarray, poses: np.ndarray, i_train, H: int, W: int, K, N_rand: int,
                  precrop_iters: int, precrop_frac: float, device: torch.device,
-                 device_budget_bytes: Optional[float] = None):
+                 device_budget_bytes: Optional[float] = None, rank: int = 0, world_size: int = 1):
         device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
         budget = default_device_budget(device) if device_budget_bytes is None else device_budget_bytes
         images = torch.from_numpy(np.ascontiguousarray(images[..., :3], dtype=np.float32))
         on_device = images.numel() * 4 <= budget
@@ -214,7 +221,9 @@ class ImageRaySampler:
             target_s = self.fetch(self.images[img_i].view(-1, 3), rows * self.W + cols)
             rows, cols = rows.to(self.device, non_blocking=True), cols.to(self.device, non_blocking=True)
         rays_o, rays_d = rays_at(self.K_t, self.poses[img_i], rows, cols)
-        return torch.stack([rays_o, rays_d], 0), target_s
+        n = self.N_rand // self.world_size
+        share = slice(self.rank * n, (self.rank + 1) * n)
+        return torch.stack([rays_o, rays_d], 0)[:, share], target_s[share]
 
     def state_dict(self) -> dict:
         return {}

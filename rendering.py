@@ -272,9 +272,11 @@ class RenderMemory:
         self.warned = False
 
     def run(self, render_fn: Callable[[int], Any]) -> Any:
+        lowered = False
         while True:
             try:
-                return render_fn(self.chunk)
+                result = render_fn(self.chunk)
+                break
             except torch.OutOfMemoryError:
                 netchunk = getattr(self.network_query_fn, "netchunk", 1)
                 if self.chunk == 1 and netchunk == 1:
@@ -283,11 +285,13 @@ class RenderMemory:
                 if hasattr(self.network_query_fn, "netchunk"):
                     self.network_query_fn.netchunk = max(1, netchunk // 2)
                 free_cached_memory()
-                if not self.warned:
-                    log.warning("warning: out of device memory while rendering; continuing with --chunk %d "
-                                "--netchunk %s (halved until it fits; the images are the same)",
-                                self.chunk, getattr(self.network_query_fn, "netchunk", "unchanged"))
-                    self.warned = True
+                lowered = True
+        if lowered and not self.warned:
+            log.warning("warning: out of device memory while rendering; continuing with --chunk %d --netchunk %s "
+                        "(halved until it fit; the images are the same)",
+                        self.chunk, getattr(self.network_query_fn, "netchunk", "unchanged"))
+            self.warned = True
+        return result
 
 
 def free_cached_memory() -> None:

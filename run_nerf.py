@@ -389,7 +389,7 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def make_sampler(args, scene: Scene, device, ranks: parallel.Ranks):
+def make_sampler(args, scene: Scene, device, ranks: parallel.Ranks = parallel.Ranks()):
     """This rank's share of each step's rays: all images' rays shuffled
     (batching) or one image per step (--no_batching)."""
     if args.no_batching:

@@ -92,6 +92,18 @@ def test_two_processes_render_the_frames_of_one(runs):
         assert np.array_equal(iio.imread(folder / name), iio.imread(base / "two" / "rendered_by_two" / name)), name
 
 
+def test_resuming_with_another_number_of_processes_says_so(runs, caplog):
+    base, argv, _ = runs
+    with caplog.at_level("INFO", logger="nerf"):
+        assert run_nerf.main([*argv, "--expname", "two", "--N_iters", "21", "--i_weights", "21"]) == 0
+    assert "written by 2 process(es), this run has 1" in caplog.text
+    resumed = torch.load(base / "two" / "000021.tar", weights_only=True)
+    assert resumed["world_size"] == 1 and resumed["global_step"] == 21
+    saved = torch.load(base / "two" / "000020.tar", weights_only=True)
+    assert torch.equal(resumed["sampler_state"]["perm"], saved["sampler_state"]["perm"])   # same batches go on
+    assert resumed["sampler_state"]["i_batch"] == saved["sampler_state"]["i_batch"] + 256
+
+
 def rank_pids(launcher: subprocess.Popen) -> dict:
     """{rank: pid} of torchrun's worker processes."""
     found = {}

@@ -21,31 +21,31 @@ CPU = torch.device("cpu")
 class NineFloatBatcher:
     """The former RayBatcher: every training pixel's rays and colour as a row
     [rays_o, rays_d, rgb] (M, 3, 3), np.random.permutation once, then
-    perm[torch.randperm] after each epoch."""
+    perm[torch.randperm] after each epoch, all on `device`."""
 
-    def __init__(self, images, poses, i_train, H, W, K, N_rand):
+    def __init__(self, images, poses, i_train, H, W, K, N_rand, device=CPU):
         rows = []
         for i in i_train:
-            rays_o, rays_d = get_rays(H, W, K, torch.from_numpy(poses[i]))
-            rgb = torch.from_numpy(np.asarray(images[i][..., :3], dtype=np.float32))
+            rays_o, rays_d = get_rays(H, W, K, torch.from_numpy(poses[i]).to(device))
+            rgb = torch.from_numpy(np.asarray(images[i][..., :3], dtype=np.float32)).to(device)
             rows.append(torch.stack([rays_o, rays_d, rgb], 2))
         self.rays_rgb = torch.stack(rows, 0).reshape(-1, 3, 3)
-        self.perm = torch.from_numpy(np.random.permutation(self.rays_rgb.shape[0]))
+        self.perm = torch.from_numpy(np.random.permutation(self.rays_rgb.shape[0])).to(device)
         self.N_rand, self.i_batch = N_rand, 0
 
     def __call__(self, step):
         batch = torch.transpose(self.rays_rgb[self.perm[self.i_batch:self.i_batch + self.N_rand]], 0, 1)
         self.i_batch += self.N_rand
         if self.i_batch >= self.rays_rgb.shape[0]:
-            self.perm = self.perm[torch.randperm(self.perm.shape[0])]
+            self.perm = self.perm[torch.randperm(self.perm.shape[0], device=self.perm.device)]
             self.i_batch = 0
         return batch[:2], batch[2]
 
     def state_dict(self):
-        return {"perm": self.perm.to(torch.int32), "i_batch": self.i_batch}
+        return {"perm": self.perm.to(torch.int32).cpu(), "i_batch": self.i_batch}
 
 
-def reference_image_batch(images, poses, i_train, H, W, K, N_rand, step, precrop_iters, precrop_frac):
+def reference_image_batch(images, poses, i_train, H, W, K, N_rand, step, precrop_iters, precrop_frac, device=CPU):
     """The --no_batching draw: np.random.choice of the image, draw_distinct of
     its pixels (in the centre crop early on); rays from get_rays of the whole image."""
     img_i = int(np.random.choice(i_train))
@@ -53,10 +53,10 @@ def reference_image_batch(images, poses, i_train, H, W, K, N_rand, step, precrop
     if step < precrop_iters:
         dH, dW = int(H // 2 * precrop_frac), int(W // 2 * precrop_frac)
         r0, c0, h, w = H // 2 - dH, W // 2 - dW, 2 * dH, 2 * dW
-    flat = torch.from_numpy(draw_distinct(h * w, N_rand))
+    flat = torch.from_numpy(draw_distinct(h * w, N_rand)).to(device)
     rows, cols = flat // w + r0, flat % w + c0
-    rays_o, rays_d = get_rays(H, W, K, torch.from_numpy(poses[img_i]))
-    target = torch.from_numpy(np.asarray(images[img_i][..., :3], dtype=np.float32))[rows, cols]
+    rays_o, rays_d = get_rays(H, W, K, torch.from_numpy(poses[img_i]).to(device))
+    target = torch.from_numpy(np.asarray(images[img_i][..., :3], dtype=np.float32)).to(device)[rows, cols]
     return torch.stack([rays_o[rows, cols], rays_d[rows, cols]], 0), target
 
 
@@ -199,6 +199,7 @@ def test_bytes_per_training_pixel(fern, lego_dir):
     images, values, poses, H, W, K = fern
     batcher = RayBatcher(EightBitImages(values), poses, [0, 1], H, W, K, 1024, CPU)
     assert batcher.bytes_per_pixel == 7
+    assert ImageRaySampler(EightBitImages(values), poses, [0, 1], H, W, K, 1024, 0, .5, CPU).bytes_per_pixel == 3
     white, poses, H, W, K = lego_views(lego_dir, 1, white_bkgd=True, half_res=True)
     assert RayBatcher(white, poses, [0], H, W, K, 1024, CPU).bytes_per_pixel == 12 + 4
 
@@ -236,3 +237,29 @@ def test_ranks_shares_make_the_single_process_batch(fern, no_batching, world_siz
         RayBatcher(images, poses, i_train, H, W, K, 1000, CPU, rank=0, world_size=3)
     with pytest.raises(ValueError, match="does not split"):
         ImageRaySampler(images, poses, i_train, H, W, K, 1000, 0, 0.5, CPU, rank=1, world_size=3)
+
+
+# --- GPU tier: the same batches where the rays and colours are made on CUDA ---
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU tier)")
+@pytest.mark.parametrize("budget", [None, 0])                 # on the device; pinned host memory
+def test_on_cuda_batches_are_the_former_ones(fern, budget):
+    colours, values, poses, H, W, K = fern
+    cuda, i_train = torch.device("cuda"), [1, 5, 9]
+    seed(0)
+    ref = NineFloatBatcher(colours, poses, i_train, H, W, K, 70000, device=cuda)
+    want = [ref(step) for step in range(1, 12)]                # crosses an epoch
+    seed(0)
+    batcher = RayBatcher(EightBitImages(values), poses, i_train, H, W, K, 70000, cuda, device_budget_bytes=budget)
+    assert (batcher.fetch is not None) == (budget == 0)
+    for step in range(1, 12):
+        assert_same(batcher(step), want[step - 1])
+    seed(1)
+    sampler = ImageRaySampler(EightBitImages(values), poses, i_train, H, W, K, 4096, 3, 0.5, cuda,
+                              device_budget_bytes=budget)
+    seed(1)
+    for step in range(1, 6):
+        state = np.random.get_state()
+        got = sampler(step)
+        np.random.set_state(state)
+        assert_same(got, reference_image_batch(colours, poses, i_train, H, W, K, 4096, step, 3, 0.5, cuda))

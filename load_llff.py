@@ -208,9 +208,9 @@ def load_llff_data(basedir, factor: int = 8, recenter: bool = True, bd_factor: f
                    spherify: bool = False, path_zflat: bool = False, eight_bit: bool = False):
     """Loads an LLFF scene.
 
-    Returns images (N, H, W, 3) float32 in [0, 1] (with `eight_bit`, the uint8
-    values of 8-bit files instead, a quarter of the memory; their colours are
-    `eight_bit_colours(images)`), poses (N, 3, 5) float32
+    Returns images (N, H, W, 3) float32 in [0, 1] (with `eight_bit` and 8-bit
+    files, their uint8 values instead, a quarter of the memory; their colours
+    are `eight_bit_colours(images)`), poses (N, 3, 5) float32
     (rotation columns right, up, back; centre; [H, W, focal]), bds (N, 2),
     render_poses (120, 3, 5) (60 with path_zflat) and i_test, the index of
     the view nearest the average pose.

@@ -181,6 +181,7 @@ class TrainingPixels:
 
     def colours_at(self, index: torch.Tensor) -> torch.Tensor:
         """(N, 3) float32 colours on the device of the pixels `index` (N,) on `home`."""
+        index = index.long()
         if self.fetch is None:
             rows = self.colours[index]
         else:

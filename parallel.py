@@ -119,37 +119,42 @@ def broadcast_parameters(parameters: Sequence[torch.Tensor], device: torch.devic
 
 
 class GradientAverage:
-    """After `backward`, replaces each parameter's gradient by its mean over
-    the ranks and returns the per-step `numbers` (0-d tensors) likewise
-    averaged, with `stop` (> 0 when any rank was asked to stop), all in one
-    all-reduce of a single flat buffer.
+    """After `backward`, replaces each parameter's gradient by the mean over
+    all rays of the step, whichever rank rendered them, and likewise the
+    per-step `numbers` (0-d tensors, each a mean over this rank's rays);
+    returns them with `stop` (> 0 when any rank was asked to stop). One
+    all-reduce of a single flat buffer carries it all.
 
-    Parameters without a gradient are skipped; they are the same on every
-    rank (an unused layer), so the buffers line up.
+    Rank r counts with its n_r rays: the sums over the ranks of n_r times
+    its gradients and numbers, divided by the sum of n_r. The shares are
+    equal but for an epoch's short last batch, where a rank may even have
+    no rays (it contributes zeros). A parameter gets a gradient where any
+    rank has one and, as in one process, none where no rank has.
     """
 
-    def __init__(self, parameters: Sequence[torch.Tensor], world_size: int):
+    def __init__(self, parameters: Sequence[torch.Tensor]):
         self.parameters = list(parameters)
-        self.world_size = world_size
 
-    def __call__(self, numbers: Dict[str, torch.Tensor], stop_requested: bool) -> Dict[str, torch.Tensor]:
-        grads = [p.grad for p in self.parameters if p.grad is not None]
-        names = list(numbers)
-        device = grads[0].device if grads else next(iter(numbers.values())).device
-        tail = torch.stack([numbers[k].float().reshape(()) for k in names]
-                           + [torch.tensor(float(stop_requested), device=device)])
-        flat = torch.cat([g.reshape(-1) for g in grads] + [tail.to(device)])
+    def __call__(self, numbers: Dict[str, torch.Tensor], n_rays: int,
+                 stop_requested: bool) -> Dict[str, torch.Tensor]:
+        params, names = self.parameters, list(numbers)
+        device = params[0].device
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        values = torch.stack([numbers[k].float().reshape(()).to(device) for k in names])
+        counts = torch.tensor([float(p.grad is not None) for p in params] + [float(n_rays), float(stop_requested)],
+                              device=device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [values]) * n_rays
+        flat = torch.cat([flat, counts])
         dist.all_reduce(flat)
-        flat.div_(self.world_size)
+        total_rays = flat[-2]
+        with_grad = flat[-2 - len(params):-2].tolist()
         offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        reduced = {k: flat[offset + n] for n, k in enumerate(names)}
+        for p, ranks_with_grad in zip(params, with_grad):
+            p.grad = flat[offset:offset + p.numel()].view_as(p) / total_rays if ranks_with_grad else None
+            offset += p.numel()
+        reduced = {k: flat[offset + n] / total_rays for n, k in enumerate(names)}
         reduced["stop"] = flat[-1]
         return reduced
-
-
 def all_gather(obj: Any, ranks: Ranks) -> List[Any]:
     """Every rank's `obj` (picklable), in rank order, on every rank."""
     if not ranks.distributed:

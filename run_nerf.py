@@ -344,22 +344,29 @@ def train_step(batch_rays, target_s, scene: Scene, render_kwargs: dict, optimize
 
     `average` (data-parallel runs: a `parallel.GradientAverage` bound to the
     stop request) turns this rank's gradients and losses into their means
-    over the ranks before Adam's step; its `stop` comes back in the stats.
+    over all the step's rays before Adam's step; its `stop` comes back in the
+    stats. A rank's share can be empty (an epoch's short last batch): it
+    renders nothing and contributes no rays.
     """
-    rgb, _, _, extras = render(scene.H, scene.W, scene.K, chunk=chunk, rays=batch_rays, retraw=True,
-                               **render_kwargs)
     optimizer.zero_grad()
-    img_loss = img2mse(rgb, target_s)
-    loss = img_loss
-    numbers = {'mse': img_loss.detach()}
-    if 'rgb0' in extras:
-        img_loss0 = img2mse(extras['rgb0'], target_s)
-        loss = loss + img_loss0
-        numbers['mse0'] = img_loss0.detach()
-    loss.backward()
-    numbers['loss'] = loss.detach()
+    n_rays = target_s.shape[0]
+    if n_rays == 0:
+        zero = torch.zeros((), device=target_s.device)
+        numbers = {'mse': zero, 'loss': zero, **({'mse0': zero} if render_kwargs['N_importance'] > 0 else {})}
+    else:
+        rgb, _, _, extras = render(scene.H, scene.W, scene.K, chunk=chunk, rays=batch_rays, retraw=True,
+                                   **render_kwargs)
+        img_loss = img2mse(rgb, target_s)
+        loss = img_loss
+        numbers = {'mse': img_loss.detach()}
+        if 'rgb0' in extras:
+            img_loss0 = img2mse(extras['rgb0'], target_s)
+            loss = loss + img_loss0
+            numbers['mse0'] = img_loss0.detach()
+        loss.backward()
+        numbers['loss'] = loss.detach()
     if average is not None:
-        numbers = average(numbers)
+        numbers = average(numbers, n_rays)
     optimizer.step()
     out = {'loss': numbers['loss'], 'psnr': mse2psnr(numbers['mse'])}
     if 'mse0' in numbers:
@@ -398,7 +405,7 @@ def make_sampler(args, scene: Scene, device, ranks: parallel.Ranks = parallel.Ra
                                rank=ranks.rank, world_size=ranks.world_size)
     return RayBatcher(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand, device,
                       rank=ranks.rank, world_size=ranks.world_size,
-                      share_permutation=lambda perm: parallel.broadcast_(perm, device))
+                      share_permutation=lambda shuffle: parallel.broadcast_(shuffle, device))
 
 
 def restore_sampling_state(ckpt: Optional[dict], ckpt_path: Optional[Path], sampler, run: Run, start: int) -> None:
@@ -494,7 +501,7 @@ def train(argv=None) -> int:
         from torch.utils.tensorboard import SummaryWriter
         run.writer = SummaryWriter(os.path.join(args.basedir, 'summaries', str(args.expname)))
     network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
-    gradient_average = parallel.GradientAverage(grad_vars, ranks.world_size) if ranks.distributed else None
+    gradient_average = parallel.GradientAverage(grad_vars) if ranks.distributed else None
 
     def save(step: int) -> Path:
         path = expdir / f'{step:06d}.tar'
@@ -512,7 +519,7 @@ def train(argv=None) -> int:
         for i in bar:
             batch_rays, target_s = sampler(i)
             average = None if gradient_average is None else \
-                (lambda numbers: gradient_average(numbers, stop.signum is not None))
+                (lambda numbers, n_rays: gradient_average(numbers, n_rays, stop.signum is not None))
             try:
                 stats = train_step(batch_rays, target_s, scene, render_kwargs_train, optimizer, args.chunk, average)
             except torch.OutOfMemoryError as exc:

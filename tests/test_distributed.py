@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import run_nerf
-from test_cli import QUIET, TINY, fern_args
+from test_cli import fern_args
+from test_demo_run import demo_args, demo_dir  # noqa: F401 (fixture)
 from test_robustness import assert_same_weights, weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +77,19 @@ def test_two_processes_without_batching_take_the_steps_of_one(fern_dir, tmp_path
     two = torchrun([*argv, "--expname", "two"])
     assert two.returncode == 0, two.stderr[-3000:]
     assert_close_weights(tmp_path / "one" / "000020.tar", tmp_path / "two" / "000020.tar", atol=1e-5)
+
+
+def test_across_an_epoch_end_with_an_empty_share_two_processes_take_the_steps_of_one(demo_dir, tmp_path):  # noqa: F811
+    """The demo scene's 10 views of 24 x 24 hold 5760 rays: 22 batches of 256,
+    then one of 128, all of it rank 0's share and none of rank 1's, then a
+    new permutation (drawn on rank 0, shared)."""
+    argv = demo_args(demo_dir, tmp_path, *EXACT, "--N_iters", "26", "--i_weights", "26")
+    assert run_nerf.main([*argv, "--expname", "one"]) == 0
+    two = torchrun([*argv, "--expname", "two"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_close_weights(tmp_path / "one" / "000026.tar", tmp_path / "two" / "000026.tar", atol=1e-5)
+    one, two = (torch.load(tmp_path / name / "000026.tar", weights_only=True)["sampler_state"] for name in ("one", "two"))
+    assert one["i_batch"] == two["i_batch"] == 3 * 256 and torch.equal(one["perm"], two["perm"])
 
 
 def test_two_processes_render_the_frames_of_one(runs):

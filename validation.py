@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import configargparse
 import numpy as np
+import torch
 from PIL import Image
 
 from checkpoints import list_checkpoints, read_checkpoint
@@ -41,6 +42,7 @@ from datasets import DATASET_TYPES
 from errors import DataError
 from load_blender import SPLITS, read_transforms
 from load_llff import _select_registered, list_images
+from run_nerf_helpers import default_device
 
 log = logging.getLogger("nerf")
 
@@ -188,6 +190,40 @@ def check_flags(args, sources: Optional[Dict[str, str]] = None) -> None:
         fail("i_embed", f"must be 0 (positional encoding) or -1 (none), got {args.i_embed}")
     if value("dataset_type") == "deepvoxels" and value("testskip") == 0:
         fail("testskip", "must be at least 1 for deepvoxels")
+
+
+def choose_device(flag: Optional[str], local_rank: int = 0, world_size: int = 1):
+    """The training device: `--device` (cuda, cuda:1, mps, cpu), else CUDA,
+    MPS or the CPU, whichever is present. Under torchrun, a CUDA device
+    without an index is the process's LOCAL_RANK-th GPU (round robin when
+    there are fewer GPUs than processes on the node)."""
+    if flag is None:
+        device = default_device()
+    else:
+        try:
+            device = torch.device(flag)
+        except RuntimeError:
+            raise DataError("--device", f"unknown device '{flag}' (cuda, cuda:N, mps or cpu)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError("--device", f"{flag}: CUDA is not available on this machine (torch {torch.__version__})")
+        count = torch.cuda.device_count()
+        if device.index is None:
+            device = torch.device("cuda", local_rank % count if world_size > 1 else torch.cuda.current_device())
+        if device.index >= count:
+            raise DataError("--device", f"{flag}: this machine has {count} CUDA device(s), numbered from 0")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DataError("--device", f"{flag}: Apple MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DataError("--device", f"unsupported device type '{device.type}' (cuda, cuda:N, mps or cpu)")
+    return device
+
+
+def check_world_size(args, world_size: int) -> None:
+    """Each of the world_size processes renders N_rand / world_size rays a step."""
+    if world_size > 1 and args.N_rand % world_size:
+        raise DataError("--N_rand", f"{args.N_rand} rays per step do not split evenly over {world_size} processes; "
+                                    f"use a multiple of {world_size}")
 
 
 # --- Data folder ---------------------------------------------------------------
@@ -411,7 +447,7 @@ def keep_earlier(path: Path) -> Path:
     tag = "earlier"
     if path.name.endswith(".tar") and path.is_file():
         try:
-            read_checkpoint(path, map_location="cpu")
+            read_checkpoint(path)
         except DataError:
             tag = "corrupt"
     aside = path.with_name(f"{path.name}.{tag}")

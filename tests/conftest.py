@@ -9,10 +9,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~10 s (deselect with -m 'not slow' while developing)")
-
-
 def shared_dir() -> Path:
     """`../shared` beside the checkout (holds data/ and reference/)."""
     return REPO.parent / "shared"
@@ -44,6 +40,11 @@ def reference_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference outputs of the original not found at {path}")
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than about 10 s (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; run by scripts/gpu_check.sh")
 
 
 def scene_copy_without(scene: Path, dest: Path, missing: str) -> Path:

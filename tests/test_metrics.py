@@ -1,15 +1,18 @@
 """Test-set scoring: PSNR, TF-style SSIM, LPIPS availability, metrics.json,
 comparison images and the results table against the NeRF paper."""
 import json
+import logging
 import math
 import subprocess
 import sys
 import textwrap
+import urllib.error
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+import torch.hub
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import eval_table
@@ -34,7 +37,7 @@ def box_blur(img, radius=2):
 
 def unavailable_lpips(tmp_path):
     """A scorer that cannot load, whatever is installed: its hub dir is empty."""
-    scorer = metrics.LPIPSScorer(hub_dir=tmp_path / "empty_hub")
+    scorer = metrics.LPIPSScorer(hub_dir=tmp_path / "empty_hub", download=False)
     assert not scorer.available
     return scorer
 
@@ -253,19 +256,99 @@ def test_lpips_scorer_feeds_vgg_lpips_images_in_minus_one_one(stub_lpips):
     assert scorer(a, a) == 0.0
 
 
-def test_lpips_scorer_never_downloads(stub_lpips):
+def test_lpips_scorer_never_downloads_while_building_the_model(stub_lpips):
     lpips, hub = stub_lpips
     lpips.ATTEMPT_DOWNLOAD = True
-    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu")
+    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
     assert not scorer.available
     assert "refusing to download" in scorer.reason
     assert not (hub / "downloaded.pth").exists()
-    # Without the VGG16 file in the hub cache it does not even try.
+
+
+class FakeNetwork:
+    """Stands in for torch.hub's download: counts calls, writes the file or
+    fails as an offline machine does."""
+
+    def __init__(self, online=True):
+        self.online = online
+        self.calls = []
+
+    def __call__(self, url, dst, hash_prefix=None, progress=True):
+        self.calls.append((url, dst, hash_prefix))
+        if not self.online:
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        Path(dst).write_bytes(b"vgg16 weights")
+
+
+def test_lpips_fetches_the_vgg16_weights_once_into_the_hub_cache(stub_lpips, monkeypatch, caplog):
+    lpips, hub = stub_lpips
+    cached = hub / "checkpoints" / "vgg16-stub.pth"
+    cached.unlink()
+    network = FakeNetwork()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", network)
+    with caplog.at_level(logging.INFO, logger="nerf"):
+        first = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+        assert first.available, first.reason
+    assert network.calls == [("https://example.invalid/vgg16-stub.pth", str(cached), None)]
+    assert cached.read_bytes() == b"vgg16 weights"
+    fetch_lines = [r.getMessage() for r in caplog.records if "fetching" in r.getMessage()]
+    assert len(fetch_lines) == 1
+    assert "https://example.invalid/vgg16-stub.pth" in fetch_lines[0] and str(cached) in fetch_lines[0]
+    second = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+    assert second.available and len(network.calls) == 1
+    rng = np.random.default_rng(10)
+    a = random_image(rng, 12, 16)
+    assert second(a, a) == 0.0
+
+
+def test_lpips_fetch_checks_the_hash_the_file_name_carries(stub_lpips, monkeypatch):
+    _, hub = stub_lpips
+    network = FakeNetwork()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", network)
+    dest = hub / "checkpoints" / "vgg16-397923af.pth"
+    metrics.fetch_vgg16_weights("https://example.invalid/vgg16-397923af.pth", dest)
+    assert network.calls == [("https://example.invalid/vgg16-397923af.pth", str(dest), "397923af")]
+
+
+def test_lpips_offline_or_opted_out_is_unavailable_with_the_reason(stub_lpips, monkeypatch, tmp_path):
+    _, hub = stub_lpips
     (hub / "checkpoints" / "vgg16-stub.pth").unlink()
-    lpips.ATTEMPT_DOWNLOAD = False
+    offline = FakeNetwork(online=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+    assert not scorer.available and len(offline.calls) == 1
+    assert "could not fetch" in scorer.reason and "URLError" in scorer.reason and "offline?" in scorer.reason
+    rng = np.random.default_rng(11)
+    gts = [random_image(rng) for _ in range(2)]
+    saved = metrics.write_metrics_json(tmp_path / "t", 1, gts, gts, scene="lego",
+                                       dataset_type="blender", lpips_scorer=scorer)
+    assert saved["mean"]["lpips"] is None and saved["lpips"]["reason"] == scorer.reason
+
+    # Opted out: the flag or the environment variable; the network is never asked.
+    monkeypatch.delenv(metrics.NO_DOWNLOAD_ENV, raising=False)
+    assert metrics.downloads_allowed() and not metrics.downloads_allowed(no_download=True)
+    for value, allowed in (("1", False), ("yes", False), ("0", True), ("", True)):
+        monkeypatch.setenv(metrics.NO_DOWNLOAD_ENV, value)
+        assert metrics.downloads_allowed() is allowed
+    monkeypatch.setenv(metrics.NO_DOWNLOAD_ENV, "1")
     scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu")
+    assert not scorer.available and len(offline.calls) == 1
+    assert "downloads are off" in scorer.reason and "vgg16-stub.pth" in scorer.reason
+
+
+def test_lpips_reports_a_torchvision_that_does_not_import(stub_lpips):
+    lpips, hub = stub_lpips
+    (Path(lpips.__file__).parents[1] / "torchvision" / "models" / "__init__.py").write_text(
+        "raise RuntimeError('operator torchvision::nms does not exist')\n")
+    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
     assert not scorer.available
-    assert "vgg16-stub.pth" in scorer.reason
+    assert scorer.reason.startswith("torchvision cannot be imported (RuntimeError: operator torchvision::nms")
+
+
+def test_no_test_downloads():
+    """conftest turns the fetch off for every test and every run they start."""
+    assert not metrics.downloads_allowed()
+    assert not metrics.default_lpips_scorer().download
 
 
 # ---------------------------------------------------------------- metrics.json

@@ -498,6 +498,50 @@ def test_paper_results_file_names_its_source_and_is_consistent():
             assert abs(avg - ds["mean"][metric]) <= tol, (key, metric)
 
 
+def test_paper_results_list_jaxnerf_with_its_source():
+    jax = eval_table.load_paper()["reproductions"]["jaxnerf"]
+    assert "jaxnerf/README.md" in jax["source"] and "PSNR only" in jax["note"]
+    paper = eval_table.load_paper()["datasets"]
+    for key, ds in jax["datasets"].items():
+        assert set(ds["scenes"]) == set(paper[key]["scenes"])
+        assert abs(np.mean([s["psnr"] for s in ds["scenes"].values()]) - ds["mean"]["psnr"]) <= 0.005
+        assert all(set(s) == {"psnr"} for s in ds["scenes"].values())
+
+
+def fake_metrics(folder, scene, dataset_type, W, H, n_views, psnr, ssim, lpips=None, step=500000):
+    """A metrics.json as run_nerf writes it, without rendering (for table logic)."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "format": metrics.FORMAT, "step": step, "scene": scene, "dataset_type": dataset_type,
+        "H": H, "W": W, "n_views": n_views, "views": [],
+        "mean": {"psnr": psnr, "ssim": ssim, "lpips": lpips},
+        "lpips": {"available": lpips is not None, "net": "vgg", "reason": None if lpips else "offline"}}))
+
+
+def test_results_table_marks_comparable_rows_and_averages_like_the_paper(tmp_path, capsys):
+    fake_metrics(tmp_path / "lego_paper" / "testset_500000", "lego", "blender", 800, 800, 200, 32.0, 0.95, 0.06)
+    fake_metrics(tmp_path / "ship_paper" / "testset_500000", "ship", "blender", 800, 800, 25, 29.0, 0.86, 0.2)
+    fake_metrics(tmp_path / "fern_paper" / "testset_200000", "fern", "llff", 1008, 756, 3, 25.0, 0.8, 0.3)
+    runs = [str(tmp_path / r) for r in ("lego_paper", "ship_paper", "fern_paper")]
+    assert eval_table.main([*runs, "--means"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert rows["lego_paper"][15] == "yes" and rows["fern_paper"][15] == "yes"
+    assert rows["ship_paper"][15] == "no" and "ship_paper: 25 test views, the paper 200" in out
+    paper = eval_table.load_paper()["datasets"]
+    blender = [cells for cells in rows.values() if cells[0] == "mean blender" and "Synthetic" in cells[1]]
+    assert len(blender) == 1 and blender[0][1].startswith("2 of 8")
+    ref = (paper["blender"]["scenes"]["lego"]["psnr"] + paper["blender"]["scenes"]["ship"]["psnr"]) / 2
+    assert blender[0][6] == "30.50" and float(blender[0][7]) == pytest.approx(ref, abs=0.005)
+    assert blender[0][15] == "no"  # one of its rows is not comparable
+    # All eight scenes: the paper's published mean is the reference.
+    compared = [eval_table.compare(dict(eval_table.read_run(runs[0]), scene=s), eval_table.load_paper())
+                for s in paper["blender"]["scenes"]]
+    (mean,) = eval_table.mean_rows(compared, eval_table.load_paper())
+    assert mean["paper_psnr"] == paper["blender"]["mean"]["psnr"] and mean["psnr"] == 32.0
+    assert mean["delta_lpips"] == pytest.approx(0.06 - paper["blender"]["mean"]["lpips"])
+
+
 def make_run(root, run, test_dir, scene, dataset_type, seed, noise):
     rng = np.random.default_rng(seed)
     gts = [random_image(rng) for _ in range(3)]
@@ -512,7 +556,7 @@ def table_rows(text):
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 15 and cells[0] not in ("Run",) \
+        if line.startswith("|") and len(cells) == 16 and cells[0] not in ("Run",) \
                 and not cells[0].startswith("---"):
             rows[cells[0]] = cells
     return rows
@@ -540,6 +584,7 @@ def test_results_table_lists_two_runs_beside_the_paper(tmp_path, capsys):
             assert float(row[col + 1]) == ref[key]
             assert row[col + 2] == f"{m['mean'][key] - ref[key]:+.{digits}f}"
         assert row[12] == "n/a" and float(row[13]) == ref["lpips"] and row[14] == "n/a"
+        assert row[15] == "no"  # not the paper's resolution
     assert rows["lego_test"][2] == "200"  # the newest test set, not step 100
     assert "fern_test: scored at 32x24, the paper at 1008x756" in out
     assert "LPIPS unavailable:" in out and "lego_test" in out.split("LPIPS unavailable:")[0].splitlines()[-1]

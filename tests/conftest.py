@@ -42,3 +42,7 @@ def reference_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference outputs of the original not found at {path}")
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~10 s (deselect with -m 'not slow')")

@@ -134,30 +134,31 @@ def run_child(cmd: list[str], env: dict | None, output) -> int:
 
 
 def reproduce_scene(scene: Scene, run_nerf_args: Sequence[str], env: dict | None = None,
-                    output=None) -> tuple[bool, str]:
+                    output=None) -> tuple[int, str]:
     """Trains (or resumes) and scores one scene unless it is finished.
-    Returns (finished, what happened)."""
+    Returns (0 when finished, else the failing run's exit status; what happened)."""
     if scene.scores() is not None:
-        return True, f"finished earlier at step {scene.steps}: skipped"
+        return 0, f"finished earlier at step {scene.steps}: skipped"
     trained = scene.steps_trained()
     if trained > scene.steps:
-        return False, (f"{scene.expdir} holds step {trained}, past {scene.steps}: "
-                       "use --steps to match, or another expname")
+        return 1, f"{scene.expdir} holds step {trained}, past {scene.steps}: use --steps to match, or another expname"
     if trained < scene.steps:
         status = run_child(train_command(scene, run_nerf_args), env, output)
         if status != 0:
-            return False, f"training stopped with exit status {status}"
+            return status, f"training stopped with exit status {status}"
     if scene.scores() is None:
         status = run_child(render_command(scene, run_nerf_args), env, output)
         if status != 0:
-            return False, f"rendering the test set stopped with exit status {status}"
-    result = metrics.load_metrics(scene.scores())
-    return True, metrics.summary_line(result)
+            return status, f"rendering the test set stopped with exit status {status}"
+    if scene.scores() is None:
+        return 1, f"no test-set scores for step {scene.steps} (is its newest checkpoint readable?)"
+    return 0, metrics.summary_line(metrics.load_metrics(scene.scores()))
 
 
 def run_all(scenes: list[Scene], run_nerf_args: Sequence[str], n_gpus: int) -> list[bool]:
     """Each scene in turn on one device; with several GPUs, one scene per GPU
-    at a time. Prints a line per scene as it starts and ends."""
+    at a time. Prints a line per scene as it starts and ends; after a Ctrl-C
+    or SIGTERM (exit 130, 143) no further scene starts. Returns which finished."""
     total = len(scenes)
     stop = threading.Event()
 
@@ -173,14 +174,14 @@ def run_all(scenes: list[Scene], run_nerf_args: Sequence[str], n_gpus: int) -> l
             scene.expdir.mkdir(parents=True, exist_ok=True)
             output = open(scene.expdir / "reproduce.log", "a")
         try:
-            done, what = reproduce_scene(scene, run_nerf_args, env, output)
+            status, what = reproduce_scene(scene, run_nerf_args, env, output)
         finally:
             if output is not None:
                 output.close()
         print(f"[{k + 1}/{total}] {scene.name}: {what}", flush=True)
-        if not done and ("status 130" in what or "status 143" in what):
+        if status in (130, 143):
             stop.set()
-        return done
+        return status == 0
 
     if n_gpus <= 1:
         results = []
@@ -403,6 +404,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     return opts, run_nerf_args
 
 
+def report_lpips(scenes: list[Scene]) -> None:
+    """Says whether the tables will have LPIPS, fetching its weights once
+    here rather than in each scene's run (the model is built on the CPU and
+    let go)."""
+    download = metrics.downloads_allowed(any(s.args.no_download for s in scenes))
+    lpips = metrics.LPIPSScorer(device="cpu", download=download)
+    print("LPIPS: available" if lpips.available else f"LPIPS: unavailable: {lpips.reason}", flush=True)
+
+
 def gpu_count() -> int:
     import torch
 
@@ -418,14 +428,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.dry_run:
             dry_run(scenes, opts.dry_run_steps, n_gpus)
             return 0
-        # Fetch LPIPS's weights once, here, rather than in each scene's run.
-        scorer = metrics.default_lpips_scorer(metrics.downloads_allowed(any(s.args.no_download for s in scenes)))
-        print("LPIPS: available" if scorer.available else f"LPIPS: unavailable: {scorer.reason}", flush=True)
+        report_lpips(scenes)
         finished = run_all(scenes, run_nerf_args, n_gpus)
         md_path, json_path = write_table(scenes, Path(opts.results), opts.steps)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted between scenes; run the same command again to go on", file=sys.stderr)
+        return 130
     print(f"Wrote {md_path} and {json_path} ({sum(finished)} of {len(scenes)} scenes finished)", flush=True)
     return 0 if all(finished) else 1
 

@@ -154,3 +154,32 @@ def test_reproduce_rejects_a_bad_config_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"error: {bad}: line 2: N_samples = many: not an integer\n"
     assert not (tmp_path / "r").exists()
+
+
+def test_several_gpus_run_one_scene_per_gpu_at_a_time(tmp_path, monkeypatch, capsys):
+    """The scheduler alone (no GPU here): each scene sees one GPU in
+    CUDA_VISIBLE_DEVICES, never two scenes on one GPU at once, both GPUs used."""
+    import argparse
+    import threading
+
+    spans, lock = [], threading.Lock()
+
+    def timed_scene(scene, run_nerf_args, env=None, output=None):
+        start = time.perf_counter()
+        output.write("training output\n")
+        time.sleep(0.05)
+        with lock:
+            spans.append((env["CUDA_VISIBLE_DEVICES"], start, time.perf_counter(), scene.name))
+        return 0, "done"
+
+    monkeypatch.setattr(reproduce, "reproduce_scene", timed_scene)
+    scenes = [reproduce.Scene(Path(f"{k}.txt"), argparse.Namespace(expname=f"s{k}", basedir=str(tmp_path)), 10)
+              for k in range(5)]
+    assert reproduce.run_all(scenes, [], n_gpus=2) == [True] * 5
+    assert sorted(name for *_, name in spans) == [f"s{k}" for k in range(5)]
+    assert {gpu for gpu, *_ in spans} == {"0", "1"}
+    for gpu in ("0", "1"):
+        mine = sorted((s, e) for g, s, e, _ in spans if g == gpu)
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(mine, mine[1:]))
+    assert (tmp_path / "s0" / "reproduce.log").read_text() == "training output\n"
+    assert capsys.readouterr().out.count(" on GPU ") == 5

@@ -68,6 +68,7 @@ class Switch(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
 
+
 # (flag, test, what the value must be); checked in this order.
 _AT_LEAST_1 = ("N_rand", "N_samples", "chunk", "netchunk", "factor", "netdepth", "netwidth", "netdepth_fine",
                "netwidth_fine", "lrate_decay", "i_print", "i_img", "i_weights", "i_testset", "i_video")

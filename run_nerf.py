@@ -52,8 +52,11 @@ def optional_str(value: str) -> Optional[str]:
 
 
 def config_parser() -> configargparse.ArgumentParser:
-    """The original's flags and defaults, plus --N_iters, --seed and --debug."""
+    """The original's flags and defaults, plus --N_iters, --seed and --debug.
+    Every switch (`store_true`) also takes a value, so `--half_res False`
+    undoes a config file's `half_res = True`."""
     parser = configargparse.ArgumentParser()
+    parser.register('action', 'store_true', validation.Switch)
     parser.add_argument('--config', is_config_file=True, help='config file path')
     parser.add_argument("--expname", type=str, help='experiment name')
     parser.add_argument("--basedir", type=str, default='./logs/', help='where to store ckpts and logs')
@@ -137,6 +140,8 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--i_testset", type=int, default=50000, help='frequency of testset saving')
     parser.add_argument("--i_video", type=int, default=50000, help='frequency of render_poses video saving')
     parser.add_argument("--debug", action='store_true', help='show tracebacks for input errors')
+    parser.add_argument("--no_download", action='store_true',
+                        help='never fetch the VGG16 weights LPIPS needs (as does env NERF_NO_DOWNLOAD=1)')
 
     # devices
     parser.add_argument("--device", type=optional_str, default=None,
@@ -291,7 +296,8 @@ def score_test_views(run: Run, rgbs: np.ndarray, step: int, savedir: Path) -> di
     result = metrics.write_metrics_json(
         savedir, step, scene.images[scene.i_test], renders=rgbs,
         scene=metrics.scene_from_datadir(args.datadir), dataset_type=args.dataset_type,
-        white_bkgd=args.white_bkgd, lpips_scorer=metrics.default_lpips_scorer(),
+        white_bkgd=args.white_bkgd,
+        lpips_scorer=metrics.default_lpips_scorer(metrics.downloads_allowed(args.no_download)),
         extra={"expname": args.expname, "factor": args.factor, "half_res": args.half_res,
                "testskip": args.testskip})
     tqdm.write(metrics.summary_line(result))

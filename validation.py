@@ -22,6 +22,7 @@ the target (an earlier `--render_only` render, or outputs left after falling
 back from an unreadable newest checkpoint) is renamed aside, never
 overwritten or deleted.
 """
+import argparse
 import difflib
 import io
 import logging
@@ -47,6 +48,28 @@ from run_nerf_helpers import default_device
 log = logging.getLogger("nerf")
 
 BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def parse_bool(value: str) -> bool:
+    """A switch's value, `True`/`False` (or yes/no, on/off, 1/0, any case)."""
+    word = str(value).lower()
+    if word not in BOOLEAN_WORDS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(BOOLEAN_WORDS)}, got '{value}'")
+    return BOOLEAN_WORDS.index(word) % 2 == 0
+
+
+class Switch(argparse.Action):
+    """An off-by-default flag that also takes a value: `--half_res` and
+    `--half_res True` turn it on, `--half_res False` turns off what a config
+    file turned on. Registered as `store_true` by `run_nerf.config_parser`."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, nargs="?", const=True, default=default, type=parse_bool,
+                         required=required, help=help, metavar="True|False")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
 
 # (flag, test, what the value must be); checked in this order.
 _AT_LEAST_1 = ("N_rand", "N_samples", "chunk", "netchunk", "factor", "netdepth", "netwidth", "netdepth_fine",
@@ -148,7 +171,7 @@ def _value_problem(action, value) -> Optional[str]:
     """Why configargparse would reject `value` for `action`, or None."""
     if isinstance(value, list):
         return None if action.nargs not in (None, "?") else "expected a single value, not a list"
-    if isinstance(action, configargparse.ACTION_TYPES_THAT_DONT_NEED_A_VALUE):
+    if isinstance(action, (Switch, *configargparse.ACTION_TYPES_THAT_DONT_NEED_A_VALUE)):
         return None if value.lower() in BOOLEAN_WORDS else f"expected one of {', '.join(BOOLEAN_WORDS)}"
     if action.type in (int, float):
         try:

@@ -1,4 +1,5 @@
-"""Shared fixtures: where the real example scenes live."""
+"""Shared fixtures: where the real example scenes live. Tests never download:
+LPIPS's VGG16 fetch is off for this process and every run it starts."""
 import os
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ["NERF_NO_DOWNLOAD"] = "1"
 
 
 def shared_dir() -> Path:

@@ -4,7 +4,8 @@
     python extract_mesh.py --config configs/fern.txt --pointcloud    # pointcloud_<step>.ply
 
 Reloads the newest checkpoint of basedir/expname (or --ft_path) exactly as
-`run_nerf.py --render_only` does, with the training config's flags.
+`run_nerf.py --render_only` does, with the training config's flags, on
+`--device` (default: CUDA, else MPS, else the CPU).
 
 Mesh: the density sigma = relu(raw sigma) of the fine network (the coarse one
 when there is none) on a regular lattice over a box in render space (NDC for
@@ -33,7 +34,7 @@ from checkpoints import find_checkpoint
 from datasets import Scene, load_scene
 from errors import DataError
 from rendering import accepts_density_only, batchify_rays, render
-from run_nerf_helpers import default_device, get_rays, keep_freed_memory
+from run_nerf_helpers import get_rays, keep_freed_memory
 
 log = logging.getLogger("nerf")
 
@@ -257,7 +258,7 @@ def load_trained(args, device):
     reloaded exactly as --render_only does; a run folder without a checkpoint is an error."""
     scene = load_scene(args)
     expdir = Path(args.basedir) / str(args.expname)
-    ckpt_path, ckpt = find_checkpoint(expdir, args.ft_path, args.no_reload, map_location=device)
+    ckpt_path, ckpt = find_checkpoint(expdir, args.ft_path, args.no_reload)
     if ckpt is None:
         raise DataError(expdir, "no checkpoint to extract geometry from (train first, or give --ft_path)")
     _, render_kwargs, _, _, _ = run_nerf.create_nerf(args, device, ckpt, ckpt_path)
@@ -272,7 +273,7 @@ def extract(argv=None) -> int:
     validation.check_data(args)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = default_device()
+    device = validation.choose_device(args.device)
     scene, render_kwargs, ndc, step = load_trained(args, device)
     expdir = Path(args.basedir) / str(args.expname)
     expdir.mkdir(parents=True, exist_ok=True)

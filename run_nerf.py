@@ -3,13 +3,15 @@
 Command line, model creation and the training loop; the rendering math is in
 rendering.py, the building blocks in run_nerf_helpers.py.
 """
+import copy
 import logging
 import os
-import shutil
+import re
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import configargparse
 import imageio.v2 as imageio
@@ -19,21 +21,43 @@ from tqdm import tqdm
 
 import geometry
 import metrics
+import parallel
 import validation
-from checkpoints import find_checkpoint, load_network_state, save_checkpoint, set_rng_state, steps_done
+from checkpoints import find_checkpoint, load_network_state, rng_state, save_checkpoint, set_rng_state, steps_done
 from datasets import Scene, load_scene
 from errors import DataError
-from rendering import batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
-from rendering import make_network_query_fn
+from rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
+from rendering import RenderMemory, make_network_query_fn, save_frame
 from ray_batches import ImageRaySampler, RayBatcher
-from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b
+from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b  # noqa: F401 (public API)
+from run_nerf_helpers import Embedder, get_rays, get_rays_np, ndc_rays, sample_pdf  # noqa: F401 (public API)
 
 log = logging.getLogger("nerf")
 
 
+def __getattr__(name: str):
+    """The original's module-level names that forks import: `device` (here the
+    default device: CUDA, else MPS, else the CPU) and `DEBUG` (False: it only
+    switched on NaN printouts, which the non-finite-loss check replaces)."""
+    if name == "device":
+        return default_device()
+    if name == "DEBUG":
+        return False
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def optional_str(value: str) -> Optional[str]:
+    """A string flag's value, where "None" (as args.txt writes an unset one)
+    means unset, as the original reads `ft_path = None`."""
+    return None if value == "None" else value
+
+
 def config_parser() -> configargparse.ArgumentParser:
-    """The original's flags and defaults, plus --N_iters, --seed and --debug."""
+    """The original's flags and defaults, plus --N_iters, --seed and --debug.
+    Every switch (`store_true`) also takes a value, so `--half_res False`
+    undoes a config file's `half_res = True`."""
     parser = configargparse.ArgumentParser()
+    parser.register('action', 'store_true', validation.Switch)
     parser.add_argument('--config', is_config_file=True, help='config file path')
     parser.add_argument("--expname", type=str, help='experiment name')
     parser.add_argument("--basedir", type=str, default='./logs/', help='where to store ckpts and logs')
@@ -54,7 +78,7 @@ def config_parser() -> configargparse.ArgumentParser:
                         help='number of pts sent through network in parallel, decrease if running out of memory')
     parser.add_argument("--no_batching", action='store_true', help='only take random rays from 1 image at a time')
     parser.add_argument("--no_reload", action='store_true', help='do not reload weights from saved ckpt')
-    parser.add_argument("--ft_path", type=str, default=None,
+    parser.add_argument("--ft_path", type=optional_str, default=None,
                         help='specific weights npy file to reload for coarse network')
     parser.add_argument("--N_iters", type=int, default=200000, help='number of training steps')
     parser.add_argument("--seed", type=int, default=0, help='seed of the NumPy and torch generators')
@@ -80,6 +104,8 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--mixed_precision", action='store_true',
                         help='run the MLPs under bfloat16 autocast (meant for GPUs; off by default: other arithmetic)')
     parser.add_argument("--compile", action='store_true', help='torch.compile the MLPs (off by default)')
+    parser.add_argument("--fast_path", type=str, default='auto', choices=['auto', 'off'],
+                        help='auto: the fused MLP (fast_nerf.py) where it computes what NeRF.forward does; off: never')
 
     # training options
     parser.add_argument("--precrop_iters", type=int, default=0, help='number of steps to train on central crops')
@@ -115,6 +141,14 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--i_testset", type=int, default=50000, help='frequency of testset saving')
     parser.add_argument("--i_video", type=int, default=50000, help='frequency of render_poses video saving')
     parser.add_argument("--debug", action='store_true', help='show tracebacks for input errors')
+    parser.add_argument("--no_download", action='store_true',
+                        help='never fetch the VGG16 weights LPIPS needs (as does env NERF_NO_DOWNLOAD=1)')
+
+    # devices
+    parser.add_argument("--device", type=optional_str, default=None,
+                        help='cuda, cuda:N, mps or cpu (default: CUDA, else MPS, else the CPU)')
+    parser.add_argument("--world_size", type=int, default=None,
+                        help='written to args.txt: how many processes trained (torchrun sets the actual number)')
     return parser
 
 
@@ -149,13 +183,13 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
     if getattr(args, 'compile', False):
         compiled = {id(m): torch.compile(m) for m in (model, model_fine) if m is not None}
     network_query_fn = make_network_query_fn(embed_fn, embeddirs_fn, args.netchunk,
-                                             getattr(args, 'mixed_precision', False), compiled)
+                                             getattr(args, 'mixed_precision', False), compiled,
+                                             fast=getattr(args, 'fast_path', 'auto') != 'off')
 
     optimizer = torch.optim.Adam(params=grad_vars, lr=args.lrate, betas=(0.9, 0.999))
 
     if ckpt is None:
-        ckpt_path, ckpt = find_checkpoint(Path(args.basedir) / str(args.expname), args.ft_path, args.no_reload,
-                                          map_location=device)
+        ckpt_path, ckpt = find_checkpoint(Path(args.basedir) / str(args.expname), args.ft_path, args.no_reload)
     start = 0
     if ckpt is not None:
         log.info("reloading from %s", ckpt_path)
@@ -185,6 +219,7 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
         render_kwargs_train['ndc'] = False
         render_kwargs_train['lindisp'] = args.lindisp
     render_kwargs_test = {k: render_kwargs_train[k] for k in render_kwargs_train}
+    render_kwargs_test['network_query_fn'] = copy.copy(network_query_fn)   # renders may lower their own netchunk
     render_kwargs_test['perturb'] = False
     render_kwargs_test['raw_noise_std'] = 0.
     return render_kwargs_train, render_kwargs_test, start, grad_vars, optimizer
@@ -192,14 +227,31 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
 
 # --- Outputs -----------------------------------------------------------------
 
+@dataclass
+class Run:
+    """What a run's renders and outputs need: its flags, scene and folder, the
+    training device, this process's ranks, the test-time render kwargs with
+    their memory budget, and (rank 0's) TensorBoard writer."""
+    args: Any
+    scene: Scene
+    expdir: Path
+    device: torch.device
+    ranks: parallel.Ranks
+    render_kwargs: dict
+    memory: RenderMemory
+    writer: Any = None
+
+
 def write_run_files(args, expdir: Path) -> None:
-    """args.txt (every flag, sorted) and config.txt (a copy of the config file)."""
+    """args.txt (every flag, sorted) and config.txt (a copy of the config file,
+    read first: it may be this folder's own args.txt or config.txt)."""
     expdir.mkdir(parents=True, exist_ok=True)
+    config = Path(args.config).read_bytes() if args.config is not None else None
     with open(expdir / 'args.txt', 'w') as f:
         for arg in sorted(vars(args)):
             f.write(f'{arg} = {getattr(args, arg)}\n')
-    if args.config is not None:
-        shutil.copyfile(args.config, expdir / 'config.txt')
+    if config is not None:
+        (expdir / 'config.txt').write_bytes(config)
 
 
 def write_video(path: Path, frames: np.ndarray) -> None:
@@ -213,41 +265,109 @@ def normalized_disparity(disps: np.ndarray) -> np.ndarray:
     return disps / peak if peak > 0 else disps
 
 
-def score_test_views(args, scene: Scene, rgbs: np.ndarray, step: int, savedir: Path, writer=None) -> dict:
+def render_frames(run: Run, poses: np.ndarray, savedir: Optional[Path] = None,
+                  render_factor: int = 0, with_depth: bool = False) -> Tuple[Optional[np.ndarray], ...]:
+    """`render_path` over poses (P, 3 or 4, 4), shared among the ranks: rank r
+    renders frames r, r + W, ...; rank 0 gathers them in order (and writes
+    savedir/{k:03d}.png). Returns (rgbs (P, H, W, 3), disps (P, H, W)), with
+    `with_depth` also depths (P, H, W) (see `render_path`), on rank 0, Nones
+    on the others. One process renders as it goes."""
+    def render_some(selected: np.ndarray, folder: Optional[Path]):
+        return render_path(torch.as_tensor(selected, device=run.device), run.scene.hwf, run.scene.K, run.args.chunk,
+                           run.render_kwargs, savedir=None if folder is None else str(folder),
+                           render_factor=render_factor, memory=run.memory, progress=run.ranks.is_main,
+                           with_depth=with_depth)
+
+    if not run.ranks.distributed:
+        return render_some(poses, savedir)
+    mine = parallel.my_share(len(poses), run.ranks)
+    frames = list(zip(mine, *render_some(poses[mine], None))) if mine else []
+    gathered = parallel.gather_to_main(frames, run.ranks)
+    if gathered is None:
+        return (None,) * (3 if with_depth else 2)
+    _, *maps = zip(*sorted((f for share in gathered for f in share), key=lambda f: f[0]))
+    if savedir is not None:
+        for k, rgb in enumerate(maps[0]):
+            save_frame(str(savedir), k, rgb)
+    return tuple(np.stack(m, 0) for m in maps)
+
+
+def score_test_views(run: Run, rgbs: np.ndarray, step: int, savedir: Path) -> dict:
     """Scores renders of the test views the NeRF paper's way into savedir/metrics.json,
     prints the summary line and adds the means to TensorBoard."""
+    args, scene = run.args, run.scene
     result = metrics.write_metrics_json(
         savedir, step, scene.images[scene.i_test], renders=rgbs,
         scene=metrics.scene_from_datadir(args.datadir), dataset_type=args.dataset_type,
-        white_bkgd=args.white_bkgd, lpips_scorer=metrics.default_lpips_scorer(),
+        white_bkgd=args.white_bkgd,
+        lpips_scorer=metrics.default_lpips_scorer(metrics.downloads_allowed(args.no_download)),
         extra={"expname": args.expname, "factor": args.factor, "half_res": args.half_res,
                "testskip": args.testskip})
     tqdm.write(metrics.summary_line(result))
-    if writer is not None:
+    if run.writer is not None:
         for tag, value in metrics.tensorboard_scalars(result).items():
-            writer.add_scalar(tag, value, step)
+            run.writer.add_scalar(tag, value, step)
     return result
 
 
-def render_only(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> Path:
+def render_only(run: Run, step: int) -> Path:
     """Renders the spiral path (or the test views with --render_test, scored and
     compared with their ground truth) into renderonly_{path|test}_{step:06d}/
     with its frames and video.mp4, and depth/{k:03d}.npy (world units along the
-    viewing axis, NaN where opacity < 0.5) with depth.mp4."""
+    viewing axis, NaN where opacity < 0.5) with depth.mp4; an earlier render
+    there is kept aside (`keep_earlier`)."""
+    args, scene = run.args, run.scene
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
-    savedir = expdir / f"renderonly_{'test' if args.render_test else 'path'}_{step:06d}"
-    (savedir / 'depth').mkdir(parents=True, exist_ok=True)
-    rgbs, _, depths = render_path(torch.as_tensor(poses, device=device), scene.hwf, scene.K, args.chunk,
-                                  render_kwargs_test, savedir=str(savedir), render_factor=args.render_factor,
-                                  with_depth=True)
-    write_video(savedir / 'video.mp4', rgbs)
-    for k, depth in enumerate(depths):
-        np.save(savedir / 'depth' / f'{k:03d}.npy', depth)
-    write_video(savedir / 'depth.mp4', geometry.colour_depth(depths))
-    if args.render_test and not args.render_factor:
-        score_test_views(args, scene, rgbs, step, savedir)
-        metrics.save_comparisons(savedir, rgbs, scene.images[scene.i_test])
+    savedir = validation.render_only_dir(run.expdir, args.render_test, step)
+    if run.ranks.is_main:
+        validation.keep_earlier(savedir).mkdir(parents=True)
+    rgbs, _, depths = render_frames(run, poses, savedir, render_factor=args.render_factor, with_depth=True)
+    if run.ranks.is_main:
+        write_video(savedir / 'video.mp4', rgbs)
+        (savedir / 'depth').mkdir()
+        for k, depth in enumerate(depths):
+            np.save(savedir / 'depth' / f'{k:03d}.npy', depth)
+        write_video(savedir / 'depth.mp4', geometry.colour_depth(depths))
+        if args.render_test and not args.render_factor:
+            score_test_views(run, rgbs, step, savedir)
+            metrics.save_comparisons(savedir, rgbs, scene.images[scene.i_test])
     return savedir
+
+
+def write_spiral_videos(run: Run, step: int) -> None:
+    """{expname}_spiral_{step:06d}_rgb.mp4 and _disp.mp4 along the render path
+    (along the test views with --render_test, as in the original)."""
+    scene = run.scene
+    rgbs, disps = render_frames(run, scene.poses[scene.i_test] if run.args.render_test else scene.render_poses)
+    if run.ranks.is_main:
+        moviebase = run.expdir / f'{run.args.expname}_spiral_{step:06d}_'
+        write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
+        write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
+
+
+def render_testset(run: Run, step: int) -> None:
+    """Renders the test views into testset_{step:06d}/ and scores them."""
+    savedir = run.expdir / f'testset_{step:06d}'
+    if run.ranks.is_main:
+        validation.keep_earlier(savedir).mkdir(parents=True, exist_ok=True)
+    rgbs, _ = render_frames(run, run.scene.poses[run.scene.i_test], savedir)
+    if run.ranks.is_main:
+        score_test_views(run, rgbs, step, savedir)
+
+
+def log_heldout_view(run: Run, step: int) -> None:
+    """TensorBoard: one validation view's RGB, disparity, accumulation and PSNR."""
+    scene, writer = run.scene, run.writer
+    img_i = int(scene.i_val[(step // run.args.i_img) % len(scene.i_val)])
+    c2w = torch.as_tensor(scene.poses[img_i], device=run.device)
+    with torch.no_grad():
+        rgb, disp, acc, _ = run.memory.run(lambda chunk: render(scene.H, scene.W, scene.K, chunk=chunk, c2w=c2w,
+                                                                **run.render_kwargs))
+    target = torch.as_tensor(scene.images[img_i], device=run.device)
+    writer.add_scalar('heldout/psnr', float(mse2psnr(img2mse(rgb, target))), step)
+    writer.add_image('heldout/rgb', rgb.clamp(0, 1).cpu(), step, dataformats='HWC')
+    writer.add_image('heldout/disp', (disp / disp.max().clamp(min=1e-10)).cpu(), step, dataformats='HW')
+    writer.add_image('heldout/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
 
 
 # --- Training ----------------------------------------------------------------
@@ -257,21 +377,41 @@ def learning_rate(args, global_step: int) -> float:
     return args.lrate * (0.1 ** (global_step / (args.lrate_decay * 1000)))
 
 
-def train_step(batch_rays, target_s, scene: Scene, render_kwargs: dict, optimizer, chunk: int) -> dict:
-    """One gradient step on the fine (and coarse) colour MSE."""
-    rgb, _, _, extras = render(scene.H, scene.W, scene.K, chunk=chunk, rays=batch_rays, retraw=True,
-                               **render_kwargs)
+def train_step(batch_rays, target_s, scene: Scene, render_kwargs: dict, optimizer, chunk: int,
+               average=None) -> dict:
+    """One gradient step on the fine (and coarse) colour MSE.
+
+    `average` (data-parallel runs: a `parallel.GradientAverage` bound to the
+    stop request) turns this rank's gradients and losses into their means
+    over all the step's rays before Adam's step; its `stop` comes back in the
+    stats. A rank's share can be empty (an epoch's short last batch): it
+    renders nothing and contributes no rays.
+    """
     optimizer.zero_grad()
-    img_loss = img2mse(rgb, target_s)
-    loss = img_loss
-    out = {'psnr': mse2psnr(img_loss.detach())}
-    if 'rgb0' in extras:
-        img_loss0 = img2mse(extras['rgb0'], target_s)
-        loss = loss + img_loss0
-        out['psnr0'] = mse2psnr(img_loss0.detach())
-    loss.backward()
+    n_rays = target_s.shape[0]
+    if n_rays == 0:
+        zero = torch.zeros((), device=target_s.device)
+        numbers = {'mse': zero, 'loss': zero, **({'mse0': zero} if render_kwargs['N_importance'] > 0 else {})}
+    else:
+        rgb, _, _, extras = render(scene.H, scene.W, scene.K, chunk=chunk, rays=batch_rays, retraw=True,
+                                   **render_kwargs)
+        img_loss = img2mse(rgb, target_s)
+        loss = img_loss
+        numbers = {'mse': img_loss.detach()}
+        if 'rgb0' in extras:
+            img_loss0 = img2mse(extras['rgb0'], target_s)
+            loss = loss + img_loss0
+            numbers['mse0'] = img_loss0.detach()
+        loss.backward()
+        numbers['loss'] = loss.detach()
+    if average is not None:
+        numbers = average(numbers, n_rays)
     optimizer.step()
-    out['loss'] = loss.detach()
+    out = {'loss': numbers['loss'], 'psnr': mse2psnr(numbers['mse'])}
+    if 'mse0' in numbers:
+        out['psnr0'] = mse2psnr(numbers['mse0'])
+    if 'stop' in numbers:
+        out['stop'] = numbers['stop']
     return out
 
 
@@ -295,11 +435,47 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def make_sampler(args, scene: Scene, device):
+def make_sampler(args, scene: Scene, device, ranks: parallel.Ranks = parallel.Ranks()):
+    """This rank's share of each step's rays: all images' rays shuffled
+    (batching) or one image per step (--no_batching)."""
     if args.no_batching:
         return ImageRaySampler(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand,
-                               args.precrop_iters, args.precrop_frac, device)
-    return RayBatcher(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand, device)
+                               args.precrop_iters, args.precrop_frac, device,
+                               rank=ranks.rank, world_size=ranks.world_size)
+    return RayBatcher(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand, device,
+                      rank=ranks.rank, world_size=ranks.world_size,
+                      share_permutation=lambda shuffle: parallel.broadcast_(shuffle, device))
+
+
+def restore_sampling_state(ckpt: Optional[dict], ckpt_path: Optional[Path], sampler, run: Run, start: int) -> None:
+    """The ray sampler's position and the random generators, as the checkpoint
+    left them. Each rank restores its own generators when the world size is
+    the one saved; otherwise all take rank 0's (the batches stay the same:
+    their stream is shared) and ranks 1.. draw their sampling noise from new
+    seeds. A fresh run's ranks 1.. seed their noise from --seed and the rank."""
+    ranks, seed = run.ranks, run.args.seed
+    if ckpt is not None and ckpt.get('sampler_state') is not None:
+        try:
+            sampler.load_state_dict(ckpt['sampler_state'])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(ckpt_path, f"its ray batcher state does not fit this scene ({exc})") from None
+    if ckpt is None or ckpt.get('rng_state') is None:
+        if ranks.rank > 0:
+            torch.manual_seed(parallel.noise_seed(seed, ranks.rank))
+        return
+    states = ckpt.get('rng_states') or [ckpt['rng_state']]
+    if len(states) == ranks.world_size:
+        same_device = set_rng_state(states[ranks.rank], run.device)
+    else:
+        same_device = set_rng_state(states[0], run.device)
+        if ranks.rank > 0:
+            torch.manual_seed(parallel.noise_seed(seed, ranks.rank, start))
+        if ranks.is_main:
+            log.info("%s was written by %d process(es), this run has %d: the ray batches continue as saved; "
+                     "the per-process sampling noise is re-seeded", ckpt_path, len(states), ranks.world_size)
+    if not same_device and ranks.is_main:
+        log.info("%s was written on another kind of device: the sampling noise continues from a fresh stream "
+                 "(the ray batches are as saved)", ckpt_path)
 
 
 def log_progress(writer, bar, stats: dict, lrate: float, step: int) -> None:
@@ -314,35 +490,12 @@ def log_progress(writer, bar, stats: dict, lrate: float, step: int) -> None:
     writer.add_scalar('train/lrate', lrate, step)
 
 
-def write_spiral_videos(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> None:
-    """{expname}_spiral_{step:06d}_rgb.mp4 and _disp.mp4 along the render path."""
-    rgbs, disps = render_path(torch.as_tensor(scene.render_poses, device=device), scene.hwf, scene.K, args.chunk,
-                              render_kwargs_test)
-    moviebase = expdir / f'{args.expname}_spiral_{step:06d}_'
-    write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
-    write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
-
-
-def log_heldout_view(writer, scene: Scene, args, render_kwargs_test: dict, step: int, device) -> None:
-    """TensorBoard: one validation view's RGB, disparity, accumulation and PSNR."""
-    img_i = int(scene.i_val[(step // args.i_img) % len(scene.i_val)])
-    with torch.no_grad():
-        rgb, disp, acc, _ = render(scene.H, scene.W, scene.K, chunk=args.chunk,
-                                   c2w=torch.as_tensor(scene.poses[img_i], device=device), **render_kwargs_test)
-    target = torch.as_tensor(scene.images[img_i], device=device)
-    writer.add_scalar('heldout/psnr', float(mse2psnr(img2mse(rgb, target))), step)
-    writer.add_image('heldout/rgb', rgb.clamp(0, 1).cpu(), step, dataformats='HWC')
-    writer.add_image('heldout/disp', (disp / disp.max().clamp(min=1e-10)).cpu(), step, dataformats='HW')
-    writer.add_image('heldout/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
-
-
-def render_testset(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device, writer) -> dict:
-    """Renders the test views into testset_{step:06d}/ and scores them."""
-    savedir = validation.keep_earlier(expdir / f'testset_{step:06d}')
-    savedir.mkdir(parents=True, exist_ok=True)
-    rgbs, _ = render_path(torch.as_tensor(scene.poses[scene.i_test], device=device), scene.hwf, scene.K, args.chunk,
-                          render_kwargs_test, savedir=str(savedir))
-    return score_test_views(args, scene, rgbs, step, savedir, writer)
+def out_of_memory_error(exc: BaseException, args, device) -> DataError:
+    """A training step that does not fit the device, as one line."""
+    asked = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]?i?B)", str(exc))
+    amount = f" (it tried to allocate {asked.group(1)})" if asked else ""
+    return DataError("--N_rand", f"a training step of {args.N_rand} rays ran out of memory on {device}{amount}; "
+                                 f"lower --N_rand or --netchunk (now {args.netchunk})")
 
 
 def train(argv=None) -> int:
@@ -351,91 +504,114 @@ def train(argv=None) -> int:
     parser = config_parser()
     args = validation.parse_args(parser, argv)   # config file and flags, as one-line errors
     validation.check_data(args)                   # the data folder, before any image is loaded
+    ranks = parallel.ranks_from_env()             # set by torchrun; rank 0 of 1 otherwise
+    validation.check_world_size(args, ranks.world_size)
+    device = validation.choose_device(args.device, ranks.local_rank, ranks.world_size)
+    args.world_size = ranks.world_size
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = default_device()
+    torch.manual_seed(args.seed)                  # every rank builds the same initial weights
 
     scene = load_scene(args)
     expdir = Path(args.basedir) / str(args.expname)
-    ckpt_path, ckpt = find_checkpoint(expdir, args.ft_path, args.no_reload, map_location=device)
-    render_kwargs_train, render_kwargs_test, start, _, optimizer = create_nerf(args, device, ckpt, ckpt_path)
+    ckpt_path, ckpt = find_checkpoint(expdir, args.ft_path, args.no_reload)
+    render_kwargs_train, render_kwargs_test, start, grad_vars, optimizer = create_nerf(args, device, ckpt, ckpt_path)
     bounds = {'near': scene.near, 'far': scene.far}
     render_kwargs_train.update(bounds)
     render_kwargs_test.update(bounds)
     validation.check_outputs(args, expdir, ckpt_path, ckpt, start)   # never overwrite an earlier run's work
+    parallel.start(ranks, device)
+    parallel.broadcast_parameters(grad_vars, device)
+    run = Run(args, scene, expdir, device, ranks, render_kwargs_test,
+              RenderMemory(args.chunk, render_kwargs_test['network_query_fn']))
 
     if args.render_only:
-        write_run_files(args, expdir)
+        if ranks.is_main:
+            write_run_files(args, expdir)
         step = int(ckpt['global_step']) if ckpt is not None else 0
-        savedir = render_only(args, scene, render_kwargs_test, step, expdir, device)
-        tqdm.write(f"Rendered to {savedir}")
+        savedir = render_only(run, step)
+        if ranks.is_main:
+            tqdm.write(f"Rendered to {savedir}")
         return 0
 
-    sampler = make_sampler(args, scene, device)
-    if ckpt is not None:
-        if ckpt.get('sampler_state') is not None:
-            try:
-                sampler.load_state_dict(ckpt['sampler_state'])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DataError(ckpt_path, f"its ray batcher state does not fit this scene ({exc})") from None
-        if ckpt.get('rng_state') is not None:
-            set_rng_state(ckpt['rng_state'])
-    write_run_files(args, expdir)
-
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(os.path.join(args.basedir, 'summaries', str(args.expname)))
+    sampler = make_sampler(args, scene, device, ranks)
+    restore_sampling_state(ckpt, ckpt_path, sampler, run, start)
+    if ranks.is_main:
+        write_run_files(args, expdir)
+        from torch.utils.tensorboard import SummaryWriter
+        run.writer = SummaryWriter(os.path.join(args.basedir, 'summaries', str(args.expname)))
     network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
+    gradient_average = parallel.GradientAverage(grad_vars) if ranks.distributed else None
 
     def save(step: int) -> Path:
-        path = validation.keep_earlier(expdir / f'{step:06d}.tar')
-        save_checkpoint(path, step, network_fn, network_fine, optimizer, sampler.state_dict())
+        path = expdir / f'{step:06d}.tar'
+        states = parallel.all_gather(rng_state(device), ranks)     # every rank's generators
+        if ranks.is_main:
+            save_checkpoint(validation.keep_earlier(path), step, network_fn, network_fine, optimizer,
+                            sampler.state_dict(), states)
         return path
 
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)
     last_saved = start
     status = 0
     with StopRequest() as stop, tqdm(range(start + 1, args.N_iters + 1), initial=start, total=args.N_iters,
-                                     dynamic_ncols=True) as bar:
+                                     dynamic_ncols=True, disable=not ranks.is_main) as bar:
         for i in bar:
             batch_rays, target_s = sampler(i)
-            stats = train_step(batch_rays, target_s, scene, render_kwargs_train, optimizer, args.chunk)
+            average = None if gradient_average is None else \
+                (lambda numbers, n_rays: gradient_average(numbers, n_rays, stop.signum is not None))
+            try:
+                stats = train_step(batch_rays, target_s, scene, render_kwargs_train, optimizer, args.chunk, average)
+            except torch.OutOfMemoryError as exc:
+                raise out_of_memory_error(exc, args, device) from None
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(stats['loss']),
                                          torch.full_like(first_bad_step, i), first_bad_step)
             for param_group in optimizer.param_groups:
                 param_group['lr'] = learning_rate(args, i - 1)
+            # Data-parallel runs all stop at the step whose all-reduce carried a rank's request.
+            stopping = float(stats['stop']) > 0 if 'stop' in stats else stop.signum is not None
 
             due = {name: i % getattr(args, f'i_{name}') == 0
                    for name in ('print', 'img', 'weights', 'testset', 'video')}
-            if any(due.values()) or stop.signum is not None or i == args.N_iters:
+            if any(due.values()) or stopping or i == args.N_iters:
                 bad = int(first_bad_step)
                 if bad:
-                    tqdm.write(validation.nonfinite_message(
-                        bad, expdir / f'{last_saved:06d}.tar' if last_saved > start else ckpt_path), file=sys.stderr)
+                    if ranks.is_main:
+                        tqdm.write(validation.nonfinite_message(
+                            bad, expdir / f'{last_saved:06d}.tar' if last_saved > start else ckpt_path),
+                            file=sys.stderr)
                     status = 1
                     break
-            if due['print']:
-                log_progress(writer, bar, stats, optimizer.param_groups[0]['lr'], i)
-            if due['img']:
-                log_heldout_view(writer, scene, args, render_kwargs_test, i, device)
+            if due['print'] and ranks.is_main:
+                log_progress(run.writer, bar, stats, optimizer.param_groups[0]['lr'], i)
+            if due['img'] and ranks.is_main:
+                log_heldout_view(run, i)
             if due['weights']:
-                tqdm.write(f"Saved checkpoints at {save(i)}")
+                path = save(i)
+                if ranks.is_main:
+                    tqdm.write(f"Saved checkpoints at {path}")
                 last_saved = i
             if due['video']:
-                write_spiral_videos(args, scene, render_kwargs_test, i, expdir, device)
+                write_spiral_videos(run, i)
             if due['testset']:
-                render_testset(args, scene, render_kwargs_test, i, expdir, device, writer)
-            if stop.signum is not None:
+                render_testset(run, i)
+            if stopping:
                 if last_saved != i:
                     save(i)
-                tqdm.write(f"Interrupted: saved step {i} to {expdir / f'{i:06d}.tar'}")
-                status = 128 + stop.signum
+                if ranks.is_main:
+                    tqdm.write(f"Interrupted: saved step {i} to {expdir / f'{i:06d}.tar'}")
+                status = 128 + (stop.signum or signal.SIGTERM)
                 break
-    writer.close()
+    if run.writer is not None:
+        run.writer.close()
+    parallel.barrier()      # no rank leaves (and has torchrun end the others) while rank 0 still writes
     return status
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    ranks = parallel.ranks_from_env()
+    logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR, format='%(message)s')
+    if not ranks.is_main:
+        sys.stdout = open(os.devnull, 'w')          # rank 0 alone talks; errors still reach stderr
     keep_freed_memory()
     debug = '--debug' in (argv if argv is not None else sys.argv[1:])
     try:
@@ -443,13 +619,18 @@ def main(argv=None) -> int:
     except DataError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if ranks.is_main or parallel.started():     # before the ranks meet, they all see the same input
+            prefix = "" if ranks.is_main else f"rank {ranks.rank}: "
+            print(f"{prefix}error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:
             raise
-        print("error: interrupted outside the training loop; no checkpoint was saved", file=sys.stderr)
+        if ranks.is_main:
+            print("error: interrupted outside the training loop; no checkpoint was saved", file=sys.stderr)
         return 130
+    finally:
+        parallel.stop()
 
 
 if __name__ == '__main__':

@@ -15,13 +15,14 @@ status 2. In the order `run_nerf.train` calls them:
   without replacement.
 - `check_outputs`: after the checkpoint is chosen and before anything is
   written, refuses a run that would overwrite an earlier run's work
-  (`--no_reload`/`--ft_path` into a folder holding later checkpoints, or a
-  `--render_only` whose folder exists).
+  (`--no_reload`/`--ft_path` into a folder holding later checkpoints).
 
 `keep_earlier` is the last guard when writing: an existing file or folder at
-the target (only possible after falling back from an unreadable newest
-checkpoint) is renamed aside, never overwritten or deleted.
+the target (an earlier `--render_only` render, or outputs left after falling
+back from an unreadable newest checkpoint) is renamed aside, never
+overwritten or deleted.
 """
+import argparse
 import difflib
 import io
 import logging
@@ -34,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import configargparse
 import numpy as np
+import torch
 from PIL import Image
 
 from checkpoints import list_checkpoints, read_checkpoint
@@ -41,10 +43,33 @@ from datasets import DATASET_TYPES
 from errors import DataError
 from load_blender import SPLITS, read_transforms
 from load_llff import _select_registered, list_images
+from run_nerf_helpers import default_device
 
 log = logging.getLogger("nerf")
 
 BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def parse_bool(value: str) -> bool:
+    """A switch's value, `True`/`False` (or yes/no, on/off, 1/0, any case)."""
+    word = str(value).lower()
+    if word not in BOOLEAN_WORDS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(BOOLEAN_WORDS)}, got '{value}'")
+    return BOOLEAN_WORDS.index(word) % 2 == 0
+
+
+class Switch(argparse.Action):
+    """An off-by-default flag that also takes a value: `--half_res` and
+    `--half_res True` turn it on, `--half_res False` turns off what a config
+    file turned on. Registered as `store_true` by `run_nerf.config_parser`."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, nargs="?", const=True, default=default, type=parse_bool,
+                         required=required, help=help, metavar="True|False")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
 
 # (flag, test, what the value must be); checked in this order.
 _AT_LEAST_1 = ("N_rand", "N_samples", "chunk", "netchunk", "factor", "netdepth", "netwidth", "netdepth_fine",
@@ -146,7 +171,7 @@ def _value_problem(action, value) -> Optional[str]:
     """Why configargparse would reject `value` for `action`, or None."""
     if isinstance(value, list):
         return None if action.nargs not in (None, "?") else "expected a single value, not a list"
-    if isinstance(action, configargparse.ACTION_TYPES_THAT_DONT_NEED_A_VALUE):
+    if isinstance(action, (Switch, *configargparse.ACTION_TYPES_THAT_DONT_NEED_A_VALUE)):
         return None if value.lower() in BOOLEAN_WORDS else f"expected one of {', '.join(BOOLEAN_WORDS)}"
     if action.type in (int, float):
         try:
@@ -190,6 +215,40 @@ def check_flags(args, sources: Optional[Dict[str, str]] = None) -> None:
         fail("testskip", "must be at least 1 for deepvoxels")
 
 
+def choose_device(flag: Optional[str], local_rank: int = 0, world_size: int = 1):
+    """The training device: `--device` (cuda, cuda:1, mps, cpu), else CUDA,
+    MPS or the CPU, whichever is present. Under torchrun, a CUDA device
+    without an index is the process's LOCAL_RANK-th GPU (round robin when
+    there are fewer GPUs than processes on the node)."""
+    if flag is None:
+        device = default_device()
+    else:
+        try:
+            device = torch.device(flag)
+        except RuntimeError:
+            raise DataError("--device", f"unknown device '{flag}' (cuda, cuda:N, mps or cpu)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError("--device", f"{flag}: CUDA is not available on this machine (torch {torch.__version__})")
+        count = torch.cuda.device_count()
+        if device.index is None:
+            device = torch.device("cuda", local_rank % count if world_size > 1 else torch.cuda.current_device())
+        if device.index >= count:
+            raise DataError("--device", f"{flag}: this machine has {count} CUDA device(s), numbered from 0")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DataError("--device", f"{flag}: Apple MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DataError("--device", f"unsupported device type '{device.type}' (cuda, cuda:N, mps or cpu)")
+    return device
+
+
+def check_world_size(args, world_size: int) -> None:
+    """Each of the world_size processes renders N_rand / world_size rays a step."""
+    if world_size > 1 and args.N_rand % world_size:
+        raise DataError("--N_rand", f"{args.N_rand} rays per step do not split evenly over {world_size} processes; "
+                                    f"use a multiple of {world_size}")
+
+
 # --- Data folder ---------------------------------------------------------------
 
 def check_data(args) -> Optional[Tuple[int, int]]:
@@ -201,7 +260,8 @@ def check_data(args) -> Optional[Tuple[int, int]]:
         from demo_scene import ensure_demo_scene
         ensure_demo_scene(datadir)
     if not datadir.is_dir():
-        raise DataError(datadir, "data folder does not exist" if not datadir.exists() else "is not a folder")
+        raise DataError(datadir, "data folder does not exist" + how_to_get(datadir)
+                        if not datadir.exists() else "is not a folder")
     if args.dataset_type == "llff":
         H, W = _check_llff(datadir, args.factor, args.llffhold, needs_training=not args.render_only)
     elif args.dataset_type in ("blender", "demo", "LINEMOD"):
@@ -211,6 +271,23 @@ def check_data(args) -> Optional[Tuple[int, int]]:
     if args.no_batching and not args.render_only:
         _check_ray_count(args, H, W)
     return H, W
+
+
+EXAMPLE_SCENES = ("fern", "lego")      # what download_example_data.sh fetches
+RELEASED_SCENES = {"nerf_llff_data": ("fern", "flower", "fortress", "horns", "leaves", "orchids", "room", "trex"),
+                   "nerf_synthetic": ("chair", "drums", "ficus", "hotdog", "lego", "materials", "mic", "ship")}
+
+
+def how_to_get(datadir: Path) -> str:
+    """Where a missing scene of the shipped configs comes from, as a clause
+    to append to the error ("" for other folders)."""
+    release, scene = Path(datadir).parent.name, Path(datadir).name
+    if scene not in RELEASED_SCENES.get(release, ()):
+        return ""
+    if scene in EXAMPLE_SCENES:
+        return "; run `bash download_example_data.sh` to fetch it (the example scenes fern and lego)"
+    return (f"; {scene} is in {release}.zip of the NeRF authors' data release (see README): unzip it into "
+            f"{Path(datadir).parent.parent}")
 
 
 def image_size(path: Path) -> Tuple[int, int]:
@@ -370,11 +447,7 @@ def check_outputs(args, expdir: Path, ckpt_path: Optional[Path], ckpt: Optional[
         if folder.exists() and not folder.is_dir():
             raise DataError(folder, f"is a file, not a folder ({flag})")
     if args.render_only:
-        step = int(ckpt["global_step"]) if ckpt is not None else 0
-        savedir = render_only_dir(expdir, args.render_test, step)
-        if savedir.exists():
-            raise DataError(savedir, "already exists (an earlier render); move or rename it to render again")
-        return
+        return   # an earlier render in the same folder is kept aside (keep_earlier)
     if not (args.no_reload or args.ft_path):
         return   # resuming: newer checkpoints, if any, were unreadable and get set aside when reached
     own = Path(ckpt_path).resolve() if ckpt_path is not None else None
@@ -397,7 +470,7 @@ def keep_earlier(path: Path) -> Path:
     tag = "earlier"
     if path.name.endswith(".tar") and path.is_file():
         try:
-            read_checkpoint(path, map_location="cpu")
+            read_checkpoint(path)
         except DataError:
             tag = "corrupt"
     aside = path.with_name(f"{path.name}.{tag}")

@@ -7,11 +7,11 @@ total number of threads, on this machine.
 Each setting runs run_nerf.py twice, for --short and --long steps; the
 difference of the two wall times is the time of (long - short) steady
 steps, without start-up, data loading or process-group set-up. The two
-settings alternate, `--repeats` times, and the medians are reported.
+settings alternate, `--repeats` times; each length's fastest run counts
+(other load on the machine only ever slows a run down).
 """
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,15 +55,16 @@ def main(argv=None) -> int:
                                      "--nproc_per_node", str(args.nproc), str(REPO / "run_nerf.py")],
                                     max(1, threads // args.nproc)),
     }
-    rates = {name: [] for name in settings}
+    times = {name: {n: [] for n in (args.short, args.long)} for name in settings}
     for r in range(args.repeats):
         for name, (launcher, per_process) in settings.items():
             env = dict(os.environ, OMP_NUM_THREADS=str(per_process), MKL_NUM_THREADS=str(per_process))
-            times = [wall_time([*launcher, *common, "--expname", f"{name[0]}_{r}_{n}", "--N_iters", str(n)], env)
-                     for n in (args.short, args.long)]
-            rates[name].append((args.long - args.short) / (times[1] - times[0]))
-            print(f"  {name}: {rates[name][-1]:.2f} steps/s (run {r + 1})", flush=True)
-    one, many = (statistics.median(v) for v in rates.values())
+            for n in (args.short, args.long):
+                times[name][n].append(wall_time([*launcher, *common, "--expname", f"{name[0]}_{r}_{n}",
+                                                 "--N_iters", str(n)], env))
+            print(f"  {name}, run {r + 1}: {args.short} steps {times[name][args.short][-1]:.1f} s, "
+                  f"{args.long} steps {times[name][args.long][-1]:.1f} s", flush=True)
+    one, many = ((args.long - args.short) / (min(t[args.long]) - min(t[args.short])) for t in times.values())
     print(f"{args.device}, {threads} threads in all: 1 process {one:.2f} steps/s, {args.nproc} processes "
           f"{many:.2f} steps/s: {many / one:.2f}x (same N_rand, same steps)")
     return 0

@@ -6,16 +6,16 @@ Shapes: N rays, S samples per ray. A ray batch packs, per ray,
 [rays_o (3), rays_d (3), near (1), far (1), viewdirs (3, optional)].
 """
 import inspect
-import os
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import fast_nerf
+from outputs import write_image
 from run_nerf_helpers import get_rays, ndc_rays, sample_pdf, to8b
 
 
@@ -245,6 +245,12 @@ def scaled_intrinsics(K: np.ndarray, render_factor: int) -> np.ndarray:
     return K
 
 
+def save_frame(savedir, k: int, rgb: np.ndarray) -> None:
+    """`savedir/{k:03d}.png` from an (H, W, 3) image in [0, 1], written whole
+    or not at all (WriteError when the OS refuses)."""
+    write_image(Path(savedir) / f"{k:03d}.png", to8b(rgb))
+
+
 def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=None,
                 savedir: Optional[str] = None, render_factor: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """Renders every pose in `render_poses` ((P, 3 or 4, 4)) with one progress bar.
@@ -268,5 +274,5 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
         rgbs.append(rgb.cpu().numpy())
         disps.append(disp.cpu().numpy())
         if savedir is not None:
-            iio.imwrite(os.path.join(savedir, f"{k:03d}.png"), to8b(rgbs[-1]))
+            save_frame(savedir, k, rgbs[-1])
     return np.stack(rgbs, 0), np.stack(disps, 0)

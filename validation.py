@@ -13,6 +13,8 @@ status 2. In the order `run_nerf.train` calls them:
   matrices, every frame that will be read exists), images readable and of
   one size; and `--N_rand` against the pixels `--no_batching` draws from
   without replacement.
+- `check_writable`: the folders the run will write to can be made and
+  written (a base directory under a file, or under /proc, is refused here).
 - `check_outputs`: after the checkpoint is chosen and before anything is
   written, refuses a run that would overwrite an earlier run's work
   (`--no_reload`/`--ft_path` into a folder holding later checkpoints, or a
@@ -23,6 +25,7 @@ the target (only possible after falling back from an unreadable newest
 checkpoint) is renamed aside, never overwritten or deleted.
 """
 import difflib
+import errno
 import io
 import logging
 import math
@@ -41,6 +44,7 @@ from datasets import DATASET_TYPES
 from errors import DataError
 from load_blender import SPLITS, read_transforms
 from load_llff import _select_registered, list_images
+from outputs import reported
 
 log = logging.getLogger("nerf")
 
@@ -352,6 +356,32 @@ def _check_ray_count(args, H: int, W: int) -> None:
 
 # --- Outputs -------------------------------------------------------------------
 
+def check_writable(args) -> None:
+    """The folders the run writes to, basedir/expname and (when training)
+    basedir/summaries/expname, exist or can be made, and can be written to.
+    Folders made to find out are removed again: nothing is written yet."""
+    expdir = Path(args.basedir) / str(args.expname)
+    folders = [expdir] if args.render_only else [expdir, Path(args.basedir) / "summaries" / str(args.expname)]
+    for folder in folders:
+        made = []
+        try:
+            for part in reversed([folder, *folder.parents]):
+                if part.exists() and not part.is_dir():
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(part))
+                if not part.exists():
+                    part.mkdir()
+                    made.append(part)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+                raise PermissionError(code, os.strerror(code), str(folder))
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename and Path(exc.filename) != folder else ""
+            raise DataError(folder, f"cannot be made or written (--basedir): {where}{exc.strerror}") from None
+        finally:
+            for part in reversed(made):
+                part.rmdir()
+
+
 def checkpoint_step(path: Path) -> Optional[int]:
     """The step in a `{step:06d}.tar` name, else None."""
     stem = Path(path).name[:-len(".tar")] if Path(path).name.endswith(".tar") else ""
@@ -366,9 +396,6 @@ def check_outputs(args, expdir: Path, ckpt_path: Optional[Path], ckpt: Optional[
     """Refuses, before anything is written, a run that would overwrite an
     earlier run's checkpoints or renders."""
     expdir = Path(expdir)
-    for folder, flag in ((Path(args.basedir), "--basedir"), (expdir, "--expname")):
-        if folder.exists() and not folder.is_dir():
-            raise DataError(folder, f"is a file, not a folder ({flag})")
     if args.render_only:
         step = int(ckpt["global_step"]) if ckpt is not None else 0
         savedir = render_only_dir(expdir, args.render_test, step)
@@ -390,7 +417,7 @@ def keep_earlier(path: Path) -> Path:
     """Makes room for a new output at `path` without losing an existing one:
     a file or folder already there is renamed to `<name>.earlier` (or
     `<name>.corrupt` for an unreadable checkpoint; then `...2`, `...3`), with a
-    warning. Returns `path`."""
+    warning. Returns `path`; WriteError if the rename is refused."""
     path = Path(path)
     if not os.path.lexists(path):
         return path
@@ -405,7 +432,8 @@ def keep_earlier(path: Path) -> Path:
     while os.path.lexists(aside):
         n += 1
         aside = path.with_name(f"{path.name}.{tag}{n}")
-    os.rename(path, aside)
+    with reported(path):
+        os.rename(path, aside)
     log.warning("warning: %s: already existed; kept it as %s", path, aside.name)
     return path
 

@@ -4,26 +4,25 @@ Command line, model creation and the training loop; the rendering math is in
 rendering.py, the building blocks in run_nerf_helpers.py.
 """
 import logging
-import os
-import shutil
 import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
 import configargparse
-import imageio.v2 as imageio
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import metrics
+import outputs
 import validation
 from checkpoints import find_checkpoint, load_network_state, save_checkpoint, set_rng_state, steps_done
 from datasets import Scene, load_scene
-from errors import DataError
+from errors import DataError, WriteError
 from rendering import batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
-from rendering import make_network_query_fn
+from rendering import make_network_query_fn, save_frame
 from ray_batches import ImageRaySampler, RayBatcher
 from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b
 
@@ -193,17 +192,15 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
 
 def write_run_files(args, expdir: Path) -> None:
     """args.txt (every flag, sorted) and config.txt (a copy of the config file)."""
-    expdir.mkdir(parents=True, exist_ok=True)
-    with open(expdir / 'args.txt', 'w') as f:
-        for arg in sorted(vars(args)):
-            f.write(f'{arg} = {getattr(args, arg)}\n')
+    outputs.make_folder(expdir)
+    outputs.write_text(expdir / 'args.txt', ''.join(f'{arg} = {getattr(args, arg)}\n' for arg in sorted(vars(args))))
     if args.config is not None:
-        shutil.copyfile(args.config, expdir / 'config.txt')
+        outputs.write_bytes(expdir / 'config.txt', Path(args.config).read_bytes())
 
 
 def write_video(path: Path, frames: np.ndarray) -> None:
     """(F, H, W[, 3]) frames in [0, 1] as an mp4 at 30 fps, quality 8."""
-    imageio.mimwrite(str(validation.keep_earlier(path)), to8b(frames), fps=30, quality=8, macro_block_size=1)
+    outputs.write_mp4(validation.keep_earlier(path), to8b(frames), fps=30, quality=8)
 
 
 def normalized_disparity(disps: np.ndarray) -> np.ndarray:
@@ -212,11 +209,11 @@ def normalized_disparity(disps: np.ndarray) -> np.ndarray:
     return disps / peak if peak > 0 else disps
 
 
-def score_test_views(args, scene: Scene, rgbs: np.ndarray, step: int, savedir: Path, writer=None) -> dict:
-    """Scores renders of the test views the NeRF paper's way into savedir/metrics.json,
-    prints the summary line and adds the means to TensorBoard."""
-    result = metrics.write_metrics_json(
-        savedir, step, scene.images[scene.i_test], renders=rgbs,
+def score_test_views(args, scene: Scene, rgbs: np.ndarray, step: int, writer=None) -> dict:
+    """Scores renders of the test views the NeRF paper's way (metrics.json's
+    content), prints the summary line and adds the means to TensorBoard."""
+    result = metrics.metrics_result(
+        step, scene.images[scene.i_test], rgbs,
         scene=metrics.scene_from_datadir(args.datadir), dataset_type=args.dataset_type,
         white_bkgd=args.white_bkgd, lpips_scorer=metrics.default_lpips_scorer(),
         extra={"expname": args.expname, "factor": args.factor, "half_res": args.half_res,
@@ -233,14 +230,16 @@ def render_only(args, scene: Scene, render_kwargs_test: dict, step: int, expdir:
     compared with their ground truth) into renderonly_{path|test}_{step:06d}/
     with its frames and video.mp4."""
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
-    savedir = expdir / f"renderonly_{'test' if args.render_test else 'path'}_{step:06d}"
-    savedir.mkdir(parents=True, exist_ok=True)
-    rgbs, _ = render_path(torch.as_tensor(poses, device=device), scene.hwf, scene.K, args.chunk, render_kwargs_test,
-                          savedir=str(savedir), render_factor=args.render_factor)
-    write_video(savedir / 'video.mp4', rgbs)
-    if args.render_test and not args.render_factor:
-        score_test_views(args, scene, rgbs, step, savedir)
-        metrics.save_comparisons(savedir, rgbs, scene.images[scene.i_test])
+    savedir = validation.render_only_dir(expdir, args.render_test, step)
+    with outputs.atomic_path(savedir) as partial:   # the frames appear all together, or not at all
+        outputs.make_folder(partial)
+        rgbs, _ = render_path(torch.as_tensor(poses, device=device), scene.hwf, scene.K, args.chunk,
+                              render_kwargs_test, savedir=str(partial), render_factor=args.render_factor)
+        if args.render_test and not args.render_factor:
+            metrics.save_metrics_json(partial, score_test_views(args, scene, rgbs, step))
+            metrics.save_comparisons(partial, rgbs, scene.images[scene.i_test])
+    with outputs.warn_on_write_error("the frames are kept"):
+        write_video(savedir / 'video.mp4', rgbs)
     return savedir
 
 
@@ -313,8 +312,9 @@ def write_spiral_videos(args, scene: Scene, render_kwargs_test: dict, step: int,
     rgbs, disps = render_path(torch.as_tensor(scene.render_poses, device=device), scene.hwf, scene.K, args.chunk,
                               render_kwargs_test)
     moviebase = expdir / f'{args.expname}_spiral_{step:06d}_'
-    write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
-    write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
+    with outputs.warn_on_write_error():
+        write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
+        write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
 
 
 def log_heldout_view(writer, scene: Scene, args, render_kwargs_test: dict, step: int, device) -> None:
@@ -331,12 +331,19 @@ def log_heldout_view(writer, scene: Scene, args, render_kwargs_test: dict, step:
 
 
 def render_testset(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device, writer) -> dict:
-    """Renders the test views into testset_{step:06d}/ and scores them."""
-    savedir = validation.keep_earlier(expdir / f'testset_{step:06d}')
-    savedir.mkdir(parents=True, exist_ok=True)
+    """Renders the test views, reports their scores, then writes the frames and
+    metrics.json as testset_{step:06d}/ (a write that fails is a warning: the
+    folder is then absent, the scores already reported)."""
     rgbs, _ = render_path(torch.as_tensor(scene.poses[scene.i_test], device=device), scene.hwf, scene.K, args.chunk,
-                          render_kwargs_test, savedir=str(savedir))
-    return score_test_views(args, scene, rgbs, step, savedir, writer)
+                          render_kwargs_test)
+    result = score_test_views(args, scene, rgbs, step, writer)
+    with outputs.warn_on_write_error(), \
+            outputs.atomic_path(validation.keep_earlier(expdir / f'testset_{step:06d}')) as partial:
+        outputs.make_folder(partial)
+        for k, rgb in enumerate(rgbs):
+            save_frame(partial, k, rgb)
+        metrics.save_metrics_json(partial, result)
+    return result
 
 
 def train(argv=None) -> int:
@@ -345,6 +352,7 @@ def train(argv=None) -> int:
     parser = config_parser()
     args = validation.parse_args(parser, argv)   # config file and flags, as one-line errors
     validation.check_data(args)                   # the data folder, before any image is loaded
+    validation.check_writable(args)               # and where the run will write
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = default_device()
@@ -376,18 +384,26 @@ def train(argv=None) -> int:
             set_rng_state(ckpt['rng_state'])
     write_run_files(args, expdir)
 
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(os.path.join(args.basedir, 'summaries', str(args.expname)))
+    writer = outputs.EventLog(Path(args.basedir) / 'summaries' / str(args.expname))
     network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
+    newest = ckpt_path   # the newest good checkpoint: named when a save fails or the loss is not finite
 
-    def save(step: int) -> Path:
-        path = validation.keep_earlier(expdir / f'{step:06d}.tar')
-        save_checkpoint(path, step, network_fn, network_fine, optimizer, sampler.state_dict())
-        return path
+    def save(step: int) -> Optional[str]:
+        """Saves `step`; None, or the one line that says why it could not (earlier files stay as they are)."""
+        nonlocal newest
+        path = expdir / f'{step:06d}.tar'
+        try:
+            save_checkpoint(validation.keep_earlier(path), step, network_fn, network_fine, optimizer,
+                            sampler.state_dict())
+        except WriteError as err:
+            return f"{err}; step {step} is not saved, the newest good checkpoint is {newest or 'none'}"
+        newest = path
+        tqdm.write(f"Saved checkpoints at {path}")
+        return None
 
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)
-    last_saved = start
     status = 0
+    unsaved = None   # why the last step could not be saved
     with StopRequest() as stop, tqdm(range(start + 1, args.N_iters + 1), initial=start, total=args.N_iters,
                                      dynamic_ncols=True) as bar:
         for i in bar:
@@ -400,31 +416,38 @@ def train(argv=None) -> int:
 
             due = {name: i % getattr(args, f'i_{name}') == 0
                    for name in ('print', 'img', 'weights', 'testset', 'video')}
-            if any(due.values()) or stop.signum is not None or i == args.N_iters:
+            stopping = stop.signum is not None   # a signal that comes later is seen after the next step
+            last = stopping or i == args.N_iters
+            if any(due.values()) or last:
                 bad = int(first_bad_step)
                 if bad:
-                    tqdm.write(validation.nonfinite_message(
-                        bad, expdir / f'{last_saved:06d}.tar' if last_saved > start else ckpt_path), file=sys.stderr)
+                    tqdm.write(validation.nonfinite_message(bad, newest), file=sys.stderr)
                     status = 1
                     break
             if due['print']:
                 log_progress(writer, bar, stats, optimizer.param_groups[0]['lr'], i)
             if due['img']:
                 log_heldout_view(writer, scene, args, render_kwargs_test, i, device)
-            if due['weights']:
-                tqdm.write(f"Saved checkpoints at {save(i)}")
-                last_saved = i
+            if due['weights'] or last:   # the last step is always saved
+                failed = save(i)
+                if failed and last:
+                    unsaved = failed
+                elif failed:
+                    log.warning("warning: %s; the next save, at step %d, tries again", failed,
+                                min(i + args.i_weights, args.N_iters))
             if due['video']:
                 write_spiral_videos(args, scene, render_kwargs_test, i, expdir, device)
             if due['testset']:
                 render_testset(args, scene, render_kwargs_test, i, expdir, device, writer)
-            if stop.signum is not None:
-                if last_saved != i:
-                    save(i)
-                tqdm.write(f"Interrupted: saved step {i} to {expdir / f'{i:06d}.tar'}")
-                status = 128 + stop.signum
+            if stopping:
+                if not unsaved:
+                    tqdm.write(f"Interrupted: saved step {i} to {newest}")
+                    status = 128 + stop.signum
                 break
     writer.close()
+    if unsaved:
+        tqdm.write(f"error: {unsaved}", file=sys.stderr)
+        return 1
     return status
 
 
@@ -433,12 +456,18 @@ def main(argv=None) -> int:
     keep_freed_memory()
     debug = '--debug' in (argv if argv is not None else sys.argv[1:])
     try:
-        return train(argv)
+        with logging_redirect_tqdm():   # warnings as whole lines above the progress bar
+            return train(argv)
     except DataError as err:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WriteError as err:   # a file the run cannot go on without
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if debug:
             raise

@@ -9,6 +9,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that takes more than ~10 s")
+
+
 def shared_dir() -> Path:
     """`../shared` beside the checkout (holds data/ and reference/)."""
     return REPO.parent / "shared"

@@ -341,7 +341,7 @@ def build_original(args, scene, device, kw_train, kw_test):
     kw_tr = {**kw_train, **swap}
     kw_te = {**kw_test, **swap}
     with torch.device(device):
-        sampler = orig.OriginalSampler(scene.images, scene.poses, scene.i_train, scene.H, scene.W,
+        sampler = orig.OriginalSampler(np.asarray(scene.images), scene.poses, scene.i_train, scene.H, scene.W,
                                        scene.K, args.N_rand, args.no_batching,
                                        args.precrop_iters, args.precrop_frac)
 
@@ -375,6 +375,7 @@ def main(argv=None) -> int:
     scene = load_scene(args)
     impls, kw_train = build(args, scene, device, bargs.baseline, bargs.plain)
     setup_s = time.perf_counter() - t0
+    setup_rss = peak_memory_bytes(torch.device("cpu"))
     mm = Matmul(device)
     step_products = Products(network_jobs(args, kw_train, args.N_rand, train=True), device, True, args.netchunk)
     render_rays_probe = min(scene.H * scene.W, 4096)
@@ -387,6 +388,9 @@ def main(argv=None) -> int:
           f"{args.netdepth}x{args.netwidth} / {args.netdepth_fine}x{args.netwidth_fine}, N_rand {args.N_rand}, "
           f"N_samples {args.N_samples} + N_importance {args.N_importance}, viewdirs {args.use_viewdirs}, "
           f"{'no_batching' if args.no_batching else 'batching'}, image {scene.H}x{scene.W}  (setup {setup_s:.1f} s)")
+    data_bytes = impls[0].sampler.bytes_per_pixel
+    print(f"training data: {data_bytes:.2f} bytes per training pixel ({len(scene.i_train)} images), "
+          f"peak RSS of loading the scene and building it {setup_rss / 2 ** 20:.0f} MiB")
 
     # Warm-up, one implementation after the other (peak memory measured here): the
     # fast path last, as its pool stays allocated.
@@ -411,7 +415,8 @@ def main(argv=None) -> int:
     ray_flops = forward_flops_per_ray(args, kw_train, train=False)
     spr = samples_per_ray(args)
     results = {"device": str(device), "threads": torch.get_num_threads(), "load_before": load0,
-               "config": bargs.config, "small": not bargs.as_is, "extra_args": rest}
+               "config": bargs.config, "small": not bargs.as_is, "extra_args": rest,
+               "train_bytes_per_pixel": data_bytes, "setup_peak_rss_mb": setup_rss / 2 ** 20}
 
     # Full-image renders (the first test view), alternating.
     if bargs.render_frames > 0:

@@ -5,7 +5,7 @@ demo, a small Blender-format scene this project renders itself on first use.
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -13,16 +13,39 @@ from errors import DataError
 from load_blender import load_blender_data
 from load_deepvoxels import load_dv_data
 from load_LINEMOD import load_LINEMOD_data
-from load_llff import load_llff_data
+from load_llff import eight_bit_colours, load_llff_data
 
 DATASET_TYPES = ("llff", "blender", "LINEMOD", "deepvoxels", "demo")
 
 
+class EightBitImages:
+    """Images (N, H, W, 3) kept as the uint8 values of their 8-bit files, a
+    quarter of float32's memory. Indexing gives the float32 colours the loader
+    would have returned, `eight_bit_colours(values[index])`; np.asarray gives
+    them all."""
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+        self.table = eight_bit_colours(np.arange(256))     # colour of each 8-bit value
+        self.shape, self.ndim = values.shape, values.ndim
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.table[self.values[index]]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.table[self.values].astype(dtype or np.float32, copy=False)
+
+
 @dataclass
 class Scene:
-    """images (N, H, W, 3) in [0, 1]; poses (N, 3, 4) camera-to-world;
-    render_poses (P, 3 or 4, 4); K (3, 3); index arrays per split; ray bounds."""
-    images: np.ndarray
+    """images (N, H, W, 3) in [0, 1], float32 or EightBitImages; poses (N, 3, 4)
+    camera-to-world; render_poses (P, 3 or 4, 4); K (3, 3); index arrays per
+    split; ray bounds."""
+    images: Union[np.ndarray, EightBitImages]
     poses: np.ndarray
     render_poses: np.ndarray
     H: int
@@ -56,7 +79,9 @@ def load_scene(args) -> Scene:
     K: Optional[np.ndarray] = None
     if args.dataset_type == "llff":
         images, poses, bds, render_poses, i_test = load_llff_data(
-            args.datadir, args.factor, recenter=True, bd_factor=.75, spherify=args.spherify)
+            args.datadir, args.factor, recenter=True, bd_factor=.75, spherify=args.spherify, eight_bit=True)
+        if images.dtype == np.uint8:
+            images = EightBitImages(images)
         hwf = poses[0, :3, -1]
         poses = poses[:, :3, :4]
         i_test = np.arange(images.shape[0])[::args.llffhold] if args.llffhold > 0 else np.array([i_test])
@@ -86,7 +111,9 @@ def load_scene(args) -> Scene:
     H, W, focal = int(hwf[0]), int(hwf[1]), float(hwf[2])
     if K is None:
         K = np.array([[focal, 0, 0.5 * W], [0, focal, 0.5 * H], [0, 0, 1]])
-    return Scene(images=images.astype(np.float32), poses=poses[:, :3, :4].astype(np.float32),
+    if not isinstance(images, EightBitImages):
+        images = np.asarray(images, dtype=np.float32)
+    return Scene(images=images, poses=poses[:, :3, :4].astype(np.float32),
                  render_poses=np.asarray(render_poses, dtype=np.float32), H=H, W=W, focal=focal,
                  K=np.asarray(K, dtype=np.float64), i_train=np.asarray(i_train), i_val=np.asarray(i_val),
                  i_test=np.asarray(i_test), near=float(near), far=float(far))

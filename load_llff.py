@@ -72,8 +72,15 @@ def _select_registered(basedir: Path, imgfiles: List[Path]) -> List[Path]:
     return [imgfiles[index[n]] for n in names]
 
 
+def eight_bit_colours(values: np.ndarray) -> np.ndarray:
+    """The colours in [0, 1] of values read from image files, as the original
+    makes them: values / 255 in float64, rounded to float32 (any shape)."""
+    return (values / 255.0).astype(np.float32)
+
+
 def _load_data(basedir, factor: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reads poses (3, 5, N), bounds (2, N) and images (H, W, 3, N) in [0, 1].
+    """Reads poses (3, 5, N), bounds (2, N) and the images' values as read
+    (N, H, W, 3), uint8 for 8-bit files (`eight_bit_colours` makes them colours).
     H, W come from the images read; the focal is divided by `factor`."""
     basedir = Path(basedir)
     poses_file = basedir / "poses_bounds.npy"
@@ -105,8 +112,7 @@ def _load_data(basedir, factor: Optional[int] = None) -> Tuple[np.ndarray, np.nd
     sh = imgs[0].shape
     poses[:2, 4, :] = np.array(sh[:2]).reshape([2, 1])
     poses[2, 4, :] = poses[2, 4, :] * 1.0 / (factor or 1)
-    imgs = np.stack([img / 255.0 for img in imgs], -1)
-    return poses, bds, imgs
+    return poses, bds, np.stack(imgs, 0)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -199,19 +205,27 @@ def spherify_poses(poses: np.ndarray, bds: np.ndarray) -> Tuple[np.ndarray, np.n
 
 
 def load_llff_data(basedir, factor: int = 8, recenter: bool = True, bd_factor: float = .75,
-                   spherify: bool = False, path_zflat: bool = False):
+                   spherify: bool = False, path_zflat: bool = False, eight_bit: bool = False):
     """Loads an LLFF scene.
 
-    Returns images (N, H, W, 3) float32 in [0, 1], poses (N, 3, 5) float32
+    Returns images (N, H, W, 3) float32 in [0, 1] (with `eight_bit` and 8-bit
+    files, their uint8 values instead, a quarter of the memory; their colours
+    are `eight_bit_colours(images)`), poses (N, 3, 5) float32
     (rotation columns right, up, back; centre; [H, W, focal]), bds (N, 2),
     render_poses (120, 3, 5) (60 with path_zflat) and i_test, the index of
     the view nearest the average pose.
     """
-    poses, bds, imgs = _load_data(basedir, factor=factor)
+    poses, bds, values = _load_data(basedir, factor=factor)
+    if eight_bit and values.dtype == np.uint8:
+        images = values
+    else:
+        images = np.empty(values.shape, np.float32)       # one image at a time: no float64 copy of them all
+        for k, img in enumerate(values):
+            images[k] = eight_bit_colours(img)
+    del values
 
     poses = np.concatenate([poses[:, 1:2, :], -poses[:, 0:1, :], poses[:, 2:, :]], 1)
     poses = np.moveaxis(poses, -1, 0).astype(np.float32)
-    images = np.moveaxis(imgs, -1, 0).astype(np.float32)
     bds = np.moveaxis(bds, -1, 0).astype(np.float32)
 
     sc = 1.0 if bd_factor is None else 1.0 / (bds.min() * bd_factor)
@@ -244,4 +258,4 @@ def load_llff_data(basedir, factor: int = 8, recenter: bool = True, bd_factor: f
     c2w = poses_avg(poses)
     dists = np.sum(np.square(c2w[:3, 3] - poses[:, :3, 3]), -1)
     i_test = int(np.argmin(dists))
-    return images.astype(np.float32), poses.astype(np.float32), bds.astype(np.float32), render_poses, i_test
+    return images, poses.astype(np.float32), bds.astype(np.float32), render_poses, i_test

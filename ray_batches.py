@@ -1,6 +1,6 @@
 """Where each training step's rays come from.
 
-`RayBatcher` (the default): the rays of all training images, shuffled once,
+`RayBatcher` (the default): the pixels of all training images, shuffled once,
 consumed N_rand at a time and reshuffled after each epoch. `ImageRaySampler`
 (--no_batching): one random training image per step and N_rand of its pixels
 drawn without replacement, from the centre crop while step < precrop_iters.
@@ -9,26 +9,38 @@ Both return (batch_rays (2, N_rand, 3) = [rays_o, rays_d], target_s (N_rand, 3))
 and expose state_dict / load_state_dict so a resumed run draws exactly the
 batches an uninterrupted one would.
 
-Per-step cost does not grow with the image size: the batcher's rays are built
-once, and the sampler computes rays for the drawn pixels only. Data stays on
-the training device when it fits `device_budget_bytes` (default: a quarter of
-the GPU's memory); otherwise it stays in pinned host memory, each step gathers
-its rows there and copies them over asynchronously, the next batch being
-gathered and sent while the current step runs.
+Only the training pixels' colours are kept (`TrainingPixels`): as uint8 8-bit
+values where the images are exactly the colours of 8-bit files (3 bytes a
+pixel), else float32. Each batch's rays are computed from its pixels'
+(image, row, column) with `get_rays`' per-pixel formula (`rays_at`), so the
+batches are bit for bit those of a buffer of precomputed rays, at a twelfth
+of its memory. Data stays on the training device when it fits
+`device_budget_bytes` (default: half the GPU's memory); otherwise it
+stays in pinned host memory, each step gathers its rows there and copies them
+over asynchronously, the next batch being gathered and sent while the current
+step runs.
+
+For data-parallel training each of `world_size` processes takes its share of
+every batch: rank r gets rows [r n, (r + 1) n) of the batch a single process
+would draw, n = N_rand / world_size. All ranks advance the same random state
+(the same draws), so they stay in step and their state_dicts are equal.
 """
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
-from run_nerf_helpers import get_rays
+from datasets import EightBitImages
+from load_llff import eight_bit_colours
 
 
 def default_device_budget(device: torch.device) -> float:
     """Bytes of training data to keep on `device`: unlimited on the CPU (it is
-    host memory anyway), a quarter of the GPU's memory otherwise."""
+    host memory anyway), half the GPU's memory otherwise (at 7 bytes a pixel,
+    the largest LLFF scene at factor 1, horns' 54 training views of 12 MP,
+    needs 4.6 GB: it fits a 16 GB GPU with room for the networks)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / 4
+        return torch.cuda.get_device_properties(device).total_memory / 2
     return float("inf")
 
 
@@ -39,14 +51,44 @@ def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def rays_at(K, c2w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """`get_rays(H, W, K, c2w)[rows, cols]` for the given pixels only, by the same
-    per-pixel formula: rays_o, rays_d, each (N, 3)."""
+    per-pixel formula. c2w: (3, 4), or (N, 3, 4) one camera per pixel; rows,
+    cols: (N,). Returns rays_o, rays_d, each (N, 3)."""
     K = torch.as_tensor(K, dtype=c2w.dtype, device=c2w.device)
     i = cols.to(c2w.dtype)
     j = rows.to(c2w.dtype)
     dirs = torch.stack([(i - K[0][2]) / K[0][0], -(j - K[1][2]) / K[1][1], -torch.ones_like(i)], -1)
-    rays_d = torch.sum(dirs[..., None, :] * c2w[:3, :3], -1)
-    rays_o = c2w[:3, -1].expand(rays_d.shape)
+    rays_d = torch.sum(dirs[..., None, :] * c2w[..., :3, :3], -1)
+    rays_o = c2w[..., :3, -1].expand(rays_d.shape)
     return rays_o, rays_d
+
+
+def eight_bit_values(image: np.ndarray) -> Optional[np.ndarray]:
+    """The uint8 values v with eight_bit_colours(v) == image bit for bit, or
+    None where the image is not exactly the colours of an 8-bit file (e.g.
+    composited on white, or averaged to half resolution). image: (H, W, 3)."""
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        values = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    exact = np.array_equal(eight_bit_colours(np.arange(256))[values].view(np.uint32), image.view(np.uint32))
+    return values if exact else None
+
+
+def training_colours(images, i_train) -> torch.Tensor:
+    """The training images' colours (n, H, W, 3), on the host: uint8 values
+    (3 bytes a pixel) when every training image is exactly the colours of
+    8-bit values (`eight_bit_values`), else float32 (12 bytes).
+    images: (N, H, W, C >= 3) float array or EightBitImages."""
+    if isinstance(images, EightBitImages):
+        return torch.from_numpy(np.ascontiguousarray(images.values[np.asarray(i_train)]))
+    first = images[i_train[0]]
+    colours = torch.empty((len(i_train),) + first.shape[:2] + (3,), dtype=torch.uint8)
+    for k, i in enumerate(i_train):
+        values = eight_bit_values(images[i][..., :3])
+        if values is None:
+            return torch.from_numpy(np.ascontiguousarray(np.asarray(images)[np.asarray(i_train), ..., :3],
+                                                         dtype=np.float32))
+        colours[k] = torch.from_numpy(values)
+    return colours
 
 
 def draw_distinct(n_pop: int, n: int) -> np.ndarray:
@@ -94,61 +136,125 @@ class _AsyncRows:
         return out
 
 
-class RayBatcher:
-    """Every ray of the training images as rows [rays_o, rays_d, rgb] (M, 3, 3).
+def share_size(N_rand: int, rank: int, world_size: int) -> int:
+    """Rays per process of a global batch of N_rand split over world_size processes."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of the {world_size} processes")
+    if N_rand % world_size:
+        raise ValueError(f"--N_rand {N_rand} does not split into {world_size} equal shares, one per process")
+    return N_rand // world_size
 
-    Draws follow the original: a NumPy shuffle first, then torch.randperm
-    after each epoch; the rows stay in place and a permutation indexes them.
-    The rows live on the device within `device_budget_bytes`, else in pinned
-    host memory (then the permutation is a host tensor and batches are
-    prefetched one step ahead).
+
+class TrainingPixels:
+    """The training images' colours, flattened to (n H W, 3) in (image, row,
+    column) order, with their cameras: the rays and colours of any of them.
+
+    Colours are uint8 8-bit values where exact (see `training_colours`), made
+    colours on the device by a 256-entry table. They live on the device when
+    colour_bytes + extra_bytes (e.g. a permutation) fit `device_budget_bytes`,
+    else in pinned host memory (`fetch` set), gathered there and copied over.
     """
 
-    def __init__(self, images: np.ndarray, poses: np.ndarray, i_train, H: int, W: int, K, N_rand: int,
-                 device: torch.device, device_budget_bytes: Optional[float] = None):
+    def __init__(self, images, poses: np.ndarray, i_train, H: int, W: int, K, device: torch.device,
+                 device_budget_bytes: Optional[float] = None, extra_bytes: int = 0):
         device = torch.device(device)
-        n_rows = len(i_train) * H * W
+        colours = training_colours(images, i_train)
+        self.n_pixels = colours.shape[0] * H * W
+        self.colour_bytes = colours.numel() * colours.element_size()
         budget = default_device_budget(device) if device_budget_bytes is None else device_budget_bytes
-        on_device = n_rows * 9 * 4 <= budget
-        home = device if on_device else torch.device("cpu")
-        rays_rgb = torch.empty(len(i_train), H, W, 3, 3, dtype=torch.float32, device=home)
-        for k, i in enumerate(i_train):
-            c2w = torch.as_tensor(np.asarray(poses[i, :3, :4], dtype=np.float32), device=device)
-            rays_o, rays_d = get_rays(H, W, K, c2w)
-            rays_rgb[k, :, :, 0] = rays_o
-            rays_rgb[k, :, :, 1] = rays_d
-            rays_rgb[k, :, :, 2] = torch.as_tensor(np.asarray(images[i][..., :3], dtype=np.float32))
-        self.rays_rgb = rays_rgb.reshape(-1, 3, 3)
-        self.device = device
-        self.fetch = None
-        if not on_device:
-            self.rays_rgb = _pinned(self.rays_rgb, device)
-            self.fetch = _AsyncRows(device)
-        self.N_rand = N_rand
-        self.perm = torch.from_numpy(np.random.permutation(self.rays_rgb.shape[0])).to(home)
-        self.i_batch = 0
-        self.ahead = None                                   # (i_batch, batch) prefetched
+        self.on_device = self.colour_bytes + extra_bytes <= budget
+        colours = colours.reshape(-1, 3)
+        self.colours = colours.to(device) if self.on_device else _pinned(colours, device)
+        self.fetch = None if self.on_device else _AsyncRows(device)
+        self.table = None
+        if colours.dtype == torch.uint8:
+            self.table = torch.from_numpy(eight_bit_colours(np.arange(256))).to(device)
+        train_poses = np.ascontiguousarray(np.asarray(poses)[np.asarray(i_train), :3, :4], dtype=np.float32)
+        self.poses = torch.from_numpy(train_poses).to(device)
+        self.K = torch.as_tensor(K, dtype=torch.float32, device=device)
+        self.H, self.W, self.device = H, W, device
 
-    def _gather(self, i_batch: int) -> torch.Tensor:
-        index = self.perm[i_batch:i_batch + self.N_rand]
+    @property
+    def home(self) -> torch.device:
+        """Where the colours (and the indices into them) live."""
+        return self.device if self.on_device else torch.device("cpu")
+
+    def colours_at(self, index: torch.Tensor) -> torch.Tensor:
+        """(N, 3) float32 colours on the device of the pixels `index` (N,) on `home`."""
+        index = index.long()
         if self.fetch is None:
-            return self.rays_rgb[index]
-        return self.fetch(self.rays_rgb, index)
+            rows = self.colours[index]
+        else:
+            rows = self.fetch(self.colours, index)
+        return rows if self.table is None else self.table[rows.long()]
+
+    def rays_of(self, index: torch.Tensor) -> torch.Tensor:
+        """(2, N, 3) [rays_o, rays_d] of the pixels `index` (N,): image index // (H W),
+        row and column from the remainder."""
+        index = index.to(self.device, non_blocking=True).long()
+        k, rest = index // (self.H * self.W), index % (self.H * self.W)
+        rays_o, rays_d = rays_at(self.K, self.poses[k], rest // self.W, rest % self.W)
+        return torch.stack([rays_o, rays_d], 0)
+
+
+class RayBatcher:
+    """Every pixel of the training images, through one shared permutation.
+
+    Draws follow the original: a NumPy shuffle first, then torch.randperm
+    after each epoch; the pixels stay in place and the permutation (int32
+    below 2^31 pixels) indexes them. With the colours as uint8 that is
+    3 + 4 = 7 bytes per training pixel on the device (36 + 8 for a buffer of
+    precomputed rays). Over `device_budget_bytes` the colours and the
+    permutation stay in pinned host memory and batches are prefetched one
+    step ahead.
+    """
+
+    def __init__(self, images, poses: np.ndarray, i_train, H: int, W: int, K, N_rand: int,
+                 device: torch.device, device_budget_bytes: Optional[float] = None,
+                 rank: int = 0, world_size: int = 1,
+                 share_permutation: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.share = share_size(N_rand, rank, world_size)
+        self.share_permutation = share_permutation            # data-parallel: rank 0's reshuffle, everywhere
+        n_pixels = len(i_train) * H * W
+        perm = np.arange(n_pixels, dtype=np.int32 if n_pixels < 2 ** 31 else np.int64)
+        np.random.shuffle(perm)                             # the draws of np.random.permutation(n_pixels)
+        self.pixels = TrainingPixels(images, poses, i_train, H, W, K, device, device_budget_bytes, perm.nbytes)
+        self.fetch = self.pixels.fetch
+        self.perm = torch.from_numpy(perm).to(self.pixels.home)
+        self.N_rand, self.rank = N_rand, rank
+        self.i_batch = 0
+        self.ahead = None                                   # (i_batch, colours) prefetched
+
+    @property
+    def bytes_per_pixel(self) -> float:
+        """Bytes of training data per training pixel: colours plus permutation."""
+        perm_bytes = self.perm.numel() * self.perm.element_size()
+        return (self.pixels.colour_bytes + perm_bytes) / self.pixels.n_pixels
+
+    def _index(self, i_batch: int) -> torch.Tensor:
+        """This rank's share of the pixels of the batch starting at i_batch
+        (the epoch's last batch may be short, and so some shares)."""
+        start = i_batch + self.rank * self.share
+        return self.perm[start:start + self.share]
 
     def __call__(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        index = self._index(self.i_batch)
         if self.ahead is not None and self.ahead[0] == self.i_batch:
-            batch = self.ahead[1]
+            target_s = self.ahead[1]
         else:
-            batch = self._gather(self.i_batch)              # (N, 3, 3)
+            target_s = self.pixels.colours_at(index)
+        batch_rays = self.pixels.rays_of(index)
         self.ahead = None
-        batch = torch.transpose(batch, 0, 1)
         self.i_batch += self.N_rand
-        if self.i_batch >= self.rays_rgb.shape[0]:
-            self.perm = self.perm[torch.randperm(self.perm.shape[0], device=self.perm.device)]
+        if self.i_batch >= self.perm.shape[0]:
+            shuffle = torch.randperm(self.perm.shape[0], device=self.perm.device)
+            if self.share_permutation is not None:
+                shuffle = self.share_permutation(shuffle)
+            self.perm = self.perm[shuffle]
             self.i_batch = 0
         if self.fetch is not None:
-            self.ahead = (self.i_batch, self._gather(self.i_batch))
-        return batch[:2], batch[2]
+            self.ahead = (self.i_batch, self.pixels.colours_at(self._index(self.i_batch)))
+        return batch_rays, target_s
 
     def state_dict(self) -> dict:
         small = self.perm.shape[0] < 2 ** 31
@@ -157,7 +263,7 @@ class RayBatcher:
     def load_state_dict(self, state: dict) -> None:
         if state["perm"].shape[0] != self.perm.shape[0]:
             raise ValueError(f"batcher state holds {state['perm'].shape[0]} rays, the scene has {self.perm.shape[0]}")
-        self.perm = state["perm"].to(torch.int64).to(self.perm.device)
+        self.perm = state["perm"].to(self.perm.dtype).to(self.perm.device)
         self.i_batch = int(state["i_batch"])
         self.ahead = None
 
@@ -172,21 +278,21 @@ class ImageRaySampler:
     are computed for the drawn pixels only, with `get_rays`' formula.
     """
 
-    def __init__(self, images: np.ndarray, poses: np.ndarray, i_train, H: int, W: int, K, N_rand: int,
+    def __init__(self, images, poses: np.ndarray, i_train, H: int, W: int, K, N_rand: int,
                  precrop_iters: int, precrop_frac: float, device: torch.device,
-                 device_budget_bytes: Optional[float] = None):
-        device = torch.device(device)
-        budget = default_device_budget(device) if device_budget_bytes is None else device_budget_bytes
-        images = torch.from_numpy(np.ascontiguousarray(images[..., :3], dtype=np.float32))
-        on_device = images.numel() * 4 <= budget
-        self.images = images.to(device) if on_device else _pinned(images, device)
-        self.fetch = None if on_device else _AsyncRows(device)
-        self.poses = torch.from_numpy(np.ascontiguousarray(poses[:, :3, :4])).float().to(device)
+                 device_budget_bytes: Optional[float] = None, rank: int = 0, world_size: int = 1):
+        self.share = share_size(N_rand, rank, world_size)
+        self.pixels = TrainingPixels(images, poses, i_train, H, W, K, device, device_budget_bytes)
+        self.fetch = self.pixels.fetch
         self.i_train = np.asarray(i_train)
-        self.H, self.W, self.K, self.N_rand = H, W, K, N_rand
-        self.K_t = torch.as_tensor(K, dtype=torch.float32, device=device)
-        self.device = device
+        self.position = {int(i): k for k, i in enumerate(self.i_train)}
+        self.H, self.W, self.N_rand, self.rank = H, W, N_rand, rank
         self.precrop_iters, self.precrop_frac = precrop_iters, precrop_frac
+
+    @property
+    def bytes_per_pixel(self) -> float:
+        """Bytes of training data per training pixel: the colours."""
+        return self.pixels.colour_bytes / self.pixels.n_pixels
 
     def window(self, step: int) -> Tuple[int, int, int, int]:
         """(first row, first column, rows, columns) of the pixels to draw from."""
@@ -196,25 +302,14 @@ class ImageRaySampler:
             return H // 2 - dH, W // 2 - dW, 2 * dH, 2 * dW
         return 0, 0, H, W
 
-    def pixel_coords(self, step: int) -> torch.Tensor:
-        """(P, 2) candidate (row, column) pairs: the centre crop early on, else all."""
-        r0, c0, h, w = self.window(step)
-        rows, cols = torch.arange(r0, r0 + h), torch.arange(c0, c0 + w)
-        return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
-
     def __call__(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         img_i = int(np.random.choice(self.i_train))
         r0, c0, h, w = self.window(step)
-        flat = torch.from_numpy(draw_distinct(h * w, self.N_rand))
-        rows, cols = flat // w + r0, flat % w + c0
-        if self.fetch is None:
-            rows, cols = rows.to(self.device), cols.to(self.device)
-            target_s = self.images[img_i][rows, cols]
-        else:
-            target_s = self.fetch(self.images[img_i].view(-1, 3), rows * self.W + cols)
-            rows, cols = rows.to(self.device, non_blocking=True), cols.to(self.device, non_blocking=True)
-        rays_o, rays_d = rays_at(self.K_t, self.poses[img_i], rows, cols)
-        return torch.stack([rays_o, rays_d], 0), target_s
+        flat = draw_distinct(h * w, self.N_rand)[self.rank * self.share:(self.rank + 1) * self.share]
+        flat = torch.from_numpy(flat)
+        index = (self.position[img_i] * self.H + flat // w + r0) * self.W + flat % w + c0
+        index = index.to(self.pixels.home)
+        return self.pixels.rays_of(index), self.pixels.colours_at(index)
 
     def state_dict(self) -> dict:
         return {}

@@ -6,8 +6,9 @@ Shapes: N rays, S samples per ray. A ray batch packs, per ray,
 [rays_o (3), rays_d (3), near (1), far (1), viewdirs (3, optional)].
 """
 import inspect
+import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ from tqdm import tqdm
 import fast_nerf
 from outputs import write_image
 from run_nerf_helpers import get_rays, ndc_rays, sample_pdf, to8b
+
+log = logging.getLogger("nerf")
 
 
 def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Callable,
@@ -46,10 +49,10 @@ def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Call
     return outputs_flat.reshape(list(inputs.shape[:-1]) + [outputs_flat.shape[-1]])
 
 
-def make_network_query_fn(embed_fn: Callable, embeddirs_fn: Optional[Callable], netchunk: int,
-                          mixed_precision: bool = False, compiled: Optional[dict] = None) -> Callable:
+class NetworkQuery:
     """The `network_query_fn(inputs, viewdirs, network_fn, density_only=False)`
-    of the render kwargs (see `run_network`).
+    of the render kwargs (see `run_network`), over at most `netchunk` points
+    at a time.
 
     Default: `run_network` (its fast path for library networks). Off-by-default
     modes: `mixed_precision` runs the networks under bfloat16 autocast (the
@@ -57,17 +60,28 @@ def make_network_query_fn(embed_fn: Callable, embeddirs_fn: Optional[Callable], 
     `torch.compile`d callable used in the module's place (the module itself
     stays in the render kwargs, so checkpoints keep its parameter names).
     """
-    compiled = compiled or {}
 
-    def network_query_fn(inputs, viewdirs, network_fn, density_only=False):
-        fn = compiled.get(id(network_fn), network_fn)
-        if not mixed_precision:
-            return run_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk, density_only=density_only)
+    def __init__(self, embed_fn: Callable, embeddirs_fn: Optional[Callable], netchunk: int,
+                 mixed_precision: bool = False, compiled: Optional[dict] = None):
+        self.embed_fn, self.embeddirs_fn, self.netchunk = embed_fn, embeddirs_fn, netchunk
+        self.mixed_precision, self.compiled = mixed_precision, compiled or {}
+
+    def __call__(self, inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], network_fn: Callable,
+                 density_only: bool = False) -> torch.Tensor:
+        fn = self.compiled.get(id(network_fn), network_fn)
+        if not self.mixed_precision:
+            return run_network(inputs, viewdirs, fn, self.embed_fn, self.embeddirs_fn, self.netchunk,
+                               density_only=density_only)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
-            out = run_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk, density_only=density_only)
+            out = run_network(inputs, viewdirs, fn, self.embed_fn, self.embeddirs_fn, self.netchunk,
+                              density_only=density_only)
         return out.float()
 
-    return network_query_fn
+
+def make_network_query_fn(embed_fn: Callable, embeddirs_fn: Optional[Callable], netchunk: int,
+                          mixed_precision: bool = False, compiled: Optional[dict] = None) -> NetworkQuery:
+    """The render kwargs' `network_query_fn`: a `NetworkQuery`."""
+    return NetworkQuery(embed_fn, embeddirs_fn, netchunk, mixed_precision, compiled)
 
 
 def accepts_density_only(network_query_fn: Callable) -> bool:
@@ -245,19 +259,65 @@ def scaled_intrinsics(K: np.ndarray, render_factor: int) -> np.ndarray:
     return K
 
 
+class RenderMemory:
+    """Renders within the device's memory: `run(render_fn)` calls
+    `render_fn(chunk)`; when the device runs out of memory it halves `chunk`
+    (rays at once) and the network query's `netchunk` (points at once), warns
+    once with the new values, and tries again. Neither size changes a
+    rendered value, and the halved sizes stay for later renders."""
+
+    def __init__(self, chunk: int, network_query_fn: Callable):
+        self.chunk = chunk
+        self.network_query_fn = network_query_fn
+        self.warned = False
+
+    def run(self, render_fn: Callable[[int], Any]) -> Any:
+        lowered = False
+        while True:
+            try:
+                result = render_fn(self.chunk)
+                break
+            except torch.OutOfMemoryError:
+                netchunk = getattr(self.network_query_fn, "netchunk", 1)
+                if self.chunk == 1 and netchunk == 1:
+                    raise
+                self.chunk = max(1, self.chunk // 2)
+                if hasattr(self.network_query_fn, "netchunk"):
+                    self.network_query_fn.netchunk = max(1, netchunk // 2)
+                free_cached_memory()
+                lowered = True
+        if lowered and not self.warned:
+            log.warning("warning: out of device memory while rendering; continuing with --chunk %d --netchunk %s "
+                        "(halved until it fit; the images are the same)",
+                        self.chunk, getattr(self.network_query_fn, "netchunk", "unchanged"))
+            self.warned = True
+        return result
+
+
+def free_cached_memory() -> None:
+    """Hands the CUDA / MPS caching allocator's unused blocks back."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
 def save_frame(savedir, k: int, rgb: np.ndarray) -> None:
-    """`savedir/{k:03d}.png` from an (H, W, 3) image in [0, 1], written whole
+    """Frame k, (H, W, 3) in [0, 1], as `savedir/{k:03d}.png`, written whole
     or not at all (WriteError when the OS refuses)."""
     write_image(Path(savedir) / f"{k:03d}.png", to8b(rgb))
 
 
 def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=None,
-                savedir: Optional[str] = None, render_factor: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+                savedir: Optional[str] = None, render_factor: int = 0, memory: Optional[RenderMemory] = None,
+                progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """Renders every pose in `render_poses` ((P, 3 or 4, 4)) with one progress bar.
 
     `render_factor` N renders at 1/N of the size (the intrinsics scaled to
     match). Frames go to `savedir/{k:03d}.png` when given. `gt_imgs` is kept
-    for the original's signature; scoring the frames is metrics.py's job. Returns rgbs
+    for the original's signature; scoring the frames is metrics.py's job.
+    `memory` carries the chunk sizes from render to render (see
+    `RenderMemory`; by default one starting at `chunk`). Returns rgbs
     (P, H, W, 3) and disps (P, H, W) as float32 arrays.
     """
     H, W, focal = hwf
@@ -265,12 +325,13 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
         H, W = H // render_factor, W // render_factor
     K = scaled_intrinsics(K, render_factor)
     coarse_maps = not accepts_density_only(render_kwargs["network_query_fn"])    # the frames need no rgb0
+    memory = memory or RenderMemory(chunk, render_kwargs["network_query_fn"])
     rgbs, disps = [], []
-    for k, c2w in enumerate(tqdm(render_poses, desc="render", leave=False, dynamic_ncols=True)):
+    for k, c2w in enumerate(tqdm(render_poses, desc="render", leave=False, dynamic_ncols=True, disable=not progress)):
         c2w = torch.as_tensor(c2w, dtype=torch.float32)[:3, :4]
         with torch.no_grad():
-            rgb, disp, _, _ = render(int(H), int(W), K, chunk=chunk, c2w=c2w, coarse_maps=coarse_maps,
-                                     **render_kwargs)
+            rgb, disp, _, _ = memory.run(lambda chunk: render(int(H), int(W), K, chunk=chunk, c2w=c2w,
+                                                              coarse_maps=coarse_maps, **render_kwargs))
         rgbs.append(rgb.cpu().numpy())
         disps.append(disp.cpu().numpy())
         if savedir is not None:

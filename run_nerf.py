@@ -3,11 +3,15 @@
 Command line, model creation and the training loop; the rendering math is in
 rendering.py, the building blocks in run_nerf_helpers.py.
 """
+import copy
 import logging
+import os
+import re
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import configargparse
 import numpy as np
@@ -17,12 +21,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import metrics
 import outputs
+import parallel
 import validation
-from checkpoints import find_checkpoint, load_network_state, save_checkpoint, set_rng_state, steps_done
+from checkpoints import find_checkpoint, load_network_state, rng_state, save_checkpoint, set_rng_state, steps_done
 from datasets import Scene, load_scene
 from errors import DataError, WriteError
 from rendering import batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
-from rendering import make_network_query_fn, save_frame
+from rendering import RenderMemory, make_network_query_fn, save_frame
 from ray_batches import ImageRaySampler, RayBatcher
 from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b
 
@@ -113,6 +118,12 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--i_testset", type=int, default=50000, help='frequency of testset saving')
     parser.add_argument("--i_video", type=int, default=50000, help='frequency of render_poses video saving')
     parser.add_argument("--debug", action='store_true', help='show tracebacks for input errors')
+
+    # devices
+    parser.add_argument("--device", type=str, default=None,
+                        help='cuda, cuda:N, mps or cpu (default: CUDA, else MPS, else the CPU)')
+    parser.add_argument("--world_size", type=int, default=None,
+                        help='written to args.txt: how many processes trained (torchrun sets the actual number)')
     return parser
 
 
@@ -152,8 +163,7 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
     optimizer = torch.optim.Adam(params=grad_vars, lr=args.lrate, betas=(0.9, 0.999))
 
     if ckpt is None:
-        ckpt_path, ckpt = find_checkpoint(Path(args.basedir) / str(args.expname), args.ft_path, args.no_reload,
-                                          map_location=device)
+        ckpt_path, ckpt = find_checkpoint(Path(args.basedir) / str(args.expname), args.ft_path, args.no_reload)
     start = 0
     if ckpt is not None:
         log.info("reloading from %s", ckpt_path)
@@ -183,12 +193,28 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
         render_kwargs_train['ndc'] = False
         render_kwargs_train['lindisp'] = args.lindisp
     render_kwargs_test = {k: render_kwargs_train[k] for k in render_kwargs_train}
+    render_kwargs_test['network_query_fn'] = copy.copy(network_query_fn)   # renders may lower their own netchunk
     render_kwargs_test['perturb'] = False
     render_kwargs_test['raw_noise_std'] = 0.
     return render_kwargs_train, render_kwargs_test, start, grad_vars, optimizer
 
 
 # --- Outputs -----------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What a run's renders and outputs need: its flags, scene and folder, the
+    training device, this process's ranks, the test-time render kwargs with
+    their memory budget, and (rank 0's) TensorBoard writer."""
+    args: Any
+    scene: Scene
+    expdir: Path
+    device: torch.device
+    ranks: parallel.Ranks
+    render_kwargs: dict
+    memory: RenderMemory
+    writer: Any = None
+
 
 def write_run_files(args, expdir: Path) -> None:
     """args.txt (every flag, sorted) and config.txt (a copy of the config file)."""
@@ -209,9 +235,35 @@ def normalized_disparity(disps: np.ndarray) -> np.ndarray:
     return disps / peak if peak > 0 else disps
 
 
-def score_test_views(args, scene: Scene, rgbs: np.ndarray, step: int, writer=None) -> dict:
+def render_frames(run: Run, poses: np.ndarray, savedir: Optional[Path] = None,
+                  render_factor: int = 0) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """`render_path` over poses (P, 3 or 4, 4), shared among the ranks: rank r
+    renders frames r, r + W, ...; rank 0 gathers them in order (and writes
+    savedir/{k:03d}.png). Returns (rgbs (P, H, W, 3), disps (P, H, W)) on
+    rank 0, (None, None) on the others. One process renders as it goes."""
+    def render_some(selected: np.ndarray, folder: Optional[Path]):
+        return render_path(torch.as_tensor(selected, device=run.device), run.scene.hwf, run.scene.K, run.args.chunk,
+                           run.render_kwargs, savedir=None if folder is None else str(folder),
+                           render_factor=render_factor, memory=run.memory, progress=run.ranks.is_main)
+
+    if not run.ranks.distributed:
+        return render_some(poses, savedir)
+    mine = parallel.my_share(len(poses), run.ranks)
+    frames = list(zip(mine, *render_some(poses[mine], None))) if mine else []
+    gathered = parallel.gather_to_main(frames, run.ranks)
+    if gathered is None:
+        return None, None
+    _, rgbs, disps = zip(*sorted(f for share in gathered for f in share))
+    if savedir is not None:
+        for k, rgb in enumerate(rgbs):
+            save_frame(str(savedir), k, rgb)
+    return np.stack(rgbs, 0), np.stack(disps, 0)
+
+
+def score_test_views(run: Run, rgbs: np.ndarray, step: int) -> dict:
     """Scores renders of the test views the NeRF paper's way (metrics.json's
     content), prints the summary line and adds the means to TensorBoard."""
+    args, scene = run.args, run.scene
     result = metrics.metrics_result(
         step, scene.images[scene.i_test], rgbs,
         scene=metrics.scene_from_datadir(args.datadir), dataset_type=args.dataset_type,
@@ -219,28 +271,71 @@ def score_test_views(args, scene: Scene, rgbs: np.ndarray, step: int, writer=Non
         extra={"expname": args.expname, "factor": args.factor, "half_res": args.half_res,
                "testskip": args.testskip})
     tqdm.write(metrics.summary_line(result))
-    if writer is not None:
+    if run.writer is not None:
         for tag, value in metrics.tensorboard_scalars(result).items():
-            writer.add_scalar(tag, value, step)
+            run.writer.add_scalar(tag, value, step)
     return result
 
 
-def render_only(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> Path:
+def render_only(run: Run, step: int) -> Path:
     """Renders the spiral path (or the test views with --render_test, scored and
     compared with their ground truth) into renderonly_{path|test}_{step:06d}/
     with its frames and video.mp4."""
+    args, scene = run.args, run.scene
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
-    savedir = validation.render_only_dir(expdir, args.render_test, step)
+    savedir = validation.render_only_dir(run.expdir, args.render_test, step)
+    if not run.ranks.is_main:
+        render_frames(run, poses, render_factor=args.render_factor)
+        return savedir
     with outputs.atomic_path(savedir) as partial:   # the frames appear all together, or not at all
-        outputs.make_folder(partial)
-        rgbs, _ = render_path(torch.as_tensor(poses, device=device), scene.hwf, scene.K, args.chunk,
-                              render_kwargs_test, savedir=str(partial), render_factor=args.render_factor)
+        rgbs, _ = render_frames(run, poses, outputs.make_folder(partial), render_factor=args.render_factor)
         if args.render_test and not args.render_factor:
-            metrics.save_metrics_json(partial, score_test_views(args, scene, rgbs, step))
+            metrics.save_metrics_json(partial, score_test_views(run, rgbs, step))
             metrics.save_comparisons(partial, rgbs, scene.images[scene.i_test])
     with outputs.warn_on_write_error("the frames are kept"):
         write_video(savedir / 'video.mp4', rgbs)
     return savedir
+
+
+def write_spiral_videos(run: Run, step: int) -> None:
+    """{expname}_spiral_{step:06d}_rgb.mp4 and _disp.mp4 along the render path."""
+    rgbs, disps = render_frames(run, run.scene.render_poses)
+    if run.ranks.is_main:
+        moviebase = run.expdir / f'{run.args.expname}_spiral_{step:06d}_'
+        with outputs.warn_on_write_error():
+            write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
+            write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
+
+
+def render_testset(run: Run, step: int) -> None:
+    """Renders the test views, reports their scores, then writes the frames and
+    metrics.json as testset_{step:06d}/ (a write that fails is a warning: the
+    folder is then absent, the scores already reported)."""
+    rgbs, _ = render_frames(run, run.scene.poses[run.scene.i_test])
+    if not run.ranks.is_main:
+        return
+    result = score_test_views(run, rgbs, step)
+    with outputs.warn_on_write_error(), \
+            outputs.atomic_path(validation.keep_earlier(run.expdir / f'testset_{step:06d}')) as partial:
+        outputs.make_folder(partial)
+        for k, rgb in enumerate(rgbs):
+            save_frame(partial, k, rgb)
+        metrics.save_metrics_json(partial, result)
+
+
+def log_heldout_view(run: Run, step: int) -> None:
+    """TensorBoard: one validation view's RGB, disparity, accumulation and PSNR."""
+    scene, writer = run.scene, run.writer
+    img_i = int(scene.i_val[(step // run.args.i_img) % len(scene.i_val)])
+    c2w = torch.as_tensor(scene.poses[img_i], device=run.device)
+    with torch.no_grad():
+        rgb, disp, acc, _ = run.memory.run(lambda chunk: render(scene.H, scene.W, scene.K, chunk=chunk, c2w=c2w,
+                                                                **run.render_kwargs))
+    target = torch.as_tensor(scene.images[img_i], device=run.device)
+    writer.add_scalar('heldout/psnr', float(mse2psnr(img2mse(rgb, target))), step)
+    writer.add_image('heldout/rgb', rgb.clamp(0, 1).cpu(), step, dataformats='HWC')
+    writer.add_image('heldout/disp', (disp / disp.max().clamp(min=1e-10)).cpu(), step, dataformats='HW')
+    writer.add_image('heldout/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
 
 
 # --- Training ----------------------------------------------------------------
@@ -250,21 +345,41 @@ def learning_rate(args, global_step: int) -> float:
     return args.lrate * (0.1 ** (global_step / (args.lrate_decay * 1000)))
 
 
-def train_step(batch_rays, target_s, scene: Scene, render_kwargs: dict, optimizer, chunk: int) -> dict:
-    """One gradient step on the fine (and coarse) colour MSE."""
-    rgb, _, _, extras = render(scene.H, scene.W, scene.K, chunk=chunk, rays=batch_rays, retraw=True,
-                               **render_kwargs)
+def train_step(batch_rays, target_s, scene: Scene, render_kwargs: dict, optimizer, chunk: int,
+               average=None) -> dict:
+    """One gradient step on the fine (and coarse) colour MSE.
+
+    `average` (data-parallel runs: a `parallel.GradientAverage` bound to the
+    stop request) turns this rank's gradients and losses into their means
+    over all the step's rays before Adam's step; its `stop` comes back in the
+    stats. A rank's share can be empty (an epoch's short last batch): it
+    renders nothing and contributes no rays.
+    """
     optimizer.zero_grad()
-    img_loss = img2mse(rgb, target_s)
-    loss = img_loss
-    out = {'psnr': mse2psnr(img_loss.detach())}
-    if 'rgb0' in extras:
-        img_loss0 = img2mse(extras['rgb0'], target_s)
-        loss = loss + img_loss0
-        out['psnr0'] = mse2psnr(img_loss0.detach())
-    loss.backward()
+    n_rays = target_s.shape[0]
+    if n_rays == 0:
+        zero = torch.zeros((), device=target_s.device)
+        numbers = {'mse': zero, 'loss': zero, **({'mse0': zero} if render_kwargs['N_importance'] > 0 else {})}
+    else:
+        rgb, _, _, extras = render(scene.H, scene.W, scene.K, chunk=chunk, rays=batch_rays, retraw=True,
+                                   **render_kwargs)
+        img_loss = img2mse(rgb, target_s)
+        loss = img_loss
+        numbers = {'mse': img_loss.detach()}
+        if 'rgb0' in extras:
+            img_loss0 = img2mse(extras['rgb0'], target_s)
+            loss = loss + img_loss0
+            numbers['mse0'] = img_loss0.detach()
+        loss.backward()
+        numbers['loss'] = loss.detach()
+    if average is not None:
+        numbers = average(numbers, n_rays)
     optimizer.step()
-    out['loss'] = loss.detach()
+    out = {'loss': numbers['loss'], 'psnr': mse2psnr(numbers['mse'])}
+    if 'mse0' in numbers:
+        out['psnr0'] = mse2psnr(numbers['mse0'])
+    if 'stop' in numbers:
+        out['stop'] = numbers['stop']
     return out
 
 
@@ -288,11 +403,47 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def make_sampler(args, scene: Scene, device):
+def make_sampler(args, scene: Scene, device, ranks: parallel.Ranks = parallel.Ranks()):
+    """This rank's share of each step's rays: all images' rays shuffled
+    (batching) or one image per step (--no_batching)."""
     if args.no_batching:
         return ImageRaySampler(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand,
-                               args.precrop_iters, args.precrop_frac, device)
-    return RayBatcher(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand, device)
+                               args.precrop_iters, args.precrop_frac, device,
+                               rank=ranks.rank, world_size=ranks.world_size)
+    return RayBatcher(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand, device,
+                      rank=ranks.rank, world_size=ranks.world_size,
+                      share_permutation=lambda shuffle: parallel.broadcast_(shuffle, device))
+
+
+def restore_sampling_state(ckpt: Optional[dict], ckpt_path: Optional[Path], sampler, run: Run, start: int) -> None:
+    """The ray sampler's position and the random generators, as the checkpoint
+    left them. Each rank restores its own generators when the world size is
+    the one saved; otherwise all take rank 0's (the batches stay the same:
+    their stream is shared) and ranks 1.. draw their sampling noise from new
+    seeds. A fresh run's ranks 1.. seed their noise from --seed and the rank."""
+    ranks, seed = run.ranks, run.args.seed
+    if ckpt is not None and ckpt.get('sampler_state') is not None:
+        try:
+            sampler.load_state_dict(ckpt['sampler_state'])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(ckpt_path, f"its ray batcher state does not fit this scene ({exc})") from None
+    if ckpt is None or ckpt.get('rng_state') is None:
+        if ranks.rank > 0:
+            torch.manual_seed(parallel.noise_seed(seed, ranks.rank))
+        return
+    states = ckpt.get('rng_states') or [ckpt['rng_state']]
+    if len(states) == ranks.world_size:
+        same_device = set_rng_state(states[ranks.rank], run.device)
+    else:
+        same_device = set_rng_state(states[0], run.device)
+        if ranks.rank > 0:
+            torch.manual_seed(parallel.noise_seed(seed, ranks.rank, start))
+        if ranks.is_main:
+            log.info("%s was written by %d process(es), this run has %d: the ray batches continue as saved; "
+                     "the per-process sampling noise is re-seeded", ckpt_path, len(states), ranks.world_size)
+    if not same_device and ranks.is_main:
+        log.info("%s was written on another kind of device: the sampling noise continues from a fresh stream "
+                 "(the ray batches are as saved)", ckpt_path)
 
 
 def log_progress(writer, bar, stats: dict, lrate: float, step: int) -> None:
@@ -307,43 +458,12 @@ def log_progress(writer, bar, stats: dict, lrate: float, step: int) -> None:
     writer.add_scalar('train/lrate', lrate, step)
 
 
-def write_spiral_videos(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device) -> None:
-    """{expname}_spiral_{step:06d}_rgb.mp4 and _disp.mp4 along the render path."""
-    rgbs, disps = render_path(torch.as_tensor(scene.render_poses, device=device), scene.hwf, scene.K, args.chunk,
-                              render_kwargs_test)
-    moviebase = expdir / f'{args.expname}_spiral_{step:06d}_'
-    with outputs.warn_on_write_error():
-        write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
-        write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
-
-
-def log_heldout_view(writer, scene: Scene, args, render_kwargs_test: dict, step: int, device) -> None:
-    """TensorBoard: one validation view's RGB, disparity, accumulation and PSNR."""
-    img_i = int(scene.i_val[(step // args.i_img) % len(scene.i_val)])
-    with torch.no_grad():
-        rgb, disp, acc, _ = render(scene.H, scene.W, scene.K, chunk=args.chunk,
-                                   c2w=torch.as_tensor(scene.poses[img_i], device=device), **render_kwargs_test)
-    target = torch.as_tensor(scene.images[img_i], device=device)
-    writer.add_scalar('heldout/psnr', float(mse2psnr(img2mse(rgb, target))), step)
-    writer.add_image('heldout/rgb', rgb.clamp(0, 1).cpu(), step, dataformats='HWC')
-    writer.add_image('heldout/disp', (disp / disp.max().clamp(min=1e-10)).cpu(), step, dataformats='HW')
-    writer.add_image('heldout/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
-
-
-def render_testset(args, scene: Scene, render_kwargs_test: dict, step: int, expdir: Path, device, writer) -> dict:
-    """Renders the test views, reports their scores, then writes the frames and
-    metrics.json as testset_{step:06d}/ (a write that fails is a warning: the
-    folder is then absent, the scores already reported)."""
-    rgbs, _ = render_path(torch.as_tensor(scene.poses[scene.i_test], device=device), scene.hwf, scene.K, args.chunk,
-                          render_kwargs_test)
-    result = score_test_views(args, scene, rgbs, step, writer)
-    with outputs.warn_on_write_error(), \
-            outputs.atomic_path(validation.keep_earlier(expdir / f'testset_{step:06d}')) as partial:
-        outputs.make_folder(partial)
-        for k, rgb in enumerate(rgbs):
-            save_frame(partial, k, rgb)
-        metrics.save_metrics_json(partial, result)
-    return result
+def out_of_memory_error(exc: BaseException, args, device) -> DataError:
+    """A training step that does not fit the device, as one line."""
+    asked = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]?i?B)", str(exc))
+    amount = f" (it tried to allocate {asked.group(1)})" if asked else ""
+    return DataError("--N_rand", f"a training step of {args.N_rand} rays ran out of memory on {device}{amount}; "
+                                 f"lower --N_rand or --netchunk (now {args.netchunk})")
 
 
 def train(argv=None) -> int:
@@ -353,81 +473,93 @@ def train(argv=None) -> int:
     args = validation.parse_args(parser, argv)   # config file and flags, as one-line errors
     validation.check_data(args)                   # the data folder, before any image is loaded
     validation.check_writable(args)               # and where the run will write
+    ranks = parallel.ranks_from_env()             # set by torchrun; rank 0 of 1 otherwise
+    validation.check_world_size(args, ranks.world_size)
+    device = validation.choose_device(args.device, ranks.local_rank, ranks.world_size)
+    args.world_size = ranks.world_size
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = default_device()
+    torch.manual_seed(args.seed)                  # every rank builds the same initial weights
 
     scene = load_scene(args)
     expdir = Path(args.basedir) / str(args.expname)
-    ckpt_path, ckpt = find_checkpoint(expdir, args.ft_path, args.no_reload, map_location=device)
-    render_kwargs_train, render_kwargs_test, start, _, optimizer = create_nerf(args, device, ckpt, ckpt_path)
+    ckpt_path, ckpt = find_checkpoint(expdir, args.ft_path, args.no_reload)
+    render_kwargs_train, render_kwargs_test, start, grad_vars, optimizer = create_nerf(args, device, ckpt, ckpt_path)
     bounds = {'near': scene.near, 'far': scene.far}
     render_kwargs_train.update(bounds)
     render_kwargs_test.update(bounds)
     validation.check_outputs(args, expdir, ckpt_path, ckpt, start)   # never overwrite an earlier run's work
+    parallel.start(ranks, device)
+    parallel.broadcast_parameters(grad_vars, device)
+    run = Run(args, scene, expdir, device, ranks, render_kwargs_test,
+              RenderMemory(args.chunk, render_kwargs_test['network_query_fn']))
 
     if args.render_only:
-        write_run_files(args, expdir)
+        if ranks.is_main:
+            write_run_files(args, expdir)
         step = int(ckpt['global_step']) if ckpt is not None else 0
-        savedir = render_only(args, scene, render_kwargs_test, step, expdir, device)
-        tqdm.write(f"Rendered to {savedir}")
+        savedir = render_only(run, step)
+        if ranks.is_main:
+            tqdm.write(f"Rendered to {savedir}")
         return 0
 
-    sampler = make_sampler(args, scene, device)
-    if ckpt is not None:
-        if ckpt.get('sampler_state') is not None:
-            try:
-                sampler.load_state_dict(ckpt['sampler_state'])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DataError(ckpt_path, f"its ray batcher state does not fit this scene ({exc})") from None
-        if ckpt.get('rng_state') is not None:
-            set_rng_state(ckpt['rng_state'])
-    write_run_files(args, expdir)
-
-    writer = outputs.EventLog(Path(args.basedir) / 'summaries' / str(args.expname))
+    sampler = make_sampler(args, scene, device, ranks)
+    restore_sampling_state(ckpt, ckpt_path, sampler, run, start)
+    if ranks.is_main:
+        write_run_files(args, expdir)
+        run.writer = outputs.EventLog(Path(args.basedir) / 'summaries' / str(args.expname))
     network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
+    gradient_average = parallel.GradientAverage(grad_vars) if ranks.distributed else None
     newest = ckpt_path   # the newest good checkpoint: named when a save fails or the loss is not finite
 
     def save(step: int) -> Optional[str]:
-        """Saves `step`; None, or the one line that says why it could not (earlier files stay as they are)."""
+        """Saves `step`; None, or (rank 0) the one line that says why it could not (earlier files stay as they are)."""
         nonlocal newest
         path = expdir / f'{step:06d}.tar'
-        try:
-            save_checkpoint(validation.keep_earlier(path), step, network_fn, network_fine, optimizer,
-                            sampler.state_dict())
-        except WriteError as err:
-            return f"{err}; step {step} is not saved, the newest good checkpoint is {newest or 'none'}"
+        states = parallel.all_gather(rng_state(device), ranks)     # every rank's generators
+        if ranks.is_main:
+            try:
+                save_checkpoint(validation.keep_earlier(path), step, network_fn, network_fine, optimizer,
+                                sampler.state_dict(), states)
+            except WriteError as err:
+                return f"{err}; step {step} is not saved, the newest good checkpoint is {newest or 'none'}"
+            tqdm.write(f"Saved checkpoints at {path}")
         newest = path
-        tqdm.write(f"Saved checkpoints at {path}")
         return None
 
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)
     status = 0
     unsaved = None   # why the last step could not be saved
     with StopRequest() as stop, tqdm(range(start + 1, args.N_iters + 1), initial=start, total=args.N_iters,
-                                     dynamic_ncols=True) as bar:
+                                     dynamic_ncols=True, disable=not ranks.is_main) as bar:
         for i in bar:
             batch_rays, target_s = sampler(i)
-            stats = train_step(batch_rays, target_s, scene, render_kwargs_train, optimizer, args.chunk)
+            average = None if gradient_average is None else \
+                (lambda numbers, n_rays: gradient_average(numbers, n_rays, stop.signum is not None))
+            try:
+                stats = train_step(batch_rays, target_s, scene, render_kwargs_train, optimizer, args.chunk, average)
+            except torch.OutOfMemoryError as exc:
+                raise out_of_memory_error(exc, args, device) from None
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(stats['loss']),
                                          torch.full_like(first_bad_step, i), first_bad_step)
             for param_group in optimizer.param_groups:
                 param_group['lr'] = learning_rate(args, i - 1)
+            # Data-parallel runs all stop at the step whose all-reduce carried a rank's request.
+            stopping = float(stats['stop']) > 0 if 'stop' in stats else stop.signum is not None
 
             due = {name: i % getattr(args, f'i_{name}') == 0
                    for name in ('print', 'img', 'weights', 'testset', 'video')}
-            stopping = stop.signum is not None   # a signal that comes later is seen after the next step
             last = stopping or i == args.N_iters
             if any(due.values()) or last:
                 bad = int(first_bad_step)
                 if bad:
-                    tqdm.write(validation.nonfinite_message(bad, newest), file=sys.stderr)
+                    if ranks.is_main:
+                        tqdm.write(validation.nonfinite_message(bad, newest), file=sys.stderr)
                     status = 1
                     break
-            if due['print']:
-                log_progress(writer, bar, stats, optimizer.param_groups[0]['lr'], i)
-            if due['img']:
-                log_heldout_view(writer, scene, args, render_kwargs_test, i, device)
+            if due['print'] and ranks.is_main:
+                log_progress(run.writer, bar, stats, optimizer.param_groups[0]['lr'], i)
+            if due['img'] and ranks.is_main:
+                log_heldout_view(run, i)
             if due['weights'] or last:   # the last step is always saved
                 failed = save(i)
                 if failed and last:
@@ -436,15 +568,18 @@ def train(argv=None) -> int:
                     log.warning("warning: %s; the next save, at step %d, tries again", failed,
                                 min(i + args.i_weights, args.N_iters))
             if due['video']:
-                write_spiral_videos(args, scene, render_kwargs_test, i, expdir, device)
+                write_spiral_videos(run, i)
             if due['testset']:
-                render_testset(args, scene, render_kwargs_test, i, expdir, device, writer)
+                render_testset(run, i)
             if stopping:
                 if not unsaved:
-                    tqdm.write(f"Interrupted: saved step {i} to {newest}")
-                    status = 128 + stop.signum
+                    if ranks.is_main:
+                        tqdm.write(f"Interrupted: saved step {i} to {newest}")
+                    status = 128 + (stop.signum or signal.SIGTERM)
                 break
-    writer.close()
+    if run.writer is not None:
+        run.writer.close()
+    parallel.barrier()      # no rank leaves (and has torchrun end the others) while rank 0 still writes
     if unsaved:
         tqdm.write(f"error: {unsaved}", file=sys.stderr)
         return 1
@@ -452,7 +587,10 @@ def train(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    ranks = parallel.ranks_from_env()
+    logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR, format='%(message)s')
+    if not ranks.is_main:
+        sys.stdout = open(os.devnull, 'w')          # rank 0 alone talks; errors still reach stderr
     keep_freed_memory()
     debug = '--debug' in (argv if argv is not None else sys.argv[1:])
     try:
@@ -461,9 +599,11 @@ def main(argv=None) -> int:
     except DataError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if ranks.is_main or parallel.started():     # before the ranks meet, they all see the same input
+            prefix = "" if ranks.is_main else f"rank {ranks.rank}: "
+            print(f"{prefix}error: {err}", file=sys.stderr)
         return 2
-    except WriteError as err:   # a file the run cannot go on without
+    except WriteError as err:   # a file the run cannot go on without (rank 0 alone writes)
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
@@ -471,8 +611,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("error: interrupted outside the training loop; no checkpoint was saved", file=sys.stderr)
+        if ranks.is_main:
+            print("error: interrupted outside the training loop; no checkpoint was saved", file=sys.stderr)
         return 130
+    finally:
+        parallel.stop()
 
 
 if __name__ == '__main__':

@@ -13,8 +13,8 @@ status 2. In the order `run_nerf.train` calls them:
   matrices, every frame that will be read exists), images readable and of
   one size; and `--N_rand` against the pixels `--no_batching` draws from
   without replacement.
-- `check_writable`: the folders the run will write to can be made and
-  written (a base directory under a file, or under /proc, is refused here).
+- `check_writable`: makes the folders the run will write to and checks they
+  can be written (a base directory under a file, or under /proc, is refused).
 - `check_outputs`: after the checkpoint is chosen and before anything is
   written, refuses a run that would overwrite an earlier run's work
   (`--no_reload`/`--ft_path` into a folder holding later checkpoints, or a
@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import configargparse
 import numpy as np
+import torch
 from PIL import Image
 
 from checkpoints import list_checkpoints, read_checkpoint
@@ -45,6 +46,7 @@ from errors import DataError
 from load_blender import SPLITS, read_transforms
 from load_llff import _select_registered, list_images
 from outputs import reported
+from run_nerf_helpers import default_device
 
 log = logging.getLogger("nerf")
 
@@ -192,6 +194,40 @@ def check_flags(args, sources: Optional[Dict[str, str]] = None) -> None:
         fail("i_embed", f"must be 0 (positional encoding) or -1 (none), got {args.i_embed}")
     if value("dataset_type") == "deepvoxels" and value("testskip") == 0:
         fail("testskip", "must be at least 1 for deepvoxels")
+
+
+def choose_device(flag: Optional[str], local_rank: int = 0, world_size: int = 1):
+    """The training device: `--device` (cuda, cuda:1, mps, cpu), else CUDA,
+    MPS or the CPU, whichever is present. Under torchrun, a CUDA device
+    without an index is the process's LOCAL_RANK-th GPU (round robin when
+    there are fewer GPUs than processes on the node)."""
+    if flag is None:
+        device = default_device()
+    else:
+        try:
+            device = torch.device(flag)
+        except RuntimeError:
+            raise DataError("--device", f"unknown device '{flag}' (cuda, cuda:N, mps or cpu)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError("--device", f"{flag}: CUDA is not available on this machine (torch {torch.__version__})")
+        count = torch.cuda.device_count()
+        if device.index is None:
+            device = torch.device("cuda", local_rank % count if world_size > 1 else torch.cuda.current_device())
+        if device.index >= count:
+            raise DataError("--device", f"{flag}: this machine has {count} CUDA device(s), numbered from 0")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DataError("--device", f"{flag}: Apple MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DataError("--device", f"unsupported device type '{device.type}' (cuda, cuda:N, mps or cpu)")
+    return device
+
+
+def check_world_size(args, world_size: int) -> None:
+    """Each of the world_size processes renders N_rand / world_size rays a step."""
+    if world_size > 1 and args.N_rand % world_size:
+        raise DataError("--N_rand", f"{args.N_rand} rays per step do not split evenly over {world_size} processes; "
+                                    f"use a multiple of {world_size}")
 
 
 # --- Data folder ---------------------------------------------------------------
@@ -357,29 +393,24 @@ def _check_ray_count(args, H: int, W: int) -> None:
 # --- Outputs -------------------------------------------------------------------
 
 def check_writable(args) -> None:
-    """The folders the run writes to, basedir/expname and (when training)
-    basedir/summaries/expname, exist or can be made, and can be written to.
-    Folders made to find out are removed again: nothing is written yet."""
+    """Makes the folders the run writes to, basedir/expname and (when
+    training) basedir/summaries/expname, and checks that they can be written
+    to: a run that could not save its work stops before any heavy work. Every
+    data-parallel rank may do this at once (nothing is removed)."""
     expdir = Path(args.basedir) / str(args.expname)
     folders = [expdir] if args.render_only else [expdir, Path(args.basedir) / "summaries" / str(args.expname)]
     for folder in folders:
-        made = []
         try:
-            for part in reversed([folder, *folder.parents]):
-                if part.exists() and not part.is_dir():
-                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(part))
-                if not part.exists():
-                    part.mkdir()
-                    made.append(part)
+            blocking = [part for part in folder.parents if part.exists() and not part.is_dir()]
+            if blocking:
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(blocking[-1]))
+            folder.mkdir(parents=True, exist_ok=True)
             if not os.access(folder, os.W_OK | os.X_OK):
                 code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
                 raise PermissionError(code, os.strerror(code), str(folder))
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename and Path(exc.filename) != folder else ""
             raise DataError(folder, f"cannot be made or written (--basedir): {where}{exc.strerror}") from None
-        finally:
-            for part in reversed(made):
-                part.rmdir()
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -424,7 +455,7 @@ def keep_earlier(path: Path) -> Path:
     tag = "earlier"
     if path.name.endswith(".tar") and path.is_file():
         try:
-            read_checkpoint(path, map_location="cpu")
+            read_checkpoint(path)
         except DataError:
             tag = "corrupt"
     aside = path.with_name(f"{path.name}.{tag}")

@@ -44,3 +44,8 @@ def reference_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference outputs of the original not found at {path}")
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than about 10 s (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; run by scripts/gpu_check.sh")

@@ -389,7 +389,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
     net = NeRF(D=2, W=16, input_ch=3, output_ch=4)
     opt = torch.optim.Adam(net.parameters())
     path = tmp_path / "000002.tar"
-    checkpoints.save_checkpoint(path, 2, net, None, opt, {})
+    checkpoints.save_checkpoint(path, 2, net, None, opt, {}, [checkpoints.rng_state()])
     before = path.read_bytes()
 
     def crash(obj, f, *a, **k):
@@ -398,7 +398,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_checkpoint(path, 3, net, None, opt, {})
+        checkpoints.save_checkpoint(path, 3, net, None, opt, {}, [checkpoints.rng_state()])
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000002.tar"]   # no partial file left behind
 

@@ -1,0 +1,178 @@
+"""Data-parallel training over `torch.distributed`, as launched by `torchrun`.
+
+    torchrun --nproc_per_node=N run_nerf.py --config configs/fern.txt
+
+torchrun gives each of the W processes its RANK, LOCAL_RANK and WORLD_SIZE
+(and where to meet); plain `python run_nerf.py` sets none of them and runs
+as rank 0 of 1, with no process group and none of the calls below.
+
+Every rank holds the whole model and renders N_rand / W rays of each step.
+After the backward pass one all-reduce sums, over the ranks, their
+gradients together with a few per-step numbers (losses, a stop request);
+dividing by W gives every rank the same averaged gradient, hence the same
+Adam step. Since the ranks' shares are equal, the mean of their mean
+squared errors is the mean over all N_rand rays: one W-process step is the
+step of one process with the same N_rand, up to float rounding.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("nerf")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the W processes of a run."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files and talks on the console."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def ranks_from_env(environ=os.environ) -> Ranks:
+    """The ranks torchrun sets in the environment (one process without them)."""
+    def number(name: str, default: int) -> int:
+        return int(environ.get(name, default))
+    world_size = number("WORLD_SIZE", 1)
+    return Ranks(rank=number("RANK", 0), world_size=world_size, local_rank=number("LOCAL_RANK", 0),
+                 local_world_size=number("LOCAL_WORLD_SIZE", world_size))
+
+
+def backend_for(device: torch.device, ranks: Ranks) -> str:
+    """NCCL when every local rank has a CUDA device of its own, else gloo
+    (CPU runs, or several ranks sharing one GPU, which NCCL refuses)."""
+    if device.type == "cuda" and torch.cuda.device_count() >= ranks.local_world_size:
+        return "nccl"
+    return "gloo"
+
+
+def start(ranks: Ranks, device: torch.device, timeout_s: float = 1800) -> None:
+    """Joins the process group of a torchrun launch (nothing for one process)."""
+    if not ranks.distributed:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = backend_for(device, ranks)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    if ranks.is_main:
+        log.info("data-parallel training: %d processes, %s", ranks.world_size, backend)
+
+
+def started() -> bool:
+    """Whether this process has joined a process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Waits for every rank (nothing for one process)."""
+    if started():
+        dist.barrier()
+
+
+def stop() -> None:
+    if started():
+        dist.destroy_process_group()
+
+
+def noise_seed(seed: int, rank: int, *more: int) -> int:
+    """A seed for rank `rank`'s sampling noise (stratified jitter, density
+    noise), distinct per rank and per `more` (say, the step resumed at)."""
+    return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1, dtype=np.uint64)[0] % 2 ** 63)
+
+
+def broadcast_(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank, in place. NCCL moves only device
+    tensors, so a host tensor goes through `device` there."""
+    if not started():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        staged = tensor.to(device)
+        dist.broadcast(staged, src=0)
+        tensor.copy_(staged.cpu())
+    else:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def broadcast_parameters(parameters: Sequence[torch.Tensor], device: torch.device) -> None:
+    """Every rank starts from rank 0's weights (they are built from the same
+    seed already; this makes it independent of how each device initialises)."""
+    with torch.no_grad():
+        for p in parameters:
+            broadcast_(p.data, device)
+
+
+class GradientAverage:
+    """After `backward`, replaces each parameter's gradient by the mean over
+    all rays of the step, whichever rank rendered them, and likewise the
+    per-step `numbers` (0-d tensors, each a mean over this rank's rays);
+    returns them with `stop` (> 0 when any rank was asked to stop). One
+    all-reduce of a single flat buffer carries it all.
+
+    Rank r counts with its n_r rays: the sums over the ranks of n_r times
+    its gradients and numbers, divided by the sum of n_r. The shares are
+    equal but for an epoch's short last batch, where a rank may even have
+    no rays (it contributes zeros). A parameter gets a gradient where any
+    rank has one and, as in one process, none where no rank has.
+    """
+
+    def __init__(self, parameters: Sequence[torch.Tensor]):
+        self.parameters = list(parameters)
+
+    def __call__(self, numbers: Dict[str, torch.Tensor], n_rays: int,
+                 stop_requested: bool) -> Dict[str, torch.Tensor]:
+        params, names = self.parameters, list(numbers)
+        device = params[0].device
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        values = torch.stack([numbers[k].float().reshape(()).to(device) for k in names])
+        counts = torch.tensor([float(p.grad is not None) for p in params] + [float(n_rays), float(stop_requested)],
+                              device=device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [values]) * n_rays
+        flat = torch.cat([flat, counts])
+        dist.all_reduce(flat)
+        total_rays = flat[-2]
+        with_grad = flat[-2 - len(params):-2].tolist()
+        offset = 0
+        for p, ranks_with_grad in zip(params, with_grad):
+            p.grad = flat[offset:offset + p.numel()].view_as(p) / total_rays if ranks_with_grad else None
+            offset += p.numel()
+        reduced = {k: flat[offset + n] / total_rays for n, k in enumerate(names)}
+        reduced["stop"] = flat[-1]
+        return reduced
+def all_gather(obj: Any, ranks: Ranks) -> List[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not ranks.distributed:
+        return [obj]
+    out: List[Any] = [None] * ranks.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj: Any, ranks: Ranks) -> Optional[List[Any]]:
+    """Every rank's `obj` in rank order on rank 0; None on the others."""
+    if not ranks.distributed:
+        return [obj]
+    out: Optional[List[Any]] = [None] * ranks.world_size if ranks.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def my_share(n: int, ranks: Ranks) -> List[int]:
+    """The items of range(n) this rank handles: every W-th, from its rank."""
+    return list(range(ranks.rank, n, ranks.world_size))

@@ -13,8 +13,8 @@ status 2. In the order `run_nerf.train` calls them:
   matrices, every frame that will be read exists), images readable and of
   one size; and `--N_rand` against the pixels `--no_batching` draws from
   without replacement.
-- `check_writable`: makes the folders the run will write to and checks they
-  can be written (a base directory under a file, or under /proc, is refused).
+- `check_writable`: the folders the run will write to can be written or
+  made (a base directory under a file, or under /proc, is refused).
 - `check_outputs`: after the checkpoint is chosen and before anything is
   written, refuses a run that would overwrite an earlier run's work
   (`--no_reload`/`--ft_path` into a folder holding later checkpoints, or a
@@ -32,6 +32,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -393,21 +394,27 @@ def _check_ray_count(args, H: int, W: int) -> None:
 # --- Outputs -------------------------------------------------------------------
 
 def check_writable(args) -> None:
-    """Makes the folders the run writes to, basedir/expname and (when
-    training) basedir/summaries/expname, and checks that they can be written
-    to: a run that could not save its work stops before any heavy work. Every
-    data-parallel rank may do this at once (nothing is removed)."""
+    """The folders the run writes to, basedir/expname and (when training)
+    basedir/summaries/expname, exist and can be written to, or can be made:
+    their nearest existing folder is writable and takes a new folder (made
+    and removed at once). Nothing is left behind, and every data-parallel
+    rank may check at the same time."""
     expdir = Path(args.basedir) / str(args.expname)
     folders = [expdir] if args.render_only else [expdir, Path(args.basedir) / "summaries" / str(args.expname)]
     for folder in folders:
+        parts = [folder, *folder.parents]
+        existing = next(part for part in parts if part.exists())
         try:
-            blocking = [part for part in folder.parents if part.exists() and not part.is_dir()]
-            if blocking:
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(blocking[-1]))
-            folder.mkdir(parents=True, exist_ok=True)
-            if not os.access(folder, os.W_OK | os.X_OK):
-                code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
-                raise PermissionError(code, os.strerror(code), str(folder))
+            if not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+            if not os.access(existing, os.W_OK | os.X_OK):
+                code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+                raise PermissionError(code, os.strerror(code), str(existing))
+            if existing != folder:
+                try:
+                    os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+                except OSError as exc:   # e.g. under /proc
+                    raise OSError(exc.errno, exc.strerror, str(parts[parts.index(existing) - 1])) from None
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename and Path(exc.filename) != folder else ""
             raise DataError(folder, f"cannot be made or written (--basedir): {where}{exc.strerror}") from None

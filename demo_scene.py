@@ -214,6 +214,33 @@ def render_rays(rays_o, rays_d, scene=SCENE):
     return shade(n, idx, scene), idx >= 0, t
 
 
+
+def _distance_sphere(p, s):
+    return np.linalg.norm(p - np.asarray(s.center), axis=-1) - s.radius
+
+
+def _distance_box(p, b):
+    q = np.abs(p - np.asarray(b.center)) - np.asarray(b.half)
+    return np.linalg.norm(np.maximum(q, 0.0), axis=-1) + np.minimum(np.max(q, -1), 0.0)
+
+
+def _distance_cylinder(p, cyl):
+    radial = np.hypot(p[..., 0] - cyl.center_xy[0], p[..., 1] - cyl.center_xy[1]) - cyl.radius
+    axial = np.abs(p[..., 2] - 0.5 * (cyl.z_min + cyl.z_max)) - 0.5 * (cyl.z_max - cyl.z_min)
+    q = np.stack([radial, axial], -1)
+    return np.linalg.norm(np.maximum(q, 0.0), axis=-1) + np.minimum(np.max(q, -1), 0.0)
+
+
+_DISTANCE = {Sphere: _distance_sphere, Box: _distance_box, Cylinder: _distance_cylinder}
+
+
+def signed_distance(points, scene=SCENE):
+    """Exact signed distance (...) from points (..., 3) to the nearest solid's surface
+    (negative inside), and the index (...) of that solid in `scene`."""
+    p = np.asarray(points, dtype=np.float64)
+    d = np.stack([_DISTANCE[type(s)](p, s) for s in scene], -1)
+    return np.min(d, -1), np.argmin(d, -1)
+
 # --------------------------------------------------------------------------
 # Cameras.
 

@@ -8,7 +8,10 @@ file, or a folder holding one, may be given instead. Each row has the scene,
 step, number of views, the resolution the run was scored at and the paper's,
 then PSNR, SSIM and LPIPS with the paper's value for that scene
 (``paper_results.json``) and the difference (ours - paper; for LPIPS lower
-is better). Bad input prints ``error: <path>: <what>`` on stderr and exits 2.
+is better), and whether the row is comparable with the paper (its
+resolution and, for Blender, all 200 test views; the notes say why not).
+``--means`` adds a mean row per dataset. Bad input prints
+``error: <path>: <what>`` on stderr and exits 2.
 """
 from __future__ import annotations
 
@@ -143,34 +146,83 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|")
 
 
-def format_table(rows: Sequence[dict], paper: dict) -> str:
-    """The Markdown table (and footnotes) for rows from :func:`read_run`."""
+def compare(row: dict, paper: dict) -> dict:
+    """A row of :func:`read_run` with the paper's values beside it.
+
+    Adds ``paper_resolution`` ("WxH" or None), ``paper_<m>`` and ``delta_<m>``
+    (ours - paper) for m in psnr, ssim, lpips (None where either is missing),
+    ``comparable`` (scored the paper's way: its scene, its resolution and, where
+    the paper gives one, its number of test views) and ``why_not`` (the
+    reason when not comparable, else None).
+    """
+    out = dict(row)
+    hit = paper_lookup(paper, row["scene"], row["dataset_type"])
+    ds, scores = hit if hit is not None else ({}, {})
+    res = f"{row['W']}x{row['H']}"
+    out["paper_resolution"] = f"{ds['resolution']['W']}x{ds['resolution']['H']}" if ds else None
+    for key in _DIGITS:
+        ref = scores.get(key)
+        out[f"paper_{key}"] = ref
+        out[f"delta_{key}"] = None if ref is None or row[key] is None else row[key] - ref
+    if hit is None:
+        why = f"the paper has no scene '{row['scene']}'"
+    elif out["paper_resolution"] != res:
+        why = f"scored at {res}, the paper at {out['paper_resolution']} ({ds['name']})"
+    elif "test_views" in ds and row["n_views"] != ds["test_views"]:
+        why = f"{row['n_views']} test views, the paper {ds['test_views']} (testskip 1)"
+    else:
+        why = None
+    out["comparable"], out["why_not"] = why is None, why
+    return out
+
+
+def mean_rows(compared: Sequence[dict], paper: dict) -> list[dict]:
+    """Per dataset type, the mean of :func:`compare` rows and the paper's mean
+    over the same scenes (its published mean when all of them are there).
+
+    A mean is None when any of its rows lacks the value; ``comparable`` when
+    every row is.
+    """
+    out = []
+    for dataset_type in sorted({r["dataset_type"] for r in compared if r["paper_resolution"]}):
+        group = [r for r in compared if r["dataset_type"] == dataset_type and r["paper_resolution"]]
+        ds = paper["datasets"][dataset_type]
+        scenes = sorted({r["scene"] for r in group})
+        complete = set(scenes) == set(ds["scenes"])
+        mean = {"run": f"mean {dataset_type}", "scene": f"{len(scenes)} of {len(ds['scenes'])} {ds['name']} scenes",
+                "dataset_type": dataset_type, "n_runs": len(group), "scenes": scenes,
+                "comparable": all(r["comparable"] for r in group)}
+        for key in _DIGITS:
+            ours = [r[key] for r in group]
+            mean[key] = None if any(v is None for v in ours) else sum(ours) / len(ours)
+            ref = ds["mean"][key] if complete else sum(ds["scenes"][s][key] for s in scenes) / len(scenes)
+            mean[f"paper_{key}"] = ref
+            mean[f"delta_{key}"] = None if mean[key] is None else mean[key] - ref
+        out.append(mean)
+    return out
+
+
+def format_table(rows: Sequence[dict], paper: dict, means: bool = False) -> str:
+    """The Markdown table (and footnotes) for rows from :func:`read_run`;
+    ``means`` adds a mean row per dataset (:func:`mean_rows`)."""
     header = ["Run", "Scene", "Step", "Views", "Resolution", "Paper res.",
-              "PSNR", "Paper", "Δ", "SSIM", "Paper", "Δ", "LPIPS", "Paper", "Δ"]
+              "PSNR", "Paper", "Δ", "SSIM", "Paper", "Δ", "LPIPS", "Paper", "Δ", "Comparable"]
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] * 4 + [":---:"] * 2 + ["---:"] * 9) + "|"]
+             "|" + "|".join(["---"] * 4 + [":---:"] * 2 + ["---:"] * 9 + [":---:"]) + "|"]
     notes: list[str] = []
     no_lpips: dict[str, list[str]] = {}
-    for row in rows:
-        hit = paper_lookup(paper, row["scene"], row["dataset_type"])
-        res = f"{row['W']}x{row['H']}"
-        if hit is None:
-            paper_res, scores = "—", {}
-            notes.append(f"- {row['run']}: the paper has no scene '{row['scene']}'.")
-        else:
-            ds, scores = hit
-            paper_res = f"{ds['resolution']['W']}x{ds['resolution']['H']}"
-            if paper_res != res:
-                notes.append(f"- {row['run']}: scored at {res}, the paper at {paper_res} "
-                             f"({ds['name']}); see docs/evaluation.md.")
-        cells = [row["run"], row["scene"], row["step"], row["n_views"], res, paper_res]
-        for key in ("psnr", "ssim", "lpips"):
-            d = _DIGITS[key]
-            ref = scores.get(key)
-            cells += [_value(row[key], d), "—" if ref is None else _value(ref, d),
-                      "—" if ref is None else _delta(row[key], ref, d)]
+    compared = [compare(row, paper) for row in rows]
+    for row in compared:
+        cells = [row["run"], row["scene"], row["step"], row["n_views"], f"{row['W']}x{row['H']}",
+                 row["paper_resolution"] or "—", *_score_cells(row), "yes" if row["comparable"] else "no"]
+        if not row["comparable"]:
+            notes.append(f"- {row['run']}: {row['why_not']}; see docs/evaluation.md.")
         if row["lpips"] is None:
             no_lpips.setdefault(row.get("lpips_reason") or "reason not recorded", []).append(row["run"])
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    for mean in mean_rows(compared, paper) if means else []:
+        cells = [mean["run"], mean["scene"], "—", "—", "—", "—", *_score_cells(mean),
+                 "yes" if mean["comparable"] else "no"]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     for reason, runs in no_lpips.items():
         notes.append(f"- {', '.join(runs)}: LPIPS unavailable: {reason}")
@@ -180,6 +232,15 @@ def format_table(rows: Sequence[dict], paper: dict) -> str:
     return out
 
 
+def _score_cells(row: dict) -> list[str]:
+    cells = []
+    for key, digits in _DIGITS.items():
+        ref = row[f"paper_{key}"]
+        cells += [_value(row[key], digits), "—" if ref is None else _value(ref, digits),
+                  "—" if ref is None else _delta(row[key], ref, digits)]
+    return cells
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Markdown table of each run's newest test-set metrics beside the NeRF paper's.")
@@ -187,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run folder (logs/<expname>), test folder, or metrics.json")
     parser.add_argument("--paper", default=str(PAPER_RESULTS),
                         help="paper results file (default: %(default)s)")
+    parser.add_argument("--means", action="store_true", help="add a mean row per dataset")
     args = parser.parse_args(argv)
 
     try:
@@ -203,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed = True
     if failed:
         return 2
-    sys.stdout.write(format_table(rows, paper))
+    sys.stdout.write(format_table(rows, paper, args.means))
     return 0
 
 

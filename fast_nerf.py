@@ -37,10 +37,16 @@ allocated large tensor costs a page fault per 4 KiB page, every step).
 `supports(...)` says when the fast path applies: a `NeRF` whose `forward` is
 the library's own, the library's encoders, inputs that need no gradient and
 no autocast. Anything else takes the plain path, so forks that pass their own
-network or encoder keep working.
+network or encoder keep working. A fork may also edit `NeRF.forward`, the
+`Embedder` or a layer in place, which that check cannot see; so before its
+first use for a network and its encoders, `matches_plain_path` evaluates
+both paths on a small probe batch and keeps the fast one only where values
+and weight gradients agree (one warning line otherwise).
 """
+import logging
 import math
-from typing import List, Optional, Sequence
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,7 +54,9 @@ from torch.autograd.function import once_differentiable
 
 from run_nerf_helpers import Embedder, NeRF
 
-__all__ = ["supports", "query", "release_memory", "rows_per_block"]
+__all__ = ["supports", "matches_plain_path", "query", "release_memory", "rows_per_block"]
+
+log = logging.getLogger("nerf")
 
 
 # --- Reusable memory ---------------------------------------------------------
@@ -125,7 +133,8 @@ def _numel(shapes) -> int:
 
 def _freqs(embed_fn) -> Optional[torch.Tensor]:
     """The encoder's frequencies (empty for the identity), or None if unknown."""
-    if type(embed_fn) is Embedder and embed_fn.input_dims == 3:
+    if (type(embed_fn) is Embedder and embed_fn.input_dims == 3 and embed_fn.include_input
+            and embed_fn.periodic_fns == (torch.sin, torch.cos)):
         return embed_fn.freq_bands
     if type(embed_fn) is nn.Identity:
         return torch.zeros(0)
@@ -156,6 +165,72 @@ def supports(fn, embed_fn, embeddirs_fn, inputs: torch.Tensor, viewdirs: Optiona
     if any(p.dtype != inputs.dtype or p.device != inputs.device for p in fn.parameters()):
         return False
     return True
+
+
+PROBE_POINTS = 256     # about this many points (whole rays) in the probe batch
+PROBE_RTOL = 1e-4      # allowed difference, relative to each compared tensor's largest value
+
+# network -> {(encoders, dtype, device): verdict}; forgotten with the network
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, bool]]" = weakref.WeakKeyDictionary()
+
+
+def matches_plain_path(model: NeRF, embed_fn, embeddirs_fn, inputs: torch.Tensor, viewdirs: Optional[torch.Tensor],
+                       netchunk: int, plain: Callable) -> bool:
+    """Whether `query` computes what `plain(pts, dirs)` does: the plain path,
+    with the model's `forward` and the encoders as they are now, edits made in
+    place included. Decided once per model, encoders, dtype and device, on
+    the first rays of `inputs` (N, S, 3) and `viewdirs` (N, 3): both paths'
+    raw outputs and their gradients for every weight (for a fixed output
+    gradient) must agree to PROBE_RTOL. Otherwise logs one warning and returns
+    False. The probe changes no state: no random generator advances, no
+    `.grad` is written."""
+    key = (id(embed_fn), id(embeddirs_fn), inputs.dtype, inputs.device)
+    verdicts = _VERDICTS.setdefault(model, {})
+    if key not in verdicts:
+        problem = _probe(model, embed_fn, embeddirs_fn, inputs, viewdirs, netchunk, plain)
+        if problem:
+            log.warning("warning: fast path: %s %s; using the plain path for this network (--fast_path off "
+                        "skips the check)", type(model).__name__, problem)
+        verdicts[key] = problem is None
+    return verdicts[key]
+
+
+def _probe(model: NeRF, embed_fn, embeddirs_fn, inputs, viewdirs, netchunk: int, plain: Callable) -> Optional[str]:
+    """None when both paths agree on a probe batch, else what differs."""
+    n_rays = max(1, PROBE_POINTS // inputs.shape[1])
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    on_cpu = inputs.device.type == "cpu"
+    with torch.random.fork_rng([] if on_cpu else [inputs.device], device_type=None if on_cpu else inputs.device.type), \
+            torch.inference_mode(False), torch.enable_grad():
+        pts = inputs[:n_rays].detach().clone()
+        dirs = viewdirs[:n_rays].detach().clone() if viewdirs is not None else None
+        want = plain(pts, dirs)
+        try:
+            got = query(model, pts, dirs, embed_fn, embeddirs_fn, netchunk)
+        except Exception as exc:    # e.g. a layer reshaped in place: the fused layout no longer fits
+            return f"fails on a probe batch ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})"
+        if got.shape != want.shape:
+            return f"gives raw outputs of shape {tuple(got.shape)} where its forward gives {tuple(want.shape)}"
+        gen = torch.Generator().manual_seed(0)
+        grad_out = torch.randn(want.shape, generator=gen, dtype=want.dtype).to(want.device)
+        params = [p for _, p in named]
+        grads_want = torch.autograd.grad(want, params, grad_out, allow_unused=True) if params else []
+        grads_got = torch.autograd.grad(got, params, grad_out, allow_unused=True) if params else []
+    zero = torch.zeros_like
+    compared = [("raw outputs", got.detach(), want.detach())] + [
+        (f"the gradient of {name}", zero(p) if g is None else g, zero(p) if w is None else w)
+        for (name, p), g, w in zip(named, grads_got, grads_want)]
+    for what, a, b in compared:
+        off = _relative_difference(a, b)
+        if not off <= PROBE_RTOL:
+            return f"differs from its forward and encoders on a probe batch ({what} off by {off:.2g} of its largest value)"
+    return None
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max(|a|, |b|) (0 for two zero tensors)."""
+    scale = float(torch.maximum(a.abs().max(), b.abs().max())) if a.numel() else 0.0
+    return float((a - b).abs().max()) / scale if scale > 0 else 0.0
 
 
 class _Plan:

@@ -20,9 +20,10 @@ JSON has no infinity, ``metrics.json`` stores such a value as the string
 ``"inf"``; :func:`load_metrics` turns it back into ``math.inf``.
 
 LPIPS needs the ``lpips`` package, torchvision, and the ImageNet VGG16 weights
-in the torch hub cache. When any of them is missing, the scores say LPIPS is
-unavailable and why; nothing is ever downloaded (downloads are blocked while
-the model is built).
+in the torch hub cache. The weights are fetched once into that cache on first
+use, as torchvision's model zoo would, saying so in one line, unless
+downloads are off (``--no_download``, ``$NERF_NO_DOWNLOAD``). When anything
+is missing, the scores say LPIPS is unavailable and why; no value is made up.
 
 Shapes: an image is ``(H, W, C)`` (or ``(H, W)``), floats in [0, 1] or uint8;
 a set of views is ``(N, H, W, C)`` or a sequence of images.
@@ -33,6 +34,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -51,10 +53,10 @@ CONVENTION = (
     "(bmild/nerf issue 66)"
 )
 METRICS_FILENAME = "metrics.json"
-# torchvision's file name for the ImageNet VGG16 weights, used if torchvision
-# cannot tell us (it names it in VGG16_Weights.IMAGENET1K_V1.url).
-_VGG16_FILE_FALLBACK = "vgg16-397923af.pth"
+# Set (to anything but "" or "0") to keep LPIPS from fetching its VGG16 weights.
+NO_DOWNLOAD_ENV = "NERF_NO_DOWNLOAD"
 _RENDER_NAME = re.compile(r"^\d+\.png$")
+log = logging.getLogger("nerf")
 
 
 # --------------------------------------------------------------------------
@@ -218,7 +220,7 @@ def _downloads_blocked() -> Iterator[None]:
     saved = torch.hub.download_url_to_file
 
     def refuse(url: str, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(f"refusing to download {url}: metrics never download")
+        raise RuntimeError(f"refusing to download {url}: building the LPIPS model never downloads")
 
     torch.hub.download_url_to_file = refuse
     try:
@@ -242,64 +244,104 @@ def _hub_dir(path: str | None) -> Iterator[None]:
         torch.hub.set_dir(saved)
 
 
-def _vgg16_weights_file() -> str:
-    try:
-        from torchvision.models import VGG16_Weights
+def downloads_allowed(no_download: bool = False) -> bool:
+    """False with ``--no_download`` or when ``$NERF_NO_DOWNLOAD`` is set (not "" or "0")."""
+    return not no_download and os.environ.get(NO_DOWNLOAD_ENV, "") in ("", "0")
 
-        return os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
-    except Exception:  # older torchvision, or a partial install
-        return _VGG16_FILE_FALLBACK
+
+def vgg16_weights_url() -> str:
+    """Where torchvision gets the ImageNet VGG16 weights (``VGG16_Weights.IMAGENET1K_V1``).
+
+    Imports ``torchvision.models``; raises whatever that import raises.
+    """
+    from torchvision.models import VGG16_Weights
+
+    return VGG16_Weights.IMAGENET1K_V1.url
+
+
+def fetch_vgg16_weights(url: str, dest: Path) -> None:
+    """Download ``url`` to ``dest`` the way torchvision's model zoo does.
+
+    ``torch.hub.download_url_to_file`` writes to a temporary file, checks the
+    SHA-256 prefix that the file name carries (``vgg16-397923af.pth``) and
+    renames it into place, so an interrupted fetch leaves no partial file.
+    """
+    import torch.hub
+
+    log.info("LPIPS: fetching the VGG16 ImageNet weights %s into %s (once)", url, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = torch.hub.HASH_REGEX.search(dest.name)
+    torch.hub.download_url_to_file(url, str(dest), digest.group(1) if digest else None, progress=True)
 
 
 class LPIPSScorer:
-    """LPIPS (``lpips`` package, VGG) loaded lazily, never downloading.
+    """LPIPS (``lpips`` package, VGG) loaded lazily.
 
     ``scorer.available`` says whether it can score and ``scorer.reason`` why
     not (``None`` when it can). Calling it on two ``(H, W, 3)`` images in
     [0, 1] (or uint8) returns the LPIPS distance as a float, or ``None`` when
     unavailable. The model is built once, on first use.
 
-    ``hub_dir`` is where the VGG16 ImageNet weights are looked for
-    (``<hub_dir>/checkpoints/``); default ``torch.hub.get_dir()``.
+    ``hub_dir`` is the torch hub cache holding the VGG16 ImageNet weights
+    (``<hub_dir>/checkpoints/``); default ``torch.hub.get_dir()``, i.e.
+    ``$TORCH_HOME/hub``. When the file is missing it is fetched once from
+    torchvision's URL (:func:`fetch_vgg16_weights`) unless ``download`` is
+    False (default: :func:`downloads_allowed`); building the model itself
+    never downloads anything.
     """
 
     def __init__(self, net: str = "vgg", device: str | None = None,
-                 hub_dir: str | os.PathLike | None = None) -> None:
+                 hub_dir: str | os.PathLike | None = None, download: bool | None = None) -> None:
         self.net_name = net
         self.device = device
         self.hub_dir = None if hub_dir is None else str(hub_dir)
+        self.download = downloads_allowed() if download is None else download
         self._model: Any = None
         self._reason: str | None = None
         self._checked = False
 
-    # The checks only look at files: none imports torchvision's model code
-    # or touches the network.
-    def _find_problem(self) -> str | None:
+    # Only looks at files: imports nothing heavy, touches no network.
+    def _missing_package(self) -> str | None:
         lpips_spec = importlib.util.find_spec("lpips")
         if lpips_spec is None:
-            return "the lpips package is not installed (see docs/evaluation.md)"
+            return "the lpips package is not installed (pip install -r requirements.txt)"
         if importlib.util.find_spec("torchvision") is None:
             return "torchvision is not installed (lpips needs it for VGG16)"
         locations = list(lpips_spec.submodule_search_locations or [])
         linear = [Path(p) / "weights" / "v0.1" / f"{self.net_name}.pth" for p in locations]
         if not any(p.is_file() for p in linear):
             return f"the lpips package has no linear-layer weights for net='{self.net_name}'"
-        if self.net_name == "vgg":
-            import torch.hub
+        return None
 
-            hub = self.hub_dir if self.hub_dir is not None else torch.hub.get_dir()
-            weights = Path(hub) / "checkpoints" / _vgg16_weights_file()
-            if not weights.is_file():
-                return (
-                    f"VGG16 ImageNet weights not found at {weights} (lpips would "
-                    "download them; metrics never download: put the file there "
-                    "to enable LPIPS)"
-                )
+    def _missing_vgg16(self) -> str | None:
+        """Finds (or fetches) the VGG16 weights in the hub cache; the reason when it can't."""
+        import torch
+        import torch.hub
+
+        try:
+            url = vgg16_weights_url()
+        except Exception as exc:
+            return (f"torchvision cannot be imported ({type(exc).__name__}: {exc}); it must be the "
+                    f"build made for the installed torch {torch.__version__}")
+        hub = self.hub_dir if self.hub_dir is not None else torch.hub.get_dir()
+        weights = Path(hub) / "checkpoints" / os.path.basename(url)
+        if weights.is_file():
+            return None
+        if not self.download:
+            return (f"VGG16 ImageNet weights not found at {weights} and downloads are off "
+                    f"(--no_download or ${NO_DOWNLOAD_ENV}); put {url} there to enable LPIPS")
+        try:
+            fetch_vgg16_weights(url, weights)
+        except Exception as exc:
+            return (f"could not fetch the VGG16 ImageNet weights {url} into {weights} "
+                    f"({type(exc).__name__}: {exc}); offline? put the file there by hand")
         return None
 
     def _load(self) -> None:
         self._checked = True
-        self._reason = self._find_problem()
+        self._reason = self._missing_package()
+        if self._reason is None and self.net_name == "vgg":
+            self._reason = self._missing_vgg16()
         if self._reason is not None:
             return
         try:
@@ -345,15 +387,16 @@ class LPIPSScorer:
         return float(dist.reshape(-1)[0])
 
 
-_DEFAULT_LPIPS: LPIPSScorer | None = None
+_DEFAULT_LPIPS: dict[bool, LPIPSScorer] = {}
 
 
-def default_lpips_scorer() -> LPIPSScorer:
-    """One shared VGG LPIPS scorer per process (built on first use)."""
-    global _DEFAULT_LPIPS
-    if _DEFAULT_LPIPS is None:
-        _DEFAULT_LPIPS = LPIPSScorer()
-    return _DEFAULT_LPIPS
+def default_lpips_scorer(download: bool | None = None) -> LPIPSScorer:
+    """One shared VGG LPIPS scorer per process and download setting (built on
+    first use); ``download`` defaults to :func:`downloads_allowed`."""
+    download = downloads_allowed() if download is None else download
+    if download not in _DEFAULT_LPIPS:
+        _DEFAULT_LPIPS[download] = LPIPSScorer(download=download)
+    return _DEFAULT_LPIPS[download]
 
 
 # --------------------------------------------------------------------------

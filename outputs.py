@@ -16,6 +16,7 @@ replaced whole: `EventLog` stops logging at its first failed write, with one
 warning, and the events written before stay readable.
 """
 import errno
+import io
 import logging
 import os
 import resource
@@ -113,6 +114,13 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 
 def write_text(path: PathLike, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def write_npy(path: PathLike, array: np.ndarray) -> None:
+    """`np.save`'s .npy file."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes(path, buffer.getvalue())
 
 
 def write_image(path: PathLike, img: np.ndarray) -> None:

@@ -16,8 +16,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fast_nerf
+import geometry
 from outputs import write_image
-from run_nerf_helpers import get_rays, ndc_rays, sample_pdf, to8b
+from run_nerf_helpers import get_rays, ndc_rays, pytest_uniform, sample_pdf, to8b
+
+
+def batchify(fn: Callable, chunk: Optional[int]) -> Callable:
+    """`fn` applied to at most `chunk` rows of its input at a time, outputs
+    concatenated along the first axis (`fn` itself for chunk None)."""
+    if chunk is None:
+        return fn
+
+    def batched(inputs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(inputs[i:i + chunk]) for i in range(0, inputs.shape[0], chunk)], 0)
+
+    return batched
 
 log = logging.getLogger("nerf")
 
@@ -32,18 +45,33 @@ def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Call
     With `fast` (the default) a library `NeRF` runs through `fast_nerf`: the
     same network and formulas in fewer, fused operations (see there); without
     gradients, `density_only` there skips the colour layers. Other networks or
-    encoders, autocast, or `fast=False` take the plain path below.
+    encoders, autocast, or `fast=False` take the plain path, `plain_network`,
+    and so does a network or encoder whose code was edited in place: on first
+    use both paths are compared on a probe batch (`fast_nerf.matches_plain_path`).
     """
-    if (fast and fast_nerf.supports(fn, embed_fn, embeddirs_fn, inputs, viewdirs)
-            and not (density_only and torch.is_grad_enabled())):
-        return fast_nerf.query(fn, inputs, viewdirs, embed_fn, embeddirs_fn, netchunk, density_only=density_only)
+    if (fast and not (density_only and torch.is_grad_enabled())
+            and fast_nerf.supports(fn, embed_fn, embeddirs_fn, inputs, viewdirs)):
+        def plain(pts, dirs):
+            return plain_network(pts, dirs, fn, embed_fn, embeddirs_fn, netchunk)
+
+        if fast_nerf.matches_plain_path(fn, embed_fn, embeddirs_fn, inputs, viewdirs, netchunk, plain):
+            return fast_nerf.query(fn, inputs, viewdirs, embed_fn, embeddirs_fn, netchunk,
+                                   density_only=density_only)
+    return plain_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk, density_only)
+
+
+def plain_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Callable,
+                  embed_fn: Callable, embeddirs_fn: Optional[Callable],
+                  netchunk: int = 1024 * 64, density_only: bool = False) -> torch.Tensor:
+    """`run_network` as the original computes it: the encodings concatenated
+    per point, the view direction repeated for each of its ray's samples, and
+    `fn` called on at most `netchunk` rows at a time. Shapes as `run_network`."""
     inputs_flat = inputs.reshape(-1, inputs.shape[-1])
     embedded = embed_fn(inputs_flat)
     if viewdirs is not None:
         dirs_flat = viewdirs[:, None].expand(inputs.shape).reshape(-1, 3)
         embedded = torch.cat([embedded, embeddirs_fn(dirs_flat)], -1)
-    outputs_flat = torch.cat([fn(embedded[i:i + netchunk])
-                              for i in range(0, embedded.shape[0], netchunk)], 0)
+    outputs_flat = batchify(fn, netchunk)(embedded)
     if density_only:
         outputs_flat = outputs_flat[:, 3:4]
     return outputs_flat.reshape(list(inputs.shape[:-1]) + [outputs_flat.shape[-1]])
@@ -54,7 +82,8 @@ class NetworkQuery:
     of the render kwargs (see `run_network`), over at most `netchunk` points
     at a time.
 
-    Default: `run_network` (its fast path for library networks). Off-by-default
+    Default: `run_network` (its fast path for library networks, unless
+    `fast` is False: `--fast_path off`). Off-by-default
     modes: `mixed_precision` runs the networks under bfloat16 autocast (the
     plain path; outputs back in float32); `compiled` maps id(module) to a
     `torch.compile`d callable used in the module's place (the module itself
@@ -62,16 +91,16 @@ class NetworkQuery:
     """
 
     def __init__(self, embed_fn: Callable, embeddirs_fn: Optional[Callable], netchunk: int,
-                 mixed_precision: bool = False, compiled: Optional[dict] = None):
+                 mixed_precision: bool = False, compiled: Optional[dict] = None, fast: bool = True):
         self.embed_fn, self.embeddirs_fn, self.netchunk = embed_fn, embeddirs_fn, netchunk
-        self.mixed_precision, self.compiled = mixed_precision, compiled or {}
+        self.mixed_precision, self.compiled, self.fast = mixed_precision, compiled or {}, fast
 
     def __call__(self, inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], network_fn: Callable,
                  density_only: bool = False) -> torch.Tensor:
         fn = self.compiled.get(id(network_fn), network_fn)
         if not self.mixed_precision:
-            return run_network(inputs, viewdirs, fn, self.embed_fn, self.embeddirs_fn, self.netchunk,
-                               density_only=density_only)
+            return run_network(inputs, viewdirs, fn, self.embed_fn, self.embeddirs_fn, self.netchunk, self.fast,
+                               density_only)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
             out = run_network(inputs, viewdirs, fn, self.embed_fn, self.embeddirs_fn, self.netchunk,
                               density_only=density_only)
@@ -79,9 +108,10 @@ class NetworkQuery:
 
 
 def make_network_query_fn(embed_fn: Callable, embeddirs_fn: Optional[Callable], netchunk: int,
-                          mixed_precision: bool = False, compiled: Optional[dict] = None) -> NetworkQuery:
+                          mixed_precision: bool = False, compiled: Optional[dict] = None,
+                          fast: bool = True) -> NetworkQuery:
     """The render kwargs' `network_query_fn`: a `NetworkQuery`."""
-    return NetworkQuery(embed_fn, embeddirs_fn, netchunk, mixed_precision, compiled)
+    return NetworkQuery(embed_fn, embeddirs_fn, netchunk, mixed_precision, compiled, fast)
 
 
 def accepts_density_only(network_query_fn: Callable) -> bool:
@@ -94,12 +124,13 @@ def accepts_density_only(network_query_fn: Callable) -> bool:
 
 
 def sample_along_rays(near: torch.Tensor, far: torch.Tensor, N_samples: int,
-                      lindisp: bool = False, perturb: float = 0.0) -> torch.Tensor:
+                      lindisp: bool = False, perturb: float = 0.0, pytest: bool = False) -> torch.Tensor:
     """Coarse sample depths z (N, S) between near and far (each (N, 1)).
 
     z = near (1 - t) + far t for t = linspace(0, 1, S), or linear in
     disparity with `lindisp`. With `perturb` each z is drawn uniformly within
-    its interval bounded by the midpoints (the end intervals stop at near/far).
+    its interval bounded by the midpoints (the end intervals stop at near/far),
+    with `pytest` at the original's fixed fractions (`pytest_uniform`).
     """
     t_vals = torch.linspace(0.0, 1.0, N_samples, dtype=near.dtype, device=near.device)
     if not lindisp:
@@ -111,23 +142,26 @@ def sample_along_rays(near: torch.Tensor, far: torch.Tensor, N_samples: int,
         mids = 0.5 * (z_vals[..., 1:] + z_vals[..., :-1])
         upper = torch.cat([mids, z_vals[..., -1:]], -1)
         lower = torch.cat([z_vals[..., :1], mids], -1)
-        z_vals = lower + (upper - lower) * torch.rand_like(z_vals)
+        t_rand = pytest_uniform(z_vals.shape, z_vals) if pytest else torch.rand_like(z_vals)
+        z_vals = lower + (upper - lower) * t_rand
     return z_vals
 
 
 def compositing_weights(sigma: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
-                        raw_noise_std: float = 0) -> torch.Tensor:
+                        raw_noise_std: float = 0, pytest: bool = False) -> torch.Tensor:
     """Each sample's weight w (N, S) in the ray's colour, from densities sigma (N, S).
 
     delta_i = (z_{i+1} - z_i) |d| (1e10 after the last sample),
-    alpha_i = 1 - exp(-relu(sigma_i + noise) delta_i), noise ~ N(0, raw_noise_std^2),
+    alpha_i = 1 - exp(-relu(sigma_i + noise) delta_i), noise ~ N(0, raw_noise_std^2)
+    (with `pytest`, the original's fixed uniform draws times raw_noise_std),
     w_i = alpha_i prod_{j<i} (1 - alpha_j + 1e-10).
     """
     dists = z_vals[..., 1:] - z_vals[..., :-1]
     dists = torch.cat([dists, torch.full_like(dists[..., :1], 1e10)], -1)
     dists = dists * torch.norm(rays_d[..., None, :], dim=-1)
     if raw_noise_std > 0.0:
-        sigma = sigma + torch.randn_like(sigma) * raw_noise_std
+        noise = pytest_uniform(sigma.shape, sigma) if pytest else torch.randn_like(sigma)
+        sigma = sigma + noise * raw_noise_std
     alpha = 1.0 - torch.exp(-F.relu(sigma) * dists)
     transmittance = torch.cumprod(
         torch.cat([torch.ones_like(alpha[..., :1]), 1.0 - alpha + 1e-10], -1), -1)[..., :-1]
@@ -135,7 +169,7 @@ def compositing_weights(sigma: torch.Tensor, z_vals: torch.Tensor, rays_d: torch
 
 
 def raw2outputs(raw: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
-                raw_noise_std: float = 0, white_bkgd: bool = False
+                raw_noise_std: float = 0, white_bkgd: bool = False, pytest: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alpha-composites network outputs along each ray.
 
@@ -146,7 +180,7 @@ def raw2outputs(raw: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
     weights (N, S), depth_map (N,) = sum w z.
     """
     rgb = torch.sigmoid(raw[..., :3])
-    weights = compositing_weights(raw[..., 3], z_vals, rays_d, raw_noise_std)
+    weights = compositing_weights(raw[..., 3], z_vals, rays_d, raw_noise_std, pytest)
 
     rgb_map = torch.sum(weights[..., None] * rgb, -2)
     depth_map = torch.sum(weights * z_vals, -1)
@@ -163,8 +197,8 @@ def raw2outputs(raw: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
 def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn: Callable,
                 N_samples: int, retraw: bool = False, lindisp: bool = False,
                 perturb: float = 0.0, N_importance: int = 0, network_fine: Optional[Callable] = None,
-                white_bkgd: bool = False, raw_noise_std: float = 0.0,
-                coarse_maps: bool = True) -> Dict[str, torch.Tensor]:
+                white_bkgd: bool = False, raw_noise_std: float = 0.0, verbose: bool = False,
+                pytest: bool = False, coarse_maps: bool = True) -> Dict[str, torch.Tensor]:
     """Renders a ray batch (N, 8 or 11): coarse samples, then with
     `N_importance` > 0 as many more drawn from the coarse weights, all of them
     evaluated by the fine network (the coarse one when there is none).
@@ -174,31 +208,34 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
     `coarse_maps` is False: then the coarse pass asks the network for
     densities only, as the fine samples need no more) and z_std (N,), the
     population std of the fine samples' depths.
+
+    `verbose` is the original's keyword, which it never read either; `pytest` replaces every random draw (jitter, density noise, fine
+    samples) by the original's fixed ones (`pytest_uniform`).
     """
     rays_o, rays_d = ray_batch[:, 0:3], ray_batch[:, 3:6]
     viewdirs = ray_batch[:, -3:] if ray_batch.shape[-1] > 8 else None
     near, far = ray_batch[:, 6:7], ray_batch[:, 7:8]
 
-    z_vals = sample_along_rays(near, far, N_samples, lindisp, perturb)
+    z_vals = sample_along_rays(near, far, N_samples, lindisp, perturb, pytest)
     pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
     ret = {}
     if N_importance > 0 and not coarse_maps:
         sigma = network_query_fn(pts, viewdirs, network_fn, density_only=True)[..., 0]
-        weights = compositing_weights(sigma, z_vals, rays_d, raw_noise_std)
+        weights = compositing_weights(sigma, z_vals, rays_d, raw_noise_std, pytest)
     else:
         raw = network_query_fn(pts, viewdirs, network_fn)
-        rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd)
+        rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd, pytest)
         if N_importance > 0:
             ret.update(rgb0=rgb_map, disp0=disp_map, acc0=acc_map)
 
     if N_importance > 0:
         z_vals_mid = 0.5 * (z_vals[..., 1:] + z_vals[..., :-1])
         z_samples = sample_pdf(z_vals_mid, weights[..., 1:-1], N_importance,
-                               det=(perturb == 0.0)).detach()
+                               det=(perturb == 0.0), pytest=pytest).detach()
         z_vals, _ = torch.sort(torch.cat([z_vals, z_samples], -1), -1)
         pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
         raw = network_query_fn(pts, viewdirs, network_fn if network_fine is None else network_fine)
-        rgb_map, disp_map, acc_map, _, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd)
+        rgb_map, disp_map, acc_map, _, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd, pytest)
         ret["z_std"] = torch.std(z_samples, dim=-1, unbiased=False)
 
     ret.update(rgb_map=rgb_map, disp_map=disp_map, acc_map=acc_map)
@@ -310,7 +347,7 @@ def save_frame(savedir, k: int, rgb: np.ndarray) -> None:
 
 def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=None,
                 savedir: Optional[str] = None, render_factor: int = 0, memory: Optional[RenderMemory] = None,
-                progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+                progress: bool = True, with_depth: bool = False) -> Tuple:
     """Renders every pose in `render_poses` ((P, 3 or 4, 4)) with one progress bar.
 
     `render_factor` N renders at 1/N of the size (the intrinsics scaled to
@@ -318,7 +355,9 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
     for the original's signature; scoring the frames is metrics.py's job.
     `memory` carries the chunk sizes from render to render (see
     `RenderMemory`; by default one starting at `chunk`). Returns rgbs
-    (P, H, W, 3) and disps (P, H, W) as float32 arrays.
+    (P, H, W, 3) and disps (P, H, W) as float32 arrays, and with `with_depth` also
+    depths (P, H, W): world units along each camera's viewing axis, NaN where the
+    accumulated opacity is below 0.5 (`geometry.depth_map`).
     """
     H, W, focal = hwf
     if render_factor:
@@ -326,14 +365,19 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
     K = scaled_intrinsics(K, render_factor)
     coarse_maps = not accepts_density_only(render_kwargs["network_query_fn"])    # the frames need no rgb0
     memory = memory or RenderMemory(chunk, render_kwargs["network_query_fn"])
-    rgbs, disps = [], []
+    rgbs, disps, depths = [], [], []
     for k, c2w in enumerate(tqdm(render_poses, desc="render", leave=False, dynamic_ncols=True, disable=not progress)):
         c2w = torch.as_tensor(c2w, dtype=torch.float32)[:3, :4]
         with torch.no_grad():
-            rgb, disp, _, _ = memory.run(lambda chunk: render(int(H), int(W), K, chunk=chunk, c2w=c2w,
-                                                              coarse_maps=coarse_maps, **render_kwargs))
+            rgb, disp, acc, _ = memory.run(lambda chunk: render(int(H), int(W), K, chunk=chunk, c2w=c2w,
+                                                                coarse_maps=coarse_maps, **render_kwargs))
+            if with_depth:
+                ndc = render_kwargs.get("ndc", True)   # render's default
+                depths.append(geometry.depth_map(disp, acc, c2w, K, ndc).cpu().numpy())
         rgbs.append(rgb.cpu().numpy())
         disps.append(disp.cpu().numpy())
         if savedir is not None:
             save_frame(savedir, k, rgbs[-1])
+    if with_depth:
+        return np.stack(rgbs, 0), np.stack(disps, 0), np.stack(depths, 0)
     return np.stack(rgbs, 0), np.stack(disps, 0)

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import geometry
 import metrics
 import outputs
 import parallel
@@ -26,17 +27,38 @@ import validation
 from checkpoints import find_checkpoint, load_network_state, rng_state, save_checkpoint, set_rng_state, steps_done
 from datasets import Scene, load_scene
 from errors import DataError, WriteError
-from rendering import batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
+from rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
 from rendering import RenderMemory, make_network_query_fn, save_frame
 from ray_batches import ImageRaySampler, RayBatcher
-from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b
+from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b  # noqa: F401 (public API)
+from run_nerf_helpers import Embedder, get_rays, get_rays_np, ndc_rays, sample_pdf  # noqa: F401 (public API)
 
 log = logging.getLogger("nerf")
 
 
+def __getattr__(name: str):
+    """The original's module-level names that forks import: `device` (here the
+    default device: CUDA, else MPS, else the CPU) and `DEBUG` (False: it only
+    switched on NaN printouts, which the non-finite-loss check replaces)."""
+    if name == "device":
+        return default_device()
+    if name == "DEBUG":
+        return False
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def optional_str(value: str) -> Optional[str]:
+    """A string flag's value, where "None" (as args.txt writes an unset one)
+    means unset, as the original reads `ft_path = None`."""
+    return None if value == "None" else value
+
+
 def config_parser() -> configargparse.ArgumentParser:
-    """The original's flags and defaults, plus --N_iters, --seed and --debug."""
+    """The original's flags and defaults, plus --N_iters, --seed and --debug.
+    Every switch (`store_true`) also takes a value, so `--half_res False`
+    undoes a config file's `half_res = True`."""
     parser = configargparse.ArgumentParser()
+    parser.register('action', 'store_true', validation.Switch)
     parser.add_argument('--config', is_config_file=True, help='config file path')
     parser.add_argument("--expname", type=str, help='experiment name')
     parser.add_argument("--basedir", type=str, default='./logs/', help='where to store ckpts and logs')
@@ -57,7 +79,7 @@ def config_parser() -> configargparse.ArgumentParser:
                         help='number of pts sent through network in parallel, decrease if running out of memory')
     parser.add_argument("--no_batching", action='store_true', help='only take random rays from 1 image at a time')
     parser.add_argument("--no_reload", action='store_true', help='do not reload weights from saved ckpt')
-    parser.add_argument("--ft_path", type=str, default=None,
+    parser.add_argument("--ft_path", type=optional_str, default=None,
                         help='specific weights npy file to reload for coarse network')
     parser.add_argument("--N_iters", type=int, default=200000, help='number of training steps')
     parser.add_argument("--seed", type=int, default=0, help='seed of the NumPy and torch generators')
@@ -83,6 +105,8 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--mixed_precision", action='store_true',
                         help='run the MLPs under bfloat16 autocast (meant for GPUs; off by default: other arithmetic)')
     parser.add_argument("--compile", action='store_true', help='torch.compile the MLPs (off by default)')
+    parser.add_argument("--fast_path", type=str, default='auto', choices=['auto', 'off'],
+                        help='auto: the fused MLP (fast_nerf.py) where it computes what NeRF.forward does; off: never')
 
     # training options
     parser.add_argument("--precrop_iters", type=int, default=0, help='number of steps to train on central crops')
@@ -118,9 +142,11 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--i_testset", type=int, default=50000, help='frequency of testset saving')
     parser.add_argument("--i_video", type=int, default=50000, help='frequency of render_poses video saving')
     parser.add_argument("--debug", action='store_true', help='show tracebacks for input errors')
+    parser.add_argument("--no_download", action='store_true',
+                        help='never fetch the VGG16 weights LPIPS needs (as does env NERF_NO_DOWNLOAD=1)')
 
     # devices
-    parser.add_argument("--device", type=str, default=None,
+    parser.add_argument("--device", type=optional_str, default=None,
                         help='cuda, cuda:N, mps or cpu (default: CUDA, else MPS, else the CPU)')
     parser.add_argument("--world_size", type=int, default=None,
                         help='written to args.txt: how many processes trained (torchrun sets the actual number)')
@@ -158,7 +184,8 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
     if getattr(args, 'compile', False):
         compiled = {id(m): torch.compile(m) for m in (model, model_fine) if m is not None}
     network_query_fn = make_network_query_fn(embed_fn, embeddirs_fn, args.netchunk,
-                                             getattr(args, 'mixed_precision', False), compiled)
+                                             getattr(args, 'mixed_precision', False), compiled,
+                                             fast=getattr(args, 'fast_path', 'auto') != 'off')
 
     optimizer = torch.optim.Adam(params=grad_vars, lr=args.lrate, betas=(0.9, 0.999))
 
@@ -217,11 +244,13 @@ class Run:
 
 
 def write_run_files(args, expdir: Path) -> None:
-    """args.txt (every flag, sorted) and config.txt (a copy of the config file)."""
+    """args.txt (every flag, sorted) and config.txt (a copy of the config file,
+    read first: it may be this folder's own args.txt or config.txt)."""
+    config = Path(args.config).read_bytes() if args.config is not None else None
     outputs.make_folder(expdir)
     outputs.write_text(expdir / 'args.txt', ''.join(f'{arg} = {getattr(args, arg)}\n' for arg in sorted(vars(args))))
-    if args.config is not None:
-        outputs.write_bytes(expdir / 'config.txt', Path(args.config).read_bytes())
+    if config is not None:
+        outputs.write_bytes(expdir / 'config.txt', config)
 
 
 def write_video(path: Path, frames: np.ndarray) -> None:
@@ -236,15 +265,17 @@ def normalized_disparity(disps: np.ndarray) -> np.ndarray:
 
 
 def render_frames(run: Run, poses: np.ndarray, savedir: Optional[Path] = None,
-                  render_factor: int = 0) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+                  render_factor: int = 0, with_depth: bool = False) -> Tuple[Optional[np.ndarray], ...]:
     """`render_path` over poses (P, 3 or 4, 4), shared among the ranks: rank r
     renders frames r, r + W, ...; rank 0 gathers them in order (and writes
-    savedir/{k:03d}.png). Returns (rgbs (P, H, W, 3), disps (P, H, W)) on
-    rank 0, (None, None) on the others. One process renders as it goes."""
+    savedir/{k:03d}.png). Returns (rgbs (P, H, W, 3), disps (P, H, W)), with
+    `with_depth` also depths (P, H, W) (see `render_path`), on rank 0, Nones
+    on the others. One process renders as it goes."""
     def render_some(selected: np.ndarray, folder: Optional[Path]):
         return render_path(torch.as_tensor(selected, device=run.device), run.scene.hwf, run.scene.K, run.args.chunk,
                            run.render_kwargs, savedir=None if folder is None else str(folder),
-                           render_factor=render_factor, memory=run.memory, progress=run.ranks.is_main)
+                           render_factor=render_factor, memory=run.memory, progress=run.ranks.is_main,
+                           with_depth=with_depth)
 
     if not run.ranks.distributed:
         return render_some(poses, savedir)
@@ -252,12 +283,12 @@ def render_frames(run: Run, poses: np.ndarray, savedir: Optional[Path] = None,
     frames = list(zip(mine, *render_some(poses[mine], None))) if mine else []
     gathered = parallel.gather_to_main(frames, run.ranks)
     if gathered is None:
-        return None, None
-    _, rgbs, disps = zip(*sorted(f for share in gathered for f in share))
+        return (None,) * (3 if with_depth else 2)
+    _, *maps = zip(*sorted((f for share in gathered for f in share), key=lambda f: f[0]))
     if savedir is not None:
-        for k, rgb in enumerate(rgbs):
+        for k, rgb in enumerate(maps[0]):
             save_frame(str(savedir), k, rgb)
-    return np.stack(rgbs, 0), np.stack(disps, 0)
+    return tuple(np.stack(m, 0) for m in maps)
 
 
 def score_test_views(run: Run, rgbs: np.ndarray, step: int) -> dict:
@@ -267,7 +298,8 @@ def score_test_views(run: Run, rgbs: np.ndarray, step: int) -> dict:
     result = metrics.metrics_result(
         step, scene.images[scene.i_test], rgbs,
         scene=metrics.scene_from_datadir(args.datadir), dataset_type=args.dataset_type,
-        white_bkgd=args.white_bkgd, lpips_scorer=metrics.default_lpips_scorer(),
+        white_bkgd=args.white_bkgd,
+        lpips_scorer=metrics.default_lpips_scorer(metrics.downloads_allowed(args.no_download)),
         extra={"expname": args.expname, "factor": args.factor, "half_res": args.half_res,
                "testskip": args.testskip})
     tqdm.write(metrics.summary_line(result))
@@ -280,26 +312,34 @@ def score_test_views(run: Run, rgbs: np.ndarray, step: int) -> dict:
 def render_only(run: Run, step: int) -> Path:
     """Renders the spiral path (or the test views with --render_test, scored and
     compared with their ground truth) into renderonly_{path|test}_{step:06d}/
-    with its frames and video.mp4."""
+    with its frames and video.mp4, and depth/{k:03d}.npy (world units along the
+    viewing axis, NaN where opacity < 0.5) with depth.mp4; an earlier render
+    there is kept aside (`keep_earlier`)."""
     args, scene = run.args, run.scene
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
     savedir = validation.render_only_dir(run.expdir, args.render_test, step)
     if not run.ranks.is_main:
-        render_frames(run, poses, render_factor=args.render_factor)
+        render_frames(run, poses, render_factor=args.render_factor, with_depth=True)
         return savedir
-    with outputs.atomic_path(savedir) as partial:   # the frames appear all together, or not at all
-        rgbs, _ = render_frames(run, poses, outputs.make_folder(partial), render_factor=args.render_factor)
+    with outputs.atomic_path(validation.keep_earlier(savedir)) as partial:   # appears complete, or not at all
+        rgbs, _, depths = render_frames(run, poses, outputs.make_folder(partial), render_factor=args.render_factor,
+                                        with_depth=True)
+        for k, depth in enumerate(depths):
+            outputs.write_npy(outputs.make_folder(partial / 'depth') / f'{k:03d}.npy', depth)
         if args.render_test and not args.render_factor:
             metrics.save_metrics_json(partial, score_test_views(run, rgbs, step))
             metrics.save_comparisons(partial, rgbs, scene.images[scene.i_test])
     with outputs.warn_on_write_error("the frames are kept"):
         write_video(savedir / 'video.mp4', rgbs)
+        write_video(savedir / 'depth.mp4', geometry.colour_depth(depths))
     return savedir
 
 
 def write_spiral_videos(run: Run, step: int) -> None:
-    """{expname}_spiral_{step:06d}_rgb.mp4 and _disp.mp4 along the render path."""
-    rgbs, disps = render_frames(run, run.scene.render_poses)
+    """{expname}_spiral_{step:06d}_rgb.mp4 and _disp.mp4 along the render path
+    (along the test views with --render_test, as in the original)."""
+    scene = run.scene
+    rgbs, disps = render_frames(run, scene.poses[scene.i_test] if run.args.render_test else scene.render_poses)
     if run.ranks.is_main:
         moviebase = run.expdir / f'{run.args.expname}_spiral_{step:06d}_'
         with outputs.warn_on_write_error():

@@ -60,20 +60,40 @@ class Embedder(nn.Module):
 
     Input (..., d); output (..., d + 2 d L). The frequencies are exact powers
     of two, so one broadcast multiply gives the same numbers as a loop over them.
+
+    `Embedder(multires)` is this project's short form; the original's keywords
+    work too: `Embedder(include_input=True, input_dims=3, max_freq_log2=L-1,
+    num_freqs=L, log_sampling=True, periodic_fns=[torch.sin, torch.cos])`,
+    frequencies 2^linspace(0, max_freq_log2, num_freqs) (log_sampling) or
+    linspace(1, 2^max_freq_log2, num_freqs), each giving [fn(x f) for fn in
+    periodic_fns], with x in front when include_input.
     """
 
-    def __init__(self, multires: int, input_dims: int = 3):
+    def __init__(self, multires: Optional[int] = None, input_dims: int = 3, include_input: bool = True,
+                 max_freq_log2: Optional[float] = None, num_freqs: Optional[int] = None, log_sampling: bool = True,
+                 periodic_fns: Sequence[Callable] = (torch.sin, torch.cos)):
         super().__init__()
+        if multires is not None:
+            num_freqs, max_freq_log2 = multires, multires - 1
         self.input_dims = input_dims
-        self.out_dim = input_dims * (1 + 2 * multires)
-        self.register_buffer("freq_bands", 2.0 ** torch.arange(multires, dtype=torch.float32),
-                             persistent=False)
+        self.include_input = include_input
+        self.periodic_fns = tuple(periodic_fns)
+        self.out_dim = input_dims * (int(include_input) + len(self.periodic_fns) * num_freqs)
+        if log_sampling:
+            freq_bands = 2.0 ** torch.linspace(0.0, max_freq_log2, num_freqs)
+        else:
+            freq_bands = torch.linspace(2.0 ** 0.0, 2.0 ** max_freq_log2, num_freqs)
+        self.register_buffer("freq_bands", freq_bands, persistent=False)
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """gamma(inputs): (..., d) -> (..., out_dim)."""
+        freqs = self.freq_bands.to(device=inputs.device, dtype=inputs.dtype)
+        scaled = inputs[..., None, :] * freqs[:, None]                                    # (..., L, d)
+        periodic = torch.stack([fn(scaled) for fn in self.periodic_fns], -2).flatten(-3)  # (..., L P d)
+        return torch.cat(([inputs] if self.include_input else []) + [periodic], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        freqs = self.freq_bands.to(device=x.device, dtype=x.dtype)
-        scaled = x[..., None, :] * freqs[:, None]                             # (..., L, d)
-        periodic = torch.stack([torch.sin(scaled), torch.cos(scaled)], -2)   # (..., L, 2, d)
-        return torch.cat([x, periodic.flatten(-3)], -1)
+        return self.embed(x)
 
 
 def get_embedder(multires: int, i: int = 0) -> Tuple[Callable[[torch.Tensor], torch.Tensor], int]:
@@ -134,6 +154,20 @@ class NeRF(nn.Module):
             h = F.relu(layer(h))
         return torch.cat([self.rgb_linear(h), alpha], -1)
 
+    def load_weights_from_keras(self, weights: Sequence[np.ndarray]) -> None:
+        """Loads the original TensorFlow release's Keras weight list: (kernel
+        (in, out), bias) pairs of pts_linears 0..D-1, feature_linear,
+        views_linears.0, rgb_linear, alpha_linear, in that order (view
+        directions only, as in the original)."""
+        if not self.use_viewdirs:
+            raise ValueError("load_weights_from_keras: only for use_viewdirs=True networks (as in the original)")
+        layers = list(self.pts_linears) + [self.feature_linear, self.views_linears[0], self.rgb_linear,
+                                           self.alpha_linear]
+        with torch.no_grad():
+            for k, layer in enumerate(layers):
+                layer.weight.copy_(torch.as_tensor(np.transpose(weights[2 * k])))
+                layer.bias.copy_(torch.as_tensor(weights[2 * k + 1]))
+
 
 # --- Rays --------------------------------------------------------------------
 
@@ -188,13 +222,22 @@ def ndc_rays(H: int, W: int, focal: float, near: float, rays_o: torch.Tensor,
 
 # --- Hierarchical sampling ---------------------------------------------------
 
+def pytest_uniform(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """The original's `pytest=True` draws, which replace its random numbers in
+    tests: `np.random.seed(0); np.random.rand(*shape)` (reseeding NumPy's
+    global generator, as the original does), in `like`'s dtype and device."""
+    np.random.seed(0)
+    return torch.as_tensor(np.random.rand(*shape), dtype=like.dtype, device=like.device)
+
+
 def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, N_samples: int,
-               det: bool = False, u: Optional[torch.Tensor] = None) -> torch.Tensor:
+               det: bool = False, pytest: bool = False, u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Inverse-transform sampling of the piecewise-constant PDF given by `weights`.
 
     bins: (N, B+1) bin edges; weights: (N, B). Weights get 1e-5 added and are
     normalised; the CDF starts at 0. u is linspace(0, 1, N_samples) with `det`,
-    else uniform (or the given `u`, (N, N_samples)). Returns (N, N_samples).
+    else uniform (`pytest_uniform` with `pytest`, or the given `u`,
+    (N, N_samples)). Returns (N, N_samples).
     """
     weights = weights + 1e-5
     pdf = weights / torch.sum(weights, -1, keepdim=True)
@@ -205,6 +248,8 @@ def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, N_samples: int,
         shape = list(cdf.shape[:-1]) + [N_samples]
         if det:
             u = torch.linspace(0.0, 1.0, N_samples, dtype=cdf.dtype, device=cdf.device).expand(shape)
+        elif pytest:
+            u = pytest_uniform(shape, cdf)
         else:
             u = torch.rand(shape, dtype=cdf.dtype, device=cdf.device)
     u = u.contiguous()

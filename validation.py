@@ -17,13 +17,14 @@ status 2. In the order `run_nerf.train` calls them:
   made (a base directory under a file, or under /proc, is refused).
 - `check_outputs`: after the checkpoint is chosen and before anything is
   written, refuses a run that would overwrite an earlier run's work
-  (`--no_reload`/`--ft_path` into a folder holding later checkpoints, or a
-  `--render_only` whose folder exists).
+  (`--no_reload`/`--ft_path` into a folder holding later checkpoints).
 
 `keep_earlier` is the last guard when writing: an existing file or folder at
-the target (only possible after falling back from an unreadable newest
-checkpoint) is renamed aside, never overwritten or deleted.
+the target (an earlier `--render_only` render, or outputs left after falling
+back from an unreadable newest checkpoint) is renamed aside, never
+overwritten or deleted.
 """
+import argparse
 import difflib
 import errno
 import io
@@ -52,6 +53,28 @@ from run_nerf_helpers import default_device
 log = logging.getLogger("nerf")
 
 BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def parse_bool(value: str) -> bool:
+    """A switch's value, `True`/`False` (or yes/no, on/off, 1/0, any case)."""
+    word = str(value).lower()
+    if word not in BOOLEAN_WORDS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(BOOLEAN_WORDS)}, got '{value}'")
+    return BOOLEAN_WORDS.index(word) % 2 == 0
+
+
+class Switch(argparse.Action):
+    """An off-by-default flag that also takes a value: `--half_res` and
+    `--half_res True` turn it on, `--half_res False` turns off what a config
+    file turned on. Registered as `store_true` by `run_nerf.config_parser`."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, nargs="?", const=True, default=default, type=parse_bool,
+                         required=required, help=help, metavar="True|False")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
 
 # (flag, test, what the value must be); checked in this order.
 _AT_LEAST_1 = ("N_rand", "N_samples", "chunk", "netchunk", "factor", "netdepth", "netwidth", "netdepth_fine",
@@ -153,7 +176,7 @@ def _value_problem(action, value) -> Optional[str]:
     """Why configargparse would reject `value` for `action`, or None."""
     if isinstance(value, list):
         return None if action.nargs not in (None, "?") else "expected a single value, not a list"
-    if isinstance(action, configargparse.ACTION_TYPES_THAT_DONT_NEED_A_VALUE):
+    if isinstance(action, (Switch, *configargparse.ACTION_TYPES_THAT_DONT_NEED_A_VALUE)):
         return None if value.lower() in BOOLEAN_WORDS else f"expected one of {', '.join(BOOLEAN_WORDS)}"
     if action.type in (int, float):
         try:
@@ -242,7 +265,8 @@ def check_data(args) -> Optional[Tuple[int, int]]:
         from demo_scene import ensure_demo_scene
         ensure_demo_scene(datadir)
     if not datadir.is_dir():
-        raise DataError(datadir, "data folder does not exist" if not datadir.exists() else "is not a folder")
+        raise DataError(datadir, "data folder does not exist" + how_to_get(datadir)
+                        if not datadir.exists() else "is not a folder")
     if args.dataset_type == "llff":
         H, W = _check_llff(datadir, args.factor, args.llffhold, needs_training=not args.render_only)
     elif args.dataset_type in ("blender", "demo", "LINEMOD"):
@@ -252,6 +276,23 @@ def check_data(args) -> Optional[Tuple[int, int]]:
     if args.no_batching and not args.render_only:
         _check_ray_count(args, H, W)
     return H, W
+
+
+EXAMPLE_SCENES = ("fern", "lego")      # what download_example_data.sh fetches
+RELEASED_SCENES = {"nerf_llff_data": ("fern", "flower", "fortress", "horns", "leaves", "orchids", "room", "trex"),
+                   "nerf_synthetic": ("chair", "drums", "ficus", "hotdog", "lego", "materials", "mic", "ship")}
+
+
+def how_to_get(datadir: Path) -> str:
+    """Where a missing scene of the shipped configs comes from, as a clause
+    to append to the error ("" for other folders)."""
+    release, scene = Path(datadir).parent.name, Path(datadir).name
+    if scene not in RELEASED_SCENES.get(release, ()):
+        return ""
+    if scene in EXAMPLE_SCENES:
+        return "; run `bash download_example_data.sh` to fetch it (the example scenes fern and lego)"
+    return (f"; {scene} is in {release}.zip of the NeRF authors' data release (see README): unzip it into "
+            f"{Path(datadir).parent.parent}")
 
 
 def image_size(path: Path) -> Tuple[int, int]:
@@ -435,11 +476,7 @@ def check_outputs(args, expdir: Path, ckpt_path: Optional[Path], ckpt: Optional[
     earlier run's checkpoints or renders."""
     expdir = Path(expdir)
     if args.render_only:
-        step = int(ckpt["global_step"]) if ckpt is not None else 0
-        savedir = render_only_dir(expdir, args.render_test, step)
-        if savedir.exists():
-            raise DataError(savedir, "already exists (an earlier render); move or rename it to render again")
-        return
+        return   # an earlier render in the same folder is kept aside (keep_earlier)
     if not (args.no_reload or args.ft_path):
         return   # resuming: newer checkpoints, if any, were unreadable and get set aside when reached
     own = Path(ckpt_path).resolve() if ckpt_path is not None else None

@@ -1,4 +1,5 @@
-"""Shared fixtures: where the real example scenes live."""
+"""Shared fixtures: where the real example scenes live. Tests never download:
+LPIPS's VGG16 fetch is off for this process and every run it starts."""
 import os
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ["NERF_NO_DOWNLOAD"] = "1"
 
 
 def pytest_configure(config):
@@ -49,3 +51,16 @@ def reference_dir() -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than about 10 s (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; run by scripts/gpu_check.sh")
+
+
+def scene_copy_without(scene: Path, dest: Path, missing: str) -> Path:
+    """`scene` laid out again under `dest` as symlinks, except the file
+    `missing` (relative to the scene): for tests of what happens when a file
+    is absent, whether or not the scene they read has it."""
+    for folder, _, files in os.walk(scene, followlinks=True):
+        for name in files:
+            rel = (Path(folder) / name).relative_to(scene)
+            if rel != Path(missing):
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(scene / rel, dest / rel)
+    return dest

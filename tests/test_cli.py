@@ -6,6 +6,7 @@ from pathlib import Path
 import imageio.v2 as imageio
 import imageio.v3 as iio
 import numpy as np
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,6 +28,7 @@ def fern_args(fern_dir: Path, basedir: Path, *extra: str):
             "--dataset_type", "llff", *TINY, *QUIET, *extra]
 
 
+@pytest.mark.slow
 def test_fern_run_writes_the_original_files(fern_dir, tmp_path):
     config = tmp_path / "fern.txt"
     config.write_text("factor = 8\nllffhold = 8\n")
@@ -67,6 +69,7 @@ def test_fern_run_writes_the_original_files(fern_dir, tmp_path):
     assert torch.load(expdir / "000006.tar", weights_only=True)["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_render_only_path_and_test(fern_dir, tmp_path):
     logs = tmp_path / "logs"
     assert run_nerf.main(fern_args(fern_dir, logs, "--N_iters", "2", "--i_weights", "2")) == 0
@@ -86,6 +89,7 @@ def test_render_only_path_and_test(fern_dir, tmp_path):
     assert (test_dir / "video.mp4").exists() and (test_dir / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_render_factor_keeps_the_field_of_view(fern_dir, tmp_path):
     """A quarter-size render must show the whole view, not its top-left corner:
     it should match the full-size render averaged over 4x4 blocks."""
@@ -100,6 +104,7 @@ def test_render_factor_keeps_the_field_of_view(fern_dir, tmp_path):
     assert np.abs(blocks.mean((1, 3)) - small).mean() < 6.0
 
 
+@pytest.mark.slow
 def test_loss_falls_on_fern(fern_dir, tmp_path, capsys):
     argv = ["--datadir", str(fern_dir), "--basedir", str(tmp_path), "--expname", "learn",
             "--netdepth", "4", "--netwidth", "64", "--netdepth_fine", "4", "--netwidth_fine", "64",

@@ -96,7 +96,8 @@ class RunsOutOfMemory:
 
 def small_render_kwargs(query) -> dict:
     torch.manual_seed(0)
-    return {"network_query_fn": query, "network_fn": NeRF(D=2, W=16, input_ch=get_embedder(2)[1], output_ch=5),
+    net = NeRF(D=2, W=16, input_ch=get_embedder(2)[1], input_ch_views=0, output_ch=5)   # as create_nerf makes it
+    return {"network_query_fn": query, "network_fn": net,
             "network_fine": None, "N_samples": 8, "N_importance": 4, "perturb": False, "raw_noise_std": 0.0,
             "use_viewdirs": False, "white_bkgd": False, "ndc": False, "near": 2.0, "far": 6.0}
 

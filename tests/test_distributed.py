@@ -60,6 +60,7 @@ def runs(fern_dir, tmp_path_factory):
     return base, argv, two
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_steps_of_one(runs):
     base, _, two = runs
     assert_close_weights(base / "one" / "000020.tar", base / "two" / "000020.tar", atol=1e-5)
@@ -71,6 +72,7 @@ def test_two_processes_take_the_steps_of_one(runs):
     assert two.stdout.count("[TRAIN] Iter: 10 ") == 1 and two.stdout.count("[TRAIN] Iter: 20 ") == 1
 
 
+@pytest.mark.slow
 def test_two_processes_without_batching_take_the_steps_of_one(fern_dir, tmp_path):
     argv = fern_args(fern_dir, tmp_path, *EXACT, "--no_batching", "--N_iters", "20", "--i_weights", "20")
     assert run_nerf.main([*argv, "--expname", "one"]) == 0
@@ -79,6 +81,7 @@ def test_two_processes_without_batching_take_the_steps_of_one(fern_dir, tmp_path
     assert_close_weights(tmp_path / "one" / "000020.tar", tmp_path / "two" / "000020.tar", atol=1e-5)
 
 
+@pytest.mark.slow
 def test_across_an_epoch_end_with_an_empty_share_two_processes_take_the_steps_of_one(demo_dir, tmp_path):  # noqa: F811
     """The demo scene's 10 views of 24 x 24 hold 5760 rays: 22 batches of 256,
     then one of 128, all of it rank 0's share and none of rank 1's, then a
@@ -92,6 +95,7 @@ def test_across_an_epoch_end_with_an_empty_share_two_processes_take_the_steps_of
     assert one["i_batch"] == two["i_batch"] == 3 * 256 and torch.equal(one["perm"], two["perm"])
 
 
+@pytest.mark.slow
 def test_two_processes_render_the_frames_of_one(runs):
     base, argv, _ = runs
     render = [*argv, "--expname", "two", "--render_only", "--render_test"]
@@ -106,6 +110,7 @@ def test_two_processes_render_the_frames_of_one(runs):
         assert np.array_equal(iio.imread(folder / name), iio.imread(base / "two" / "rendered_by_two" / name)), name
 
 
+@pytest.mark.slow
 def test_resuming_with_another_number_of_processes_says_so(runs, caplog):
     base, argv, _ = runs
     with caplog.at_level("INFO", logger="nerf"):
@@ -130,6 +135,7 @@ def rank_pids(launcher: subprocess.Popen) -> dict:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the worker ranks")
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_and_resume_is_exact(fern_dir, tmp_path):
     """SIGTERM to rank 1 alone: both ranks stop at the same step, rank 0 saves
     it once (with both ranks' generators), and resuming with 2 processes

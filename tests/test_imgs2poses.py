@@ -476,6 +476,7 @@ def fern_reconstruction(fern_dir, tmp_path_factory):
     return scene_dir, time.time() - start, proc
 
 
+@pytest.mark.slow
 def test_fern_reconstruction_matches_shipped_poses(fern_reconstruction, fern_dir):
     scene_dir, seconds, proc = fern_reconstruction
     assert proc.returncode == 0, proc.stderr
@@ -532,6 +533,7 @@ def test_photo_that_does_not_register_is_excluded(fern_dir, tmp_path):
     assert np.linalg.norm(s * ours[[1, 0, 2, 3, 4]] @ R.T + t - ref, axis=1).max() > 0.05 * extent
 
 
+@pytest.mark.slow
 def test_fern_reconstruction_loads_and_trains(fern_reconstruction, tmp_path):
     """The reconstruction is a scene the loader and the trainer take as is."""
     import run_nerf

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import load_blender
+from conftest import scene_copy_without
 from errors import DataError
 from load_blender import load_blender_data
 from load_deepvoxels import load_dv_data
@@ -108,17 +109,18 @@ def test_fern_poses_rederived_from_poses_bounds(fern8, fern_raw):
 
 
 def test_fern_missing_downsampled_folder_is_made_in_python(fern_dir, fern_raw, tmp_path):
-    """images_16 does not exist in the shared scene: the loader makes it from
-    images/ inside the scene being loaded. Two photos keep this fast."""
+    """A scene without images_16: the loader makes it from images/ inside
+    the scene being loaded. Two photos keep this fast."""
     names = image_names(fern_dir / "images")[:2]
     (tmp_path / "images").mkdir()
     for name in names:
         os.symlink(fern_dir / "images" / name, tmp_path / "images" / name)
     np.save(tmp_path / "poses_bounds.npy", np.load(fern_dir / "poses_bounds.npy")[:2])
 
+    assert not (tmp_path / "images_16").exists()
+
     images, poses, _, _, _ = load_llff_data(str(tmp_path), factor=16)
 
-    assert not (fern_dir / "images_16").exists()
     assert image_names(tmp_path / "images_16") == [Path(n).stem + ".png" for n in names]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]   # no half-made folder left
     assert images.shape == (2, 189, 252, 3)
@@ -194,6 +196,7 @@ def test_fern_pose_and_image_count_mismatch(fern_dir, tmp_path):
 
 # --- Blender -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lego_matches_the_original(lego_full, lego_dir, reference_dir):
     imgs, poses, render_poses, hwf, i_split = lego_full
     ref = np.load(reference_dir / "blender_lego_testskip8.npz")
@@ -218,6 +221,7 @@ def test_lego_matches_the_original(lego_full, lego_dir, reference_dir):
     np.testing.assert_allclose(np.asarray(render_poses)[:, :3, 2], centres / 4.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lego_white_background_compositing(lego_full, lego_dir):
     """rgb * a + (1 - a) on the loaded straight-alpha RGBA equals PIL's
     compositing of the PNG over white."""
@@ -263,15 +267,17 @@ def test_lego_half_res_is_the_2x2_block_mean(lego_dir, tmp_path):
         np.testing.assert_array_equal(poses[k], np.array(frame["transform_matrix"], np.float32))
 
 
-def test_lego_testskip1_names_the_missing_frame(lego_dir, monkeypatch):
-    """The shared lego keeps every 8th val/test frame only. Pixels are not
-    decoded here (imread stubbed) so the walk over the 100 train frames is quick;
-    the existence check that must fire comes before any decoding."""
+def test_lego_testskip1_names_the_missing_frame(lego_dir, tmp_path, monkeypatch):
+    """A lego without val/r_1.png (as the shared data, which keeps every 8th
+    val/test frame). Pixels are not decoded here (imread stubbed) so the walk
+    over the 100 train frames is quick; the existence check that must fire
+    comes before any decoding."""
+    scene = scene_copy_without(lego_dir, tmp_path / "lego", "val/r_1.png")
     monkeypatch.setattr(load_blender.iio, "imread", lambda path: np.zeros((2, 2, 4), np.uint8))
     with pytest.raises(DataError) as err:
-        load_blender_data(str(lego_dir), testskip=1)
+        load_blender_data(str(scene), testskip=1)
     missing = Path(err.value.where)
-    assert missing == lego_dir / "val" / "r_1.png"
+    assert missing == scene / "val" / "r_1.png"
     assert not missing.exists()
     assert "r_1.png" in str(err.value)
 

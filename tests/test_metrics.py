@@ -1,15 +1,18 @@
 """Test-set scoring: PSNR, TF-style SSIM, LPIPS availability, metrics.json,
 comparison images and the results table against the NeRF paper."""
 import json
+import logging
 import math
 import subprocess
 import sys
 import textwrap
+import urllib.error
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+import torch.hub
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import eval_table
@@ -34,7 +37,7 @@ def box_blur(img, radius=2):
 
 def unavailable_lpips(tmp_path):
     """A scorer that cannot load, whatever is installed: its hub dir is empty."""
-    scorer = metrics.LPIPSScorer(hub_dir=tmp_path / "empty_hub")
+    scorer = metrics.LPIPSScorer(hub_dir=tmp_path / "empty_hub", download=False)
     assert not scorer.available
     return scorer
 
@@ -253,19 +256,99 @@ def test_lpips_scorer_feeds_vgg_lpips_images_in_minus_one_one(stub_lpips):
     assert scorer(a, a) == 0.0
 
 
-def test_lpips_scorer_never_downloads(stub_lpips):
+def test_lpips_scorer_never_downloads_while_building_the_model(stub_lpips):
     lpips, hub = stub_lpips
     lpips.ATTEMPT_DOWNLOAD = True
-    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu")
+    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
     assert not scorer.available
     assert "refusing to download" in scorer.reason
     assert not (hub / "downloaded.pth").exists()
-    # Without the VGG16 file in the hub cache it does not even try.
+
+
+class FakeNetwork:
+    """Stands in for torch.hub's download: counts calls, writes the file or
+    fails as an offline machine does."""
+
+    def __init__(self, online=True):
+        self.online = online
+        self.calls = []
+
+    def __call__(self, url, dst, hash_prefix=None, progress=True):
+        self.calls.append((url, dst, hash_prefix))
+        if not self.online:
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        Path(dst).write_bytes(b"vgg16 weights")
+
+
+def test_lpips_fetches_the_vgg16_weights_once_into_the_hub_cache(stub_lpips, monkeypatch, caplog):
+    lpips, hub = stub_lpips
+    cached = hub / "checkpoints" / "vgg16-stub.pth"
+    cached.unlink()
+    network = FakeNetwork()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", network)
+    with caplog.at_level(logging.INFO, logger="nerf"):
+        first = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+        assert first.available, first.reason
+    assert network.calls == [("https://example.invalid/vgg16-stub.pth", str(cached), None)]
+    assert cached.read_bytes() == b"vgg16 weights"
+    fetch_lines = [r.getMessage() for r in caplog.records if "fetching" in r.getMessage()]
+    assert len(fetch_lines) == 1
+    assert "https://example.invalid/vgg16-stub.pth" in fetch_lines[0] and str(cached) in fetch_lines[0]
+    second = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+    assert second.available and len(network.calls) == 1
+    rng = np.random.default_rng(10)
+    a = random_image(rng, 12, 16)
+    assert second(a, a) == 0.0
+
+
+def test_lpips_fetch_checks_the_hash_the_file_name_carries(stub_lpips, monkeypatch):
+    _, hub = stub_lpips
+    network = FakeNetwork()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", network)
+    dest = hub / "checkpoints" / "vgg16-397923af.pth"
+    metrics.fetch_vgg16_weights("https://example.invalid/vgg16-397923af.pth", dest)
+    assert network.calls == [("https://example.invalid/vgg16-397923af.pth", str(dest), "397923af")]
+
+
+def test_lpips_offline_or_opted_out_is_unavailable_with_the_reason(stub_lpips, monkeypatch, tmp_path):
+    _, hub = stub_lpips
     (hub / "checkpoints" / "vgg16-stub.pth").unlink()
-    lpips.ATTEMPT_DOWNLOAD = False
+    offline = FakeNetwork(online=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+    assert not scorer.available and len(offline.calls) == 1
+    assert "could not fetch" in scorer.reason and "URLError" in scorer.reason and "offline?" in scorer.reason
+    rng = np.random.default_rng(11)
+    gts = [random_image(rng) for _ in range(2)]
+    saved = metrics.write_metrics_json(tmp_path / "t", 1, gts, gts, scene="lego",
+                                       dataset_type="blender", lpips_scorer=scorer)
+    assert saved["mean"]["lpips"] is None and saved["lpips"]["reason"] == scorer.reason
+
+    # Opted out: the flag or the environment variable; the network is never asked.
+    monkeypatch.delenv(metrics.NO_DOWNLOAD_ENV, raising=False)
+    assert metrics.downloads_allowed() and not metrics.downloads_allowed(no_download=True)
+    for value, allowed in (("1", False), ("yes", False), ("0", True), ("", True)):
+        monkeypatch.setenv(metrics.NO_DOWNLOAD_ENV, value)
+        assert metrics.downloads_allowed() is allowed
+    monkeypatch.setenv(metrics.NO_DOWNLOAD_ENV, "1")
     scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu")
+    assert not scorer.available and len(offline.calls) == 1
+    assert "downloads are off" in scorer.reason and "vgg16-stub.pth" in scorer.reason
+
+
+def test_lpips_reports_a_torchvision_that_does_not_import(stub_lpips):
+    lpips, hub = stub_lpips
+    (Path(lpips.__file__).parents[1] / "torchvision" / "models" / "__init__.py").write_text(
+        "raise RuntimeError('operator torchvision::nms does not exist')\n")
+    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
     assert not scorer.available
-    assert "vgg16-stub.pth" in scorer.reason
+    assert scorer.reason.startswith("torchvision cannot be imported (RuntimeError: operator torchvision::nms")
+
+
+def test_no_test_downloads():
+    """conftest turns the fetch off for every test and every run they start."""
+    assert not metrics.downloads_allowed()
+    assert not metrics.default_lpips_scorer().download
 
 
 # ---------------------------------------------------------------- metrics.json
@@ -415,6 +498,50 @@ def test_paper_results_file_names_its_source_and_is_consistent():
             assert abs(avg - ds["mean"][metric]) <= tol, (key, metric)
 
 
+def test_paper_results_list_jaxnerf_with_its_source():
+    jax = eval_table.load_paper()["reproductions"]["jaxnerf"]
+    assert "jaxnerf/README.md" in jax["source"] and "PSNR only" in jax["note"]
+    paper = eval_table.load_paper()["datasets"]
+    for key, ds in jax["datasets"].items():
+        assert set(ds["scenes"]) == set(paper[key]["scenes"])
+        assert abs(np.mean([s["psnr"] for s in ds["scenes"].values()]) - ds["mean"]["psnr"]) <= 0.005
+        assert all(set(s) == {"psnr"} for s in ds["scenes"].values())
+
+
+def fake_metrics(folder, scene, dataset_type, W, H, n_views, psnr, ssim, lpips=None, step=500000):
+    """A metrics.json as run_nerf writes it, without rendering (for table logic)."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "format": metrics.FORMAT, "step": step, "scene": scene, "dataset_type": dataset_type,
+        "H": H, "W": W, "n_views": n_views, "views": [],
+        "mean": {"psnr": psnr, "ssim": ssim, "lpips": lpips},
+        "lpips": {"available": lpips is not None, "net": "vgg", "reason": None if lpips else "offline"}}))
+
+
+def test_results_table_marks_comparable_rows_and_averages_like_the_paper(tmp_path, capsys):
+    fake_metrics(tmp_path / "lego_paper" / "testset_500000", "lego", "blender", 800, 800, 200, 32.0, 0.95, 0.06)
+    fake_metrics(tmp_path / "ship_paper" / "testset_500000", "ship", "blender", 800, 800, 25, 29.0, 0.86, 0.2)
+    fake_metrics(tmp_path / "fern_paper" / "testset_200000", "fern", "llff", 1008, 756, 3, 25.0, 0.8, 0.3)
+    runs = [str(tmp_path / r) for r in ("lego_paper", "ship_paper", "fern_paper")]
+    assert eval_table.main([*runs, "--means"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert rows["lego_paper"][15] == "yes" and rows["fern_paper"][15] == "yes"
+    assert rows["ship_paper"][15] == "no" and "ship_paper: 25 test views, the paper 200" in out
+    paper = eval_table.load_paper()["datasets"]
+    blender = [cells for cells in rows.values() if cells[0] == "mean blender" and "Synthetic" in cells[1]]
+    assert len(blender) == 1 and blender[0][1].startswith("2 of 8")
+    ref = (paper["blender"]["scenes"]["lego"]["psnr"] + paper["blender"]["scenes"]["ship"]["psnr"]) / 2
+    assert blender[0][6] == "30.50" and float(blender[0][7]) == pytest.approx(ref, abs=0.005)
+    assert blender[0][15] == "no"  # one of its rows is not comparable
+    # All eight scenes: the paper's published mean is the reference.
+    compared = [eval_table.compare(dict(eval_table.read_run(runs[0]), scene=s), eval_table.load_paper())
+                for s in paper["blender"]["scenes"]]
+    (mean,) = eval_table.mean_rows(compared, eval_table.load_paper())
+    assert mean["paper_psnr"] == paper["blender"]["mean"]["psnr"] and mean["psnr"] == 32.0
+    assert mean["delta_lpips"] == pytest.approx(0.06 - paper["blender"]["mean"]["lpips"])
+
+
 def make_run(root, run, test_dir, scene, dataset_type, seed, noise):
     rng = np.random.default_rng(seed)
     gts = [random_image(rng) for _ in range(3)]
@@ -429,7 +556,7 @@ def table_rows(text):
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 15 and cells[0] not in ("Run",) \
+        if line.startswith("|") and len(cells) == 16 and cells[0] not in ("Run",) \
                 and not cells[0].startswith("---"):
             rows[cells[0]] = cells
     return rows
@@ -457,6 +584,7 @@ def test_results_table_lists_two_runs_beside_the_paper(tmp_path, capsys):
             assert float(row[col + 1]) == ref[key]
             assert row[col + 2] == f"{m['mean'][key] - ref[key]:+.{digits}f}"
         assert row[12] == "n/a" and float(row[13]) == ref["lpips"] and row[14] == "n/a"
+        assert row[15] == "no"  # not the paper's resolution
     assert rows["lego_test"][2] == "200"  # the newest test set, not step 100
     assert "fern_test: scored at 32x24, the paper at 1008x756" in out
     assert "LPIPS unavailable:" in out and "lego_test" in out.split("LPIPS unavailable:")[0].splitlines()[-1]

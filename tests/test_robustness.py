@@ -26,7 +26,7 @@ import checkpoints
 import rendering
 import run_nerf
 import validation
-from conftest import REPO
+from conftest import REPO, scene_copy_without
 from errors import DataError
 from load_blender import pose_spherical
 from run_nerf_helpers import NeRF
@@ -254,10 +254,6 @@ BROKEN = [
      "evil.tar", "refused: it pickles a Python object (io.open)"),
     ("no_reload-over-earlier-run", "blender", None, ["--no_reload", "--N_importance", "4", "--use_viewdirs"],
      "run", "holds checkpoints of an earlier run up to 000004.tar; --no_reload starts at step 0"),
-    ("render_only-over-earlier-render", "blender",
-     lambda d, b, t: (b / "run" / "renderonly_path_000004").mkdir(), ["--render_only", "--N_importance", "4",
-                                                                       "--use_viewdirs"],
-     "renderonly_path_000004", "already exists (an earlier render)"),
 ]
 
 
@@ -334,9 +330,10 @@ def test_real_scenes_pass_and_lego_testskip_1_names_the_missing_frame(fern_dir, 
     lego = parser.parse_args(["--dataset_type", "blender", "--datadir", str(lego_dir), "--half_res"])
     assert validation.check_data(lego) == (400, 400)
     lego.testskip = 1
+    lego.datadir = str(scene_copy_without(lego_dir, tmp_path / "lego", "val/r_1.png"))
     with pytest.raises(DataError) as err:
         validation.check_data(lego)
-    assert err.value.where == str(lego_dir / "val" / "r_1.png")
+    assert err.value.where == str(tmp_path / "lego" / "val" / "r_1.png")
     assert "referenced by transforms_val.json" in err.value.what
 
 
@@ -442,17 +439,21 @@ def test_keep_earlier_renames_instead_of_overwriting(tmp_path):
     assert validation.keep_earlier(tmp_path / "absent.mp4") == tmp_path / "absent.mp4"
 
 
-def test_render_only_twice_refuses_and_keeps_the_first_render(tmp_path, blender_scene, trained, capsys):
+def test_render_only_twice_keeps_the_first_render_aside(tmp_path, blender_scene, trained, caplog):
+    """Re-rendering (here at another --render_factor) is allowed: the earlier
+    render moves to `<folder>.earlier`, untouched, as training outputs do."""
     basedir = copy_run(trained, tmp_path)
-    argv = blender_argv(blender_scene, basedir, "--N_importance", "4", "--use_viewdirs", "--render_only",
-                        "--render_factor", "4")
-    assert run_nerf.main(argv) == 0
+    argv = blender_argv(blender_scene, basedir, "--N_importance", "4", "--use_viewdirs", "--render_only")
+    assert run_nerf.main(argv + ["--render_factor", "4"]) == 0
     first = snapshot(basedir / "run" / "renderonly_path_000004")
     assert "000.png" in first and "video.mp4" in first
-    capsys.readouterr()
-    assert run_nerf.main(argv) == 2
-    assert "renderonly_path_000004: already exists" in capsys.readouterr().err
-    assert snapshot(basedir / "run" / "renderonly_path_000004") == first
+    with caplog.at_level("WARNING", logger="nerf"):
+        assert run_nerf.main(argv + ["--render_factor", "2"]) == 0
+    assert snapshot(basedir / "run" / "renderonly_path_000004.earlier") == first
+    again = basedir / "run" / "renderonly_path_000004"
+    assert imageio.imread(again / "000.png").shape == (8, 8, 3)    # 16 / 2, where the first was 16 / 4
+    assert sorted(p.name for p in again.iterdir()) == sorted(k for k in first if "/" not in k)
+    assert any("already existed; kept it as renderonly_path_000004.earlier" in r.getMessage() for r in caplog.records)
 
 
 # --- Signals and non-finite losses ------------------------------------------------------
@@ -506,6 +507,7 @@ def test_sigterm_saves_the_current_step_and_exits_143(tmp_path, blender_scene, m
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers restored after the run
 
 
+@pytest.mark.slow
 def test_sigint_mid_run_saves_current_step_and_resume_matches_uninterrupted(tmp_path, blender_scene):
     def cmd(basedir, *extra):
         return [sys.executable, str(REPO / "run_nerf.py"),

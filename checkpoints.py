@@ -25,17 +25,19 @@ import numpy as np
 import torch
 
 from errors import DataError
+from outputs import atomic_path
 
 STEP_KEY = "steps_completed"
 log = logging.getLogger("nerf")
 
 
 def list_checkpoints(expdir: Path) -> List[Path]:
-    """The `*.tar` files of a run folder, sorted by name (oldest first)."""
+    """The `*.tar` files of a run folder, sorted by name (oldest first); hidden
+    ones (a save cut off by a crash, `.{step}.partial.tar`) are not checkpoints."""
     expdir = Path(expdir)
     if not expdir.is_dir():
         return []
-    return [expdir / f for f in sorted(os.listdir(expdir)) if f.endswith(".tar")]
+    return [expdir / f for f in sorted(os.listdir(expdir)) if f.endswith(".tar") and not f.startswith(".")]
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -137,7 +139,8 @@ def set_rng_state(state: dict, device: Optional[torch.device] = None) -> bool:
 
 def save_checkpoint(path: Path, step: int, network_fn, network_fine, optimizer, sampler_state: dict,
                     rng_states: List[dict]) -> None:
-    """Writes `path` atomically (temporary file, fsync, rename).
+    """Writes `path` whole or not at all (outputs.atomic_path); WriteError
+    when the OS refuses (a full disk, ...), any earlier file left as it was.
 
     `rng_states` holds every process's `rng_state` (one for a single-process
     run): `rng_state` is the first, as in single-process files, `rng_states`
@@ -153,32 +156,8 @@ def save_checkpoint(path: Path, step: int, network_fn, network_fine, optimizer, 
         "world_size": len(rng_states),
         "sampler_state": sampler_state,
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)   # our own half-written file, never an earlier checkpoint
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes the rename itself durable (where the OS allows opening a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(ckpt, f)
 
 
 def load_network_state(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:

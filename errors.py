@@ -1,10 +1,19 @@
-"""The one exception type for bad user input: a file or flag and what is wrong with it.
+"""The two exceptions a run reports in one line instead of a traceback.
 
-The command line prints it as `error: <where>: <what>` and exits with status 2.
+`DataError`: bad user input (a file, folder or flag); the command line prints
+`error: <where>: <what>` and exits with status 2.
+`WriteError`: the operating system refused to write one of the run's files (a
+full disk, a quota or file-size limit, a folder that cannot be made); printed
+as `error: <path>: <reason>` with status 1 where the run cannot go on, as a
+warning where it can (see outputs.py).
 """
 import re
 from os import PathLike
 from typing import Union
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
 
 
 class DataError(Exception):
@@ -12,5 +21,14 @@ class DataError(Exception):
 
     def __init__(self, where: Union[str, PathLike], what: str):
         self.where = str(where)
-        self.what = re.sub(r"\s*\n\s*", " ", str(what)).strip()   # always one line
+        self.what = _one_line(what)   # always one line
         super().__init__(f"{self.where}: {self.what}")
+
+
+class WriteError(Exception):
+    """`path` could not be written; `reason` is the operating system's (e.g. 'File too large')."""
+
+    def __init__(self, path: Union[str, PathLike], reason: str):
+        self.path = str(path)
+        self.reason = _one_line(reason)
+        super().__init__(f"{self.path}: {self.reason}")

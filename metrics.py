@@ -525,22 +525,13 @@ def render_files(folder: str | os.PathLike) -> list[str]:
 def write_metrics_json(folder: str | os.PathLike, step: int,
                        gts: Sequence[np.ndarray] | np.ndarray,
                        renders: Sequence[np.ndarray] | np.ndarray | None = None,
-                       names: Sequence[str] | None = None, *,
-                       scene: str, dataset_type: str,
-                       H: int | None = None, W: int | None = None,
-                       white_bkgd: bool = False,
-                       lpips_scorer: LPIPSScorer | None = None,
-                       gt_names: Sequence[str] | None = None,
-                       extra: Mapping[str, Any] | None = None) -> dict:
+                       names: Sequence[str] | None = None, **fields: Any) -> dict:
     """Score a test folder and write ``<folder>/metrics.json``; return its content.
 
-    ``gts``: ``(N, H, W, 3|4)`` ground truth in [0, 1] (RGBA is matted on
-    white when ``white_bkgd``). ``renders``: ``(N, H, W, 3)`` in [0, 1]; when
-    None, the PNGs in ``folder`` are read (``names``, default every
-    ``NNN.png`` there, sorted). ``names`` are the render file names recorded
-    per view (default ``000.png`` ...). ``H``/``W`` default to the renders'
-    size and must match it when given. ``extra`` adds fields (e.g. factor,
-    half_res, expname). The file is replaced atomically.
+    ``renders``: ``(N, H, W, 3)`` in [0, 1]; when None, the PNGs in
+    ``folder`` are read (``names``, default every ``NNN.png`` there, sorted).
+    The other arguments are :func:`metrics_result`'s. The file is replaced
+    whole or not at all (:func:`save_metrics_json`).
     """
     folder = Path(folder)
     if renders is None:
@@ -550,8 +541,30 @@ def write_metrics_json(folder: str | os.PathLike, step: int,
             names = render_files(folder)
         renders = [imageio.imread(folder / name) for name in names]
         renders = [r[..., :3] if r.ndim == 3 else r for r in renders]
+    result = metrics_result(step, gts, renders, names, **fields)
+    save_metrics_json(folder, result)
+    return result
+
+
+def metrics_result(step: int, gts: Sequence[np.ndarray] | np.ndarray,
+                   renders: Sequence[np.ndarray] | np.ndarray,
+                   names: Sequence[str] | None = None, *,
+                   scene: str, dataset_type: str,
+                   H: int | None = None, W: int | None = None,
+                   white_bkgd: bool = False,
+                   lpips_scorer: LPIPSScorer | None = None,
+                   gt_names: Sequence[str] | None = None,
+                   extra: Mapping[str, Any] | None = None) -> dict:
+    """The content of a ``metrics.json``: the renders' scores and what they are.
+
+    ``gts``: ``(N, H, W, 3|4)`` ground truth in [0, 1] (RGBA is matted on
+    white when ``white_bkgd``). ``renders``: ``(N, H, W, 3)`` in [0, 1].
+    ``names`` are the render file names recorded per view (default
+    ``000.png`` ...). ``H``/``W`` default to the renders' size and must match
+    it when given. ``extra`` adds fields (e.g. factor, half_res, expname).
+    """
     if len(renders) == 0:
-        raise ValueError(f"{folder}: no renders to score")
+        raise ValueError("no renders to score")
     rh, rw = np.shape(renders[0])[:2]
     if (H is not None and H != rh) or (W is not None and W != rw):
         raise ValueError(f"renders are {rw}x{rh} but H, W = {H}, {W} were given")
@@ -561,7 +574,7 @@ def write_metrics_json(folder: str | os.PathLike, step: int,
             raise ValueError(f"{len(gt_names)} gt_names for {scores['n_views']} views")
         for view, gname in zip(scores["views"], gt_names):
             view["gt"] = str(gname)
-    result = {
+    return {
         "format": FORMAT,
         "step": int(step),
         "scene": scene,
@@ -573,14 +586,18 @@ def write_metrics_json(folder: str | os.PathLike, step: int,
         **scores,
         **(dict(extra) if extra else {}),
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / METRICS_FILENAME
-    tmp = folder / (METRICS_FILENAME + ".tmp")
-    with open(tmp, "w") as f:
+
+
+def save_metrics_json(folder: str | os.PathLike, result: Mapping[str, Any]) -> Path:
+    """``<folder>/metrics.json`` (the folder made if needed), replaced whole or
+    not at all; ``outputs.WriteError`` when the OS refuses. Returns its path."""
+    from outputs import atomic_path, make_folder
+
+    target = make_folder(folder) / METRICS_FILENAME
+    with atomic_path(target) as tmp, open(tmp, "w") as f:
         json.dump(_jsonable(result), f, indent=2, allow_nan=False)
         f.write("\n")
-    os.replace(tmp, target)
-    return result
+    return target
 
 
 def load_metrics(path: str | os.PathLike) -> dict:
@@ -672,17 +689,16 @@ def save_comparisons(folder: str | os.PathLike,
                      names: Sequence[str] | None = None,
                      err_max: float = 0.2, white_bkgd: bool = False) -> list[Path]:
     """Write ``<folder>/compare/<name>`` for each view; return the paths."""
-    import imageio.v2 as imageio
+    from outputs import make_folder, write_image
 
     if len(renders) != len(gts):
         raise ValueError(f"{len(renders)} renders but {len(gts)} ground-truth views")
     if names is None:
         names = [f"{k:03d}.png" for k in range(len(renders))]
-    out_dir = Path(folder) / "compare"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(Path(folder) / "compare")
     paths = []
     for render, gt, name in zip(renders, gts, names):
         path = out_dir / name
-        imageio.imwrite(path, comparison_image(render, gt, err_max, white_bkgd))
+        write_image(path, comparison_image(render, gt, err_max, white_bkgd))
         paths.append(path)
     return paths

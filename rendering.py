@@ -7,10 +7,9 @@ Shapes: N rays, S samples per ray. A ray batch packs, per ray,
 """
 import inspect
 import logging
-import os
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 import fast_nerf
 import geometry
+from outputs import write_image
 from run_nerf_helpers import get_rays, ndc_rays, pytest_uniform, sample_pdf, to8b
 
 
@@ -339,9 +339,10 @@ def free_cached_memory() -> None:
         torch.mps.empty_cache()
 
 
-def save_frame(savedir: str, k: int, rgb: np.ndarray) -> None:
-    """Frame k (H, W, 3) in [0, 1] as savedir/{k:03d}.png."""
-    iio.imwrite(os.path.join(savedir, f"{k:03d}.png"), to8b(rgb))
+def save_frame(savedir, k: int, rgb: np.ndarray) -> None:
+    """Frame k, (H, W, 3) in [0, 1], as `savedir/{k:03d}.png`, written whole
+    or not at all (WriteError when the OS refuses)."""
+    write_image(Path(savedir) / f"{k:03d}.png", to8b(rgb))
 
 
 def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=None,

@@ -14,18 +14,19 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import configargparse
-import imageio.v2 as imageio
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import geometry
 import metrics
+import outputs
 import parallel
 import validation
 from checkpoints import find_checkpoint, load_network_state, rng_state, save_checkpoint, set_rng_state, steps_done
 from datasets import Scene, load_scene
-from errors import DataError
+from errors import DataError, WriteError
 from rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
 from rendering import RenderMemory, make_network_query_fn, save_frame
 from ray_batches import ImageRaySampler, RayBatcher
@@ -245,18 +246,16 @@ class Run:
 def write_run_files(args, expdir: Path) -> None:
     """args.txt (every flag, sorted) and config.txt (a copy of the config file,
     read first: it may be this folder's own args.txt or config.txt)."""
-    expdir.mkdir(parents=True, exist_ok=True)
     config = Path(args.config).read_bytes() if args.config is not None else None
-    with open(expdir / 'args.txt', 'w') as f:
-        for arg in sorted(vars(args)):
-            f.write(f'{arg} = {getattr(args, arg)}\n')
+    outputs.make_folder(expdir)
+    outputs.write_text(expdir / 'args.txt', ''.join(f'{arg} = {getattr(args, arg)}\n' for arg in sorted(vars(args))))
     if config is not None:
-        (expdir / 'config.txt').write_bytes(config)
+        outputs.write_bytes(expdir / 'config.txt', config)
 
 
 def write_video(path: Path, frames: np.ndarray) -> None:
     """(F, H, W[, 3]) frames in [0, 1] as an mp4 at 30 fps, quality 8."""
-    imageio.mimwrite(str(validation.keep_earlier(path)), to8b(frames), fps=30, quality=8, macro_block_size=1)
+    outputs.write_mp4(validation.keep_earlier(path), to8b(frames), fps=30, quality=8)
 
 
 def normalized_disparity(disps: np.ndarray) -> np.ndarray:
@@ -292,12 +291,12 @@ def render_frames(run: Run, poses: np.ndarray, savedir: Optional[Path] = None,
     return tuple(np.stack(m, 0) for m in maps)
 
 
-def score_test_views(run: Run, rgbs: np.ndarray, step: int, savedir: Path) -> dict:
-    """Scores renders of the test views the NeRF paper's way into savedir/metrics.json,
-    prints the summary line and adds the means to TensorBoard."""
+def score_test_views(run: Run, rgbs: np.ndarray, step: int) -> dict:
+    """Scores renders of the test views the NeRF paper's way (metrics.json's
+    content), prints the summary line and adds the means to TensorBoard."""
     args, scene = run.args, run.scene
-    result = metrics.write_metrics_json(
-        savedir, step, scene.images[scene.i_test], renders=rgbs,
+    result = metrics.metrics_result(
+        step, scene.images[scene.i_test], rgbs,
         scene=metrics.scene_from_datadir(args.datadir), dataset_type=args.dataset_type,
         white_bkgd=args.white_bkgd,
         lpips_scorer=metrics.default_lpips_scorer(metrics.downloads_allowed(args.no_download)),
@@ -319,18 +318,20 @@ def render_only(run: Run, step: int) -> Path:
     args, scene = run.args, run.scene
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
     savedir = validation.render_only_dir(run.expdir, args.render_test, step)
-    if run.ranks.is_main:
-        validation.keep_earlier(savedir).mkdir(parents=True)
-    rgbs, _, depths = render_frames(run, poses, savedir, render_factor=args.render_factor, with_depth=True)
-    if run.ranks.is_main:
-        write_video(savedir / 'video.mp4', rgbs)
-        (savedir / 'depth').mkdir()
+    if not run.ranks.is_main:
+        render_frames(run, poses, render_factor=args.render_factor, with_depth=True)
+        return savedir
+    with outputs.atomic_path(validation.keep_earlier(savedir)) as partial:   # appears complete, or not at all
+        rgbs, _, depths = render_frames(run, poses, outputs.make_folder(partial), render_factor=args.render_factor,
+                                        with_depth=True)
         for k, depth in enumerate(depths):
-            np.save(savedir / 'depth' / f'{k:03d}.npy', depth)
-        write_video(savedir / 'depth.mp4', geometry.colour_depth(depths))
+            outputs.write_npy(outputs.make_folder(partial / 'depth') / f'{k:03d}.npy', depth)
         if args.render_test and not args.render_factor:
-            score_test_views(run, rgbs, step, savedir)
-            metrics.save_comparisons(savedir, rgbs, scene.images[scene.i_test])
+            metrics.save_metrics_json(partial, score_test_views(run, rgbs, step))
+            metrics.save_comparisons(partial, rgbs, scene.images[scene.i_test])
+    with outputs.warn_on_write_error("the frames are kept"):
+        write_video(savedir / 'video.mp4', rgbs)
+        write_video(savedir / 'depth.mp4', geometry.colour_depth(depths))
     return savedir
 
 
@@ -341,18 +342,25 @@ def write_spiral_videos(run: Run, step: int) -> None:
     rgbs, disps = render_frames(run, scene.poses[scene.i_test] if run.args.render_test else scene.render_poses)
     if run.ranks.is_main:
         moviebase = run.expdir / f'{run.args.expname}_spiral_{step:06d}_'
-        write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
-        write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
+        with outputs.warn_on_write_error():
+            write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
+            write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
 
 
 def render_testset(run: Run, step: int) -> None:
-    """Renders the test views into testset_{step:06d}/ and scores them."""
-    savedir = run.expdir / f'testset_{step:06d}'
-    if run.ranks.is_main:
-        validation.keep_earlier(savedir).mkdir(parents=True, exist_ok=True)
-    rgbs, _ = render_frames(run, run.scene.poses[run.scene.i_test], savedir)
-    if run.ranks.is_main:
-        score_test_views(run, rgbs, step, savedir)
+    """Renders the test views, reports their scores, then writes the frames and
+    metrics.json as testset_{step:06d}/ (a write that fails is a warning: the
+    folder is then absent, the scores already reported)."""
+    rgbs, _ = render_frames(run, run.scene.poses[run.scene.i_test])
+    if not run.ranks.is_main:
+        return
+    result = score_test_views(run, rgbs, step)
+    with outputs.warn_on_write_error(), \
+            outputs.atomic_path(validation.keep_earlier(run.expdir / f'testset_{step:06d}')) as partial:
+        outputs.make_folder(partial)
+        for k, rgb in enumerate(rgbs):
+            save_frame(partial, k, rgb)
+        metrics.save_metrics_json(partial, result)
 
 
 def log_heldout_view(run: Run, step: int) -> None:
@@ -504,6 +512,7 @@ def train(argv=None) -> int:
     parser = config_parser()
     args = validation.parse_args(parser, argv)   # config file and flags, as one-line errors
     validation.check_data(args)                   # the data folder, before any image is loaded
+    validation.check_writable(args)               # and where the run will write
     ranks = parallel.ranks_from_env()             # set by torchrun; rank 0 of 1 otherwise
     validation.check_world_size(args, ranks.world_size)
     device = validation.choose_device(args.device, ranks.local_rank, ranks.world_size)
@@ -537,22 +546,29 @@ def train(argv=None) -> int:
     restore_sampling_state(ckpt, ckpt_path, sampler, run, start)
     if ranks.is_main:
         write_run_files(args, expdir)
-        from torch.utils.tensorboard import SummaryWriter
-        run.writer = SummaryWriter(os.path.join(args.basedir, 'summaries', str(args.expname)))
+        run.writer = outputs.EventLog(Path(args.basedir) / 'summaries' / str(args.expname))
     network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
     gradient_average = parallel.GradientAverage(grad_vars) if ranks.distributed else None
+    newest = ckpt_path   # the newest good checkpoint: named when a save fails or the loss is not finite
 
-    def save(step: int) -> Path:
+    def save(step: int) -> Optional[str]:
+        """Saves `step`; None, or (rank 0) the one line that says why it could not (earlier files stay as they are)."""
+        nonlocal newest
         path = expdir / f'{step:06d}.tar'
         states = parallel.all_gather(rng_state(device), ranks)     # every rank's generators
         if ranks.is_main:
-            save_checkpoint(validation.keep_earlier(path), step, network_fn, network_fine, optimizer,
-                            sampler.state_dict(), states)
-        return path
+            try:
+                save_checkpoint(validation.keep_earlier(path), step, network_fn, network_fine, optimizer,
+                                sampler.state_dict(), states)
+            except WriteError as err:
+                return f"{err}; step {step} is not saved, the newest good checkpoint is {newest or 'none'}"
+            tqdm.write(f"Saved checkpoints at {path}")
+        newest = path
+        return None
 
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)
-    last_saved = start
     status = 0
+    unsaved = None   # why the last step could not be saved
     with StopRequest() as stop, tqdm(range(start + 1, args.N_iters + 1), initial=start, total=args.N_iters,
                                      dynamic_ncols=True, disable=not ranks.is_main) as bar:
         for i in bar:
@@ -572,38 +588,41 @@ def train(argv=None) -> int:
 
             due = {name: i % getattr(args, f'i_{name}') == 0
                    for name in ('print', 'img', 'weights', 'testset', 'video')}
-            if any(due.values()) or stopping or i == args.N_iters:
+            last = stopping or i == args.N_iters
+            if any(due.values()) or last:
                 bad = int(first_bad_step)
                 if bad:
                     if ranks.is_main:
-                        tqdm.write(validation.nonfinite_message(
-                            bad, expdir / f'{last_saved:06d}.tar' if last_saved > start else ckpt_path),
-                            file=sys.stderr)
+                        tqdm.write(validation.nonfinite_message(bad, newest), file=sys.stderr)
                     status = 1
                     break
             if due['print'] and ranks.is_main:
                 log_progress(run.writer, bar, stats, optimizer.param_groups[0]['lr'], i)
             if due['img'] and ranks.is_main:
                 log_heldout_view(run, i)
-            if due['weights']:
-                path = save(i)
-                if ranks.is_main:
-                    tqdm.write(f"Saved checkpoints at {path}")
-                last_saved = i
+            if due['weights'] or last:   # the last step is always saved
+                failed = save(i)
+                if failed and last:
+                    unsaved = failed
+                elif failed:
+                    log.warning("warning: %s; the next save, at step %d, tries again", failed,
+                                min(i + args.i_weights, args.N_iters))
             if due['video']:
                 write_spiral_videos(run, i)
             if due['testset']:
                 render_testset(run, i)
             if stopping:
-                if last_saved != i:
-                    save(i)
-                if ranks.is_main:
-                    tqdm.write(f"Interrupted: saved step {i} to {expdir / f'{i:06d}.tar'}")
-                status = 128 + (stop.signum or signal.SIGTERM)
+                if not unsaved:
+                    if ranks.is_main:
+                        tqdm.write(f"Interrupted: saved step {i} to {newest}")
+                    status = 128 + (stop.signum or signal.SIGTERM)
                 break
     if run.writer is not None:
         run.writer.close()
     parallel.barrier()      # no rank leaves (and has torchrun end the others) while rank 0 still writes
+    if unsaved:
+        tqdm.write(f"error: {unsaved}", file=sys.stderr)
+        return 1
     return status
 
 
@@ -615,7 +634,8 @@ def main(argv=None) -> int:
     keep_freed_memory()
     debug = '--debug' in (argv if argv is not None else sys.argv[1:])
     try:
-        return train(argv)
+        with logging_redirect_tqdm():   # warnings as whole lines above the progress bar
+            return train(argv)
     except DataError as err:
         if debug:
             raise
@@ -623,6 +643,11 @@ def main(argv=None) -> int:
             prefix = "" if ranks.is_main else f"rank {ranks.rank}: "
             print(f"{prefix}error: {err}", file=sys.stderr)
         return 2
+    except WriteError as err:   # a file the run cannot go on without (rank 0 alone writes)
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if debug:
             raise

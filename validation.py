@@ -13,6 +13,8 @@ status 2. In the order `run_nerf.train` calls them:
   matrices, every frame that will be read exists), images readable and of
   one size; and `--N_rand` against the pixels `--no_batching` draws from
   without replacement.
+- `check_writable`: the folders the run will write to can be written or
+  made (a base directory under a file, or under /proc, is refused).
 - `check_outputs`: after the checkpoint is chosen and before anything is
   written, refuses a run that would overwrite an earlier run's work
   (`--no_reload`/`--ft_path` into a folder holding later checkpoints).
@@ -24,12 +26,14 @@ overwritten or deleted.
 """
 import argparse
 import difflib
+import errno
 import io
 import logging
 import math
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -43,6 +47,7 @@ from datasets import DATASET_TYPES
 from errors import DataError
 from load_blender import SPLITS, read_transforms
 from load_llff import _select_registered, list_images
+from outputs import reported
 from run_nerf_helpers import default_device
 
 log = logging.getLogger("nerf")
@@ -429,6 +434,33 @@ def _check_ray_count(args, H: int, W: int) -> None:
 
 # --- Outputs -------------------------------------------------------------------
 
+def check_writable(args) -> None:
+    """The folders the run writes to, basedir/expname and (when training)
+    basedir/summaries/expname, exist and can be written to, or can be made:
+    their nearest existing folder is writable and takes a new folder (made
+    and removed at once). Nothing is left behind, and every data-parallel
+    rank may check at the same time."""
+    expdir = Path(args.basedir) / str(args.expname)
+    folders = [expdir] if args.render_only else [expdir, Path(args.basedir) / "summaries" / str(args.expname)]
+    for folder in folders:
+        parts = [folder, *folder.parents]
+        existing = next(part for part in parts if part.exists())
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+            if not os.access(existing, os.W_OK | os.X_OK):
+                code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+                raise PermissionError(code, os.strerror(code), str(existing))
+            if existing != folder:
+                try:
+                    os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+                except OSError as exc:   # e.g. under /proc
+                    raise OSError(exc.errno, exc.strerror, str(parts[parts.index(existing) - 1])) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename and Path(exc.filename) != folder else ""
+            raise DataError(folder, f"cannot be made or written (--basedir): {where}{exc.strerror}") from None
+
+
 def checkpoint_step(path: Path) -> Optional[int]:
     """The step in a `{step:06d}.tar` name, else None."""
     stem = Path(path).name[:-len(".tar")] if Path(path).name.endswith(".tar") else ""
@@ -443,9 +475,6 @@ def check_outputs(args, expdir: Path, ckpt_path: Optional[Path], ckpt: Optional[
     """Refuses, before anything is written, a run that would overwrite an
     earlier run's checkpoints or renders."""
     expdir = Path(expdir)
-    for folder, flag in ((Path(args.basedir), "--basedir"), (expdir, "--expname")):
-        if folder.exists() and not folder.is_dir():
-            raise DataError(folder, f"is a file, not a folder ({flag})")
     if args.render_only:
         return   # an earlier render in the same folder is kept aside (keep_earlier)
     if not (args.no_reload or args.ft_path):
@@ -463,7 +492,7 @@ def keep_earlier(path: Path) -> Path:
     """Makes room for a new output at `path` without losing an existing one:
     a file or folder already there is renamed to `<name>.earlier` (or
     `<name>.corrupt` for an unreadable checkpoint; then `...2`, `...3`), with a
-    warning. Returns `path`."""
+    warning. Returns `path`; WriteError if the rename is refused."""
     path = Path(path)
     if not os.path.lexists(path):
         return path
@@ -478,7 +507,8 @@ def keep_earlier(path: Path) -> Path:
     while os.path.lexists(aside):
         n += 1
         aside = path.with_name(f"{path.name}.{tag}{n}")
-    os.rename(path, aside)
+    with reported(path):
+        os.rename(path, aside)
     log.warning("warning: %s: already existed; kept it as %s", path, aside.name)
     return path
 

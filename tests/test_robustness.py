@@ -98,7 +98,7 @@ def weights(path: Path) -> dict:
 
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a["step"] == b["step"]
-    for part in ("fn", "fine"):
+    for part in ("fn", "fine") if a["fine"] is not None or b["fine"] is not None else ("fn",):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part} {k} differs"

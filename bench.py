@@ -388,9 +388,9 @@ def main(argv=None) -> int:
           f"{args.netdepth}x{args.netwidth} / {args.netdepth_fine}x{args.netwidth_fine}, N_rand {args.N_rand}, "
           f"N_samples {args.N_samples} + N_importance {args.N_importance}, viewdirs {args.use_viewdirs}, "
           f"{'no_batching' if args.no_batching else 'batching'}, image {scene.H}x{scene.W}  (setup {setup_s:.1f} s)")
-    data_bytes = impls[0].sampler.bytes_per_pixel
-    print(f"training data: {data_bytes:.2f} bytes per training pixel ({len(scene.i_train)} images), "
-          f"peak RSS of loading the scene and building it {setup_rss / 2 ** 20:.0f} MiB")
+    data_bytes, device_bytes = impls[0].sampler.bytes_per_pixel, impls[0].sampler.device_bytes_per_pixel
+    print(f"training data: {data_bytes:.2f} bytes per training pixel ({device_bytes:.2f} on the device; "
+          f"{len(scene.i_train)} images), peak RSS of loading the scene and building it {setup_rss / 2 ** 20:.0f} MiB")
 
     # Warm-up, one implementation after the other (peak memory measured here): the
     # fast path last, as its pool stays allocated.
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
     spr = samples_per_ray(args)
     results = {"device": str(device), "threads": torch.get_num_threads(), "load_before": load0,
                "config": bargs.config, "small": not bargs.as_is, "extra_args": rest,
-               "train_bytes_per_pixel": data_bytes, "setup_peak_rss_mb": setup_rss / 2 ** 20}
+               "train_bytes_per_pixel": data_bytes, "train_device_bytes_per_pixel": device_bytes, "setup_peak_rss_mb": setup_rss / 2 ** 20}
 
     # Full-image renders (the first test view), alternating.
     if bargs.render_frames > 0:

@@ -172,7 +172,7 @@ def default_bbox(scene: Scene, ndc: bool, probe_pts: torch.Tensor) -> Tuple[np.n
         raise DataError("--mesh_bbox", "no region is seen by every training camera; give the box to mesh")
     lo, hi = lo.numpy(), hi.numpy()
     if ndc and probe_pts.shape[0]:
-        z_far = float(torch.quantile(probe_pts[:, 2].double().cpu(), 0.99))
+        z_far = float(torch.quantile(probe_pts[:, 2].cpu().double(), 0.99))
         hi[2] = min(hi[2], z_far + 0.02 * (hi[2] - lo[2]))
     return lo, hi
 
@@ -243,7 +243,7 @@ def extract_mesh(trimesh, measure, scene: Scene, render_kwargs: dict, ndc: bool,
     verts = torch.as_tensor(np.array(mesh.vertices), dtype=torch.float32, device=device)
     normals = torch.as_tensor(np.array(mesh.vertex_normals), dtype=torch.float32, device=device)
     colours = vertex_colours(verts, normals, h, render_kwargs, ndc, scene.hwf, chunk)
-    world = geometry.to_world(verts.double(), ndc, scene.hwf).cpu().numpy()
+    world = geometry.to_world(verts.cpu().double(), ndc, scene.hwf).numpy()
     faces = np.asarray(mesh.faces)
     if ndc:
         faces = faces[:, ::-1]    # the NDC map reverses orientation (its Jacobian's determinant is negative)
@@ -281,7 +281,7 @@ def extract(argv=None) -> int:
     if args.pointcloud:
         pts, colours = render_surface(scene, scene.poses[scene.i_train], render_kwargs, ndc,
                                       args.pointcloud_stride, args.chunk, device)
-        world = geometry.to_world(pts.double(), ndc, scene.hwf).cpu().numpy()
+        world = geometry.to_world(pts.cpu().double(), ndc, scene.hwf).numpy()
         rgba = np.concatenate([np.round(colours.cpu().numpy() * 255), np.full((len(world), 1), 255)], 1)
         cloud = trimesh.PointCloud(world, colors=rgba.astype(np.uint8))
         path = validation.keep_earlier(expdir / f"pointcloud_{step:06d}.ply")

@@ -55,9 +55,10 @@ def ranks_from_env(environ=os.environ) -> Ranks:
 
 
 def backend_for(device: torch.device, ranks: Ranks) -> str:
-    """NCCL when every local rank has a CUDA device of its own, else gloo
-    (CPU runs, or several ranks sharing one GPU, which NCCL refuses)."""
-    if device.type == "cuda" and torch.cuda.device_count() >= ranks.local_world_size:
+    """NCCL when every local rank has a CUDA device of its own (rank r on GPU
+    r), else gloo (CPU runs, or ranks sharing a GPU, which NCCL refuses)."""
+    if (device.type == "cuda" and torch.cuda.device_count() >= ranks.local_world_size
+            and device.index == ranks.local_rank):
         return "nccl"
     return "gloo"
 
@@ -66,8 +67,6 @@ def start(ranks: Ranks, device: torch.device, timeout_s: float = 1800) -> None:
     """Joins the process group of a torchrun launch (nothing for one process)."""
     if not ranks.distributed:
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     backend = backend_for(device, ranks)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     if ranks.is_main:
@@ -96,17 +95,20 @@ def noise_seed(seed: int, rank: int, *more: int) -> int:
     return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1, dtype=np.uint64)[0] % 2 ** 63)
 
 
-def broadcast_(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def broadcast_(tensor: torch.Tensor, device: torch.device, staging_numel: int = 2 ** 24) -> torch.Tensor:
     """Rank 0's `tensor` on every rank, in place. NCCL moves only device
-    tensors, so a host tensor goes through `device` there."""
+    tensors, so a host tensor goes through `device` there, `staging_numel`
+    elements at a time (an epoch's permutation can hold a billion)."""
     if not started():
         return tensor
-    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
-        staged = tensor.to(device)
-        dist.broadcast(staged, src=0)
-        tensor.copy_(staged.cpu())
-    else:
+    if dist.get_backend() != "nccl" or tensor.device.type == "cuda":
         dist.broadcast(tensor, src=0)
+        return tensor
+    flat = tensor.view(-1)
+    for start in range(0, flat.numel(), staging_numel):
+        staged = flat[start:start + staging_numel].to(device)
+        dist.broadcast(staged, src=0)
+        flat[start:start + staging_numel].copy_(staged.cpu())
     return tensor
 
 
@@ -137,7 +139,7 @@ class GradientAverage:
 
     def __call__(self, numbers: Dict[str, torch.Tensor], n_rays: int,
                  stop_requested: bool) -> Dict[str, torch.Tensor]:
-        params, names = self.parameters, list(numbers)
+        params, names = self.parameters, sorted(numbers)      # the same order on every rank
         device = params[0].device
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         values = torch.stack([numbers[k].float().reshape(()).to(device) for k in names])

@@ -36,9 +36,9 @@ from load_llff import eight_bit_colours
 
 def default_device_budget(device: torch.device) -> float:
     """Bytes of training data to keep on `device`: unlimited on the CPU (it is
-    host memory anyway), half the GPU's memory otherwise (at 7 bytes a pixel,
+    host memory anyway), half the GPU's memory otherwise (at 3 bytes a pixel,
     the largest LLFF scene at factor 1, horns' 54 training views of 12 MP,
-    needs 4.6 GB: it fits a 16 GB GPU with room for the networks)."""
+    needs 2.0 GB: it fits an 8 GB GPU with room for the networks)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory / 2
     return float("inf")
@@ -132,7 +132,7 @@ class _AsyncRows:
         torch.index_select(source, 0, index, out=self.staging[k])
         out = self.staging[k].to(self.device, non_blocking=True)
         self.events[k] = torch.cuda.Event()
-        self.events[k].record()
+        self.events[k].record(torch.cuda.current_stream(self.device))
         return out
 
 
@@ -151,18 +151,18 @@ class TrainingPixels:
 
     Colours are uint8 8-bit values where exact (see `training_colours`), made
     colours on the device by a 256-entry table. They live on the device when
-    colour_bytes + extra_bytes (e.g. a permutation) fit `device_budget_bytes`,
-    else in pinned host memory (`fetch` set), gathered there and copied over.
+    colours fit `device_budget_bytes`, else in pinned host memory (`fetch`
+    set), gathered there and copied over.
     """
 
     def __init__(self, images, poses: np.ndarray, i_train, H: int, W: int, K, device: torch.device,
-                 device_budget_bytes: Optional[float] = None, extra_bytes: int = 0):
+                 device_budget_bytes: Optional[float] = None):
         device = torch.device(device)
         colours = training_colours(images, i_train)
         self.n_pixels = colours.shape[0] * H * W
         self.colour_bytes = colours.numel() * colours.element_size()
         budget = default_device_budget(device) if device_budget_bytes is None else device_budget_bytes
-        self.on_device = self.colour_bytes + extra_bytes <= budget
+        self.on_device = self.colour_bytes <= budget
         colours = colours.reshape(-1, 3)
         self.colours = colours.to(device) if self.on_device else _pinned(colours, device)
         self.fetch = None if self.on_device else _AsyncRows(device)
@@ -180,8 +180,8 @@ class TrainingPixels:
         return self.device if self.on_device else torch.device("cpu")
 
     def colours_at(self, index: torch.Tensor) -> torch.Tensor:
-        """(N, 3) float32 colours on the device of the pixels `index` (N,) on `home`."""
-        index = index.long()
+        """(N, 3) float32 colours on the device of the pixels `index` (N,)."""
+        index = index.to(self.home, non_blocking=True).long()
         if self.fetch is None:
             rows = self.colours[index]
         else:
@@ -203,10 +203,11 @@ class RayBatcher:
     Draws follow the original: a NumPy shuffle first, then torch.randperm
     after each epoch; the pixels stay in place and the permutation (int32
     below 2^31 pixels) indexes them. With the colours as uint8 that is
-    3 + 4 = 7 bytes per training pixel on the device (36 + 8 for a buffer of
-    precomputed rays). Over `device_budget_bytes` the colours and the
-    permutation stay in pinned host memory and batches are prefetched one
-    step ahead.
+    3 bytes per training pixel on the device and the permutation's 4 in host
+    memory, from which each step copies its N_rand indices (36 + 8 bytes on
+    the device for a buffer of precomputed rays). Over `device_budget_bytes`
+    the colours stay in pinned host memory too and batches are prefetched
+    one step ahead.
     """
 
     def __init__(self, images, poses: np.ndarray, i_train, H: int, W: int, K, N_rand: int,
@@ -218,9 +219,9 @@ class RayBatcher:
         n_pixels = len(i_train) * H * W
         perm = np.arange(n_pixels, dtype=np.int32 if n_pixels < 2 ** 31 else np.int64)
         np.random.shuffle(perm)                             # the draws of np.random.permutation(n_pixels)
-        self.pixels = TrainingPixels(images, poses, i_train, H, W, K, device, device_budget_bytes, perm.nbytes)
+        self.pixels = TrainingPixels(images, poses, i_train, H, W, K, device, device_budget_bytes)
         self.fetch = self.pixels.fetch
-        self.perm = torch.from_numpy(perm).to(self.pixels.home)
+        self.perm = torch.from_numpy(perm)                  # host memory: each step copies its N_rand indices
         self.N_rand, self.rank = N_rand, rank
         self.i_batch = 0
         self.ahead = None                                   # (i_batch, colours) prefetched
@@ -230,6 +231,12 @@ class RayBatcher:
         """Bytes of training data per training pixel: colours plus permutation."""
         perm_bytes = self.perm.numel() * self.perm.element_size()
         return (self.pixels.colour_bytes + perm_bytes) / self.pixels.n_pixels
+
+    @property
+    def device_bytes_per_pixel(self) -> float:
+        """Of those, the bytes on the training device: the colours, when they fit
+        its budget (the permutation stays in host memory)."""
+        return self.pixels.colour_bytes / self.pixels.n_pixels if self.pixels.on_device else 0.0
 
     def _index(self, i_batch: int) -> torch.Tensor:
         """This rank's share of the pixels of the batch starting at i_batch
@@ -247,7 +254,7 @@ class RayBatcher:
         self.ahead = None
         self.i_batch += self.N_rand
         if self.i_batch >= self.perm.shape[0]:
-            shuffle = torch.randperm(self.perm.shape[0], device=self.perm.device)
+            shuffle = torch.randperm(self.perm.shape[0])           # host, CPU generator, wherever the colours are
             if self.share_permutation is not None:
                 shuffle = self.share_permutation(shuffle)
             self.perm = self.perm[shuffle]
@@ -288,6 +295,11 @@ class ImageRaySampler:
         self.position = {int(i): k for k, i in enumerate(self.i_train)}
         self.H, self.W, self.N_rand, self.rank = H, W, N_rand, rank
         self.precrop_iters, self.precrop_frac = precrop_iters, precrop_frac
+
+    @property
+    def device_bytes_per_pixel(self) -> float:
+        """Of those, the bytes on the training device (within its budget)."""
+        return self.bytes_per_pixel if self.pixels.on_device else 0.0
 
     @property
     def bytes_per_pixel(self) -> float:

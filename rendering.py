@@ -314,9 +314,9 @@ class RenderMemory:
             try:
                 result = render_fn(self.chunk)
                 break
-            except torch.OutOfMemoryError:
+            except RuntimeError as exc:
                 netchunk = getattr(self.network_query_fn, "netchunk", 1)
-                if self.chunk == 1 and netchunk == 1:
+                if not is_out_of_memory(exc) or (self.chunk == 1 and netchunk == 1):
                     raise
                 self.chunk = max(1, self.chunk // 2)
                 if hasattr(self.network_query_fn, "netchunk"):
@@ -329,6 +329,12 @@ class RenderMemory:
                         self.chunk, getattr(self.network_query_fn, "netchunk", "unchanged"))
             self.warned = True
         return result
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS a RuntimeError that says so."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def free_cached_memory() -> None:

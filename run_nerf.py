@@ -28,7 +28,7 @@ from checkpoints import find_checkpoint, load_network_state, rng_state, save_che
 from datasets import Scene, load_scene
 from errors import DataError, WriteError
 from rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
-from rendering import RenderMemory, make_network_query_fn, save_frame
+from rendering import RenderMemory, is_out_of_memory, make_network_query_fn, save_frame
 from ray_batches import ImageRaySampler, RayBatcher
 from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b  # noqa: F401 (public API)
 from run_nerf_helpers import Embedder, get_rays, get_rays_np, ndc_rays, sample_pdf  # noqa: F401 (public API)
@@ -517,6 +517,8 @@ def train(argv=None) -> int:
     validation.check_world_size(args, ranks.world_size)
     device = validation.choose_device(args.device, ranks.local_rank, ranks.world_size)
     args.world_size = ranks.world_size
+    if device.type == "cuda":
+        torch.cuda.set_device(device)             # streams, events and new tensors default to this GPU
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)                  # every rank builds the same initial weights
 
@@ -529,6 +531,7 @@ def train(argv=None) -> int:
     render_kwargs_test.update(bounds)
     validation.check_outputs(args, expdir, ckpt_path, ckpt, start)   # never overwrite an earlier run's work
     parallel.start(ranks, device)
+    validation.check_same_start(parallel.all_gather(start, ranks), expdir)
     parallel.broadcast_parameters(grad_vars, device)
     run = Run(args, scene, expdir, device, ranks, render_kwargs_test,
               RenderMemory(args.chunk, render_kwargs_test['network_query_fn']))
@@ -577,7 +580,9 @@ def train(argv=None) -> int:
                 (lambda numbers, n_rays: gradient_average(numbers, n_rays, stop.signum is not None))
             try:
                 stats = train_step(batch_rays, target_s, scene, render_kwargs_train, optimizer, args.chunk, average)
-            except torch.OutOfMemoryError as exc:
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
                 raise out_of_memory_error(exc, args, device) from None
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(stats['loss']),
                                          torch.full_like(first_bad_step, i), first_bad_step)

@@ -244,7 +244,18 @@ def choose_device(flag: Optional[str], local_rank: int = 0, world_size: int = 1)
         raise DataError("--device", f"{flag}: Apple MPS is not available on this machine")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise DataError("--device", f"unsupported device type '{device.type}' (cuda, cuda:N, mps or cpu)")
+    if world_size > 1 and device.type == "mps":
+        raise DataError("--device", "mps: torch.distributed has no backend for Apple MPS; data-parallel runs "
+                                    "use CUDA (NCCL) or the CPU (gloo): add --device cpu, or run one process")
     return device
+
+
+def check_same_start(starts: Sequence[int], expdir: Path) -> None:
+    """Every process of a data-parallel run found the same checkpoint step."""
+    if len(set(starts)) > 1:
+        raise DataError(expdir, f"the processes found different checkpoints to resume from (steps {sorted(set(starts))} "
+                                f"in rank order {list(starts)}): every machine must see the same --basedir "
+                                f"(a shared file system) or --ft_path")
 
 
 def check_world_size(args, world_size: int) -> None:

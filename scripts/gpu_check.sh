@@ -14,6 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${GPU_CHECK_LOG:-gpu_check_logs}
+export NERF_NO_DOWNLOAD=1   # the GPU machine may be offline: LPIPS is then reported unavailable, nothing waits
 mkdir -p "$log"
 
 if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then

@@ -147,3 +147,34 @@ def test_bad_device_is_one_line(demo_dir, tmp_path, capsys, flag, message):  # n
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --device: ") and message in err[0]
     assert not (tmp_path / "demo").exists()
+
+
+def test_mps_out_of_memory_is_recognised_and_other_errors_pass_through():
+    """MPS reports out of memory as a plain RuntimeError; anything else is a bug to show."""
+    memory = RenderMemory(64, make_network_query_fn(get_embedder(2)[0], None, 64))
+    tries = []
+
+    def mps_like(chunk):
+        tries.append(chunk)
+        if chunk > 16:
+            raise RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB, other allocations: 1.00 GB)")
+        return chunk
+    assert memory.run(mps_like) == 16 and tries == [64, 32, 16] and memory.network_query_fn.netchunk == 16
+
+    def broken(chunk):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes"):
+        memory.run(broken)
+    assert memory.chunk == 16
+
+
+def test_data_parallel_on_mps_and_processes_that_resume_from_different_steps_are_refused(monkeypatch, tmp_path):
+    from errors import DataError
+    from validation import check_same_start, choose_device
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert choose_device("mps", 0, 1).type == "mps"
+    with pytest.raises(DataError, match="--device cpu"):
+        choose_device("mps", 1, 2)
+    check_same_start([40, 40], tmp_path)
+    with pytest.raises(DataError, match="same --basedir"):
+        check_same_start([40, 0], tmp_path)

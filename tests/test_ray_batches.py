@@ -21,7 +21,8 @@ CPU = torch.device("cpu")
 class NineFloatBatcher:
     """The former RayBatcher: every training pixel's rays and colour as a row
     [rays_o, rays_d, rgb] (M, 3, 3), np.random.permutation once, then
-    perm[torch.randperm] after each epoch, all on `device`."""
+    perm[torch.randperm] after each epoch (drawn by the CPU generator, as the
+    original's torch.randperm without a device), the rows on `device`."""
 
     def __init__(self, images, poses, i_train, H, W, K, N_rand, device=CPU):
         rows = []
@@ -37,7 +38,7 @@ class NineFloatBatcher:
         batch = torch.transpose(self.rays_rgb[self.perm[self.i_batch:self.i_batch + self.N_rand]], 0, 1)
         self.i_batch += self.N_rand
         if self.i_batch >= self.rays_rgb.shape[0]:
-            self.perm = self.perm[torch.randperm(self.perm.shape[0], device=self.perm.device)]
+            self.perm = self.perm[torch.randperm(self.perm.shape[0]).to(self.perm.device)]
             self.i_batch = 0
         return batch[:2], batch[2]
 
@@ -195,13 +196,18 @@ def test_only_exact_eight_bit_colours_are_stored_as_uint8(lego_dir, fern):
 
 
 def test_bytes_per_training_pixel(fern, lego_dir):
-    """uint8 colours and an int32 permutation: 3 + 4 bytes a pixel (36 + 8 before)."""
+    """uint8 colours on the device and an int32 permutation in host memory:
+    3 + 4 bytes a pixel (36 + 8 on the device before)."""
     images, values, poses, H, W, K = fern
     batcher = RayBatcher(EightBitImages(values), poses, [0, 1], H, W, K, 1024, CPU)
-    assert batcher.bytes_per_pixel == 7
-    assert ImageRaySampler(EightBitImages(values), poses, [0, 1], H, W, K, 1024, 0, .5, CPU).bytes_per_pixel == 3
+    assert batcher.bytes_per_pixel == 7 and batcher.device_bytes_per_pixel == 3
+    assert batcher.perm.device.type == "cpu"
+    sampler = ImageRaySampler(EightBitImages(values), poses, [0, 1], H, W, K, 1024, 0, .5, CPU)
+    assert sampler.bytes_per_pixel == sampler.device_bytes_per_pixel == 3
     white, poses, H, W, K = lego_views(lego_dir, 1, white_bkgd=True, half_res=True)
-    assert RayBatcher(white, poses, [0], H, W, K, 1024, CPU).bytes_per_pixel == 12 + 4
+    lego = RayBatcher(white, poses, [0], H, W, K, 1024, CPU)
+    assert lego.bytes_per_pixel == 12 + 4 and lego.device_bytes_per_pixel == 12
+    assert RayBatcher(white, poses, [0], H, W, K, 1024, CPU, device_budget_bytes=0).device_bytes_per_pixel == 0
 
 
 # --- shares for data-parallel training ----------------------------------------

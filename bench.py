@@ -174,8 +174,11 @@ def samples_per_ray(args) -> int:
 
 
 def sync(device):
+    """Waits for the device's queued work, so that timings cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 class Matmul:

@@ -54,20 +54,29 @@ def ranks_from_env(environ=os.environ) -> Ranks:
                  local_world_size=number("LOCAL_WORLD_SIZE", world_size))
 
 
-def backend_for(device: torch.device, ranks: Ranks) -> str:
-    """NCCL when every local rank has a CUDA device of its own (rank r on GPU
-    r), else gloo (CPU runs, or ranks sharing a GPU, which NCCL refuses)."""
-    if (device.type == "cuda" and torch.cuda.device_count() >= ranks.local_world_size
-            and device.index == ranks.local_rank):
-        return "nccl"
-    return "gloo"
+def backend_for(device: torch.device, ranks: Ranks, pinned: bool = False) -> str:
+    """NCCL when every local rank has a CUDA device of its own, else gloo
+    (CPU runs, or ranks sharing a GPU, which NCCL refuses): ranks share one
+    when there are fewer GPUs than local ranks, or when `pinned` (--device
+    named one GPU for all). The same answer on every rank of a machine."""
+    shared = torch.cuda.device_count() < ranks.local_world_size or (pinned and ranks.local_world_size > 1)
+    return "nccl" if device.type == "cuda" and not shared else "gloo"
 
 
-def start(ranks: Ranks, device: torch.device, timeout_s: float = 1800) -> None:
+def ranks_per_device(device: torch.device, ranks: Ranks, pinned: bool = False) -> int:
+    """How many of this machine's processes share `device`'s memory: one per
+    GPU with NCCL; with shared GPUs, all of them on a pinned one, else as
+    many as the round robin puts on each."""
+    if device.type != "cuda" or backend_for(device, ranks, pinned) == "nccl":
+        return 1
+    return ranks.local_world_size if pinned else -(-ranks.local_world_size // torch.cuda.device_count())
+
+
+def start(ranks: Ranks, device: torch.device, pinned: bool = False, timeout_s: float = 1800) -> None:
     """Joins the process group of a torchrun launch (nothing for one process)."""
     if not ranks.distributed:
         return
-    backend = backend_for(device, ranks)
+    backend = backend_for(device, ranks, pinned)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     if ranks.is_main:
         log.info("data-parallel training: %d processes, %s", ranks.world_size, backend)

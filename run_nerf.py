@@ -29,7 +29,7 @@ from datasets import Scene, load_scene
 from errors import DataError, WriteError
 from rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
 from rendering import RenderMemory, is_out_of_memory, make_network_query_fn, save_frame
-from ray_batches import ImageRaySampler, RayBatcher
+from ray_batches import ImageRaySampler, RayBatcher, default_device_budget
 from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b  # noqa: F401 (public API)
 from run_nerf_helpers import Embedder, get_rays, get_rays_np, ndc_rays, sample_pdf  # noqa: F401 (public API)
 
@@ -443,15 +443,17 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def make_sampler(args, scene: Scene, device, ranks: parallel.Ranks = parallel.Ranks()):
+def make_sampler(args, scene: Scene, device, ranks: parallel.Ranks = parallel.Ranks(), pinned: bool = False):
     """This rank's share of each step's rays: all images' rays shuffled
-    (batching) or one image per step (--no_batching)."""
+    (batching) or one image per step (--no_batching). Processes sharing a
+    GPU share its budget for training data too."""
+    budget = default_device_budget(device) / parallel.ranks_per_device(device, ranks, pinned)
     if args.no_batching:
         return ImageRaySampler(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand,
-                               args.precrop_iters, args.precrop_frac, device,
+                               args.precrop_iters, args.precrop_frac, device, budget,
                                rank=ranks.rank, world_size=ranks.world_size)
     return RayBatcher(scene.images, scene.poses, scene.i_train, scene.H, scene.W, scene.K, args.N_rand, device,
-                      rank=ranks.rank, world_size=ranks.world_size,
+                      budget, rank=ranks.rank, world_size=ranks.world_size,
                       share_permutation=lambda shuffle: parallel.broadcast_(shuffle, device))
 
 
@@ -530,7 +532,8 @@ def train(argv=None) -> int:
     render_kwargs_train.update(bounds)
     render_kwargs_test.update(bounds)
     validation.check_outputs(args, expdir, ckpt_path, ckpt, start)   # never overwrite an earlier run's work
-    parallel.start(ranks, device)
+    pinned = args.device is not None and torch.device(args.device).index is not None   # one GPU for all ranks
+    parallel.start(ranks, device, pinned)
     validation.check_same_start(parallel.all_gather(start, ranks), expdir)
     parallel.broadcast_parameters(grad_vars, device)
     run = Run(args, scene, expdir, device, ranks, render_kwargs_test,
@@ -545,7 +548,7 @@ def train(argv=None) -> int:
             tqdm.write(f"Rendered to {savedir}")
         return 0
 
-    sampler = make_sampler(args, scene, device, ranks)
+    sampler = make_sampler(args, scene, device, ranks, pinned)
     restore_sampling_state(ckpt, ckpt_path, sampler, run, start)
     if ranks.is_main:
         write_run_files(args, expdir)

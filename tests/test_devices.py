@@ -178,3 +178,18 @@ def test_data_parallel_on_mps_and_processes_that_resume_from_different_steps_are
     check_same_start([40, 40], tmp_path)
     with pytest.raises(DataError, match="same --basedir"):
         check_same_start([40, 0], tmp_path)
+
+
+def test_processes_sharing_a_gpu_share_its_training_data_budget(monkeypatch):
+    """Every rank of a machine picks the same backend (each alone decides it)."""
+    import parallel
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    four_on_two = [parallel.Ranks(rank=r, world_size=4, local_rank=r, local_world_size=4) for r in range(4)]
+    two_on_two = [parallel.Ranks(rank=r, world_size=2, local_rank=r, local_world_size=2) for r in range(2)]
+    assert {parallel.backend_for(torch.device("cuda", r.local_rank % 2), r) for r in four_on_two} == {"gloo"}
+    assert {parallel.ranks_per_device(torch.device("cuda", r.local_rank % 2), r) for r in four_on_two} == {2}
+    assert {parallel.backend_for(torch.device("cuda", r.local_rank), r) for r in two_on_two} == {"nccl"}
+    assert {parallel.ranks_per_device(torch.device("cuda", r.local_rank), r) for r in two_on_two} == {1}
+    pinned = {parallel.backend_for(torch.device("cuda", 1), r, pinned=True) for r in two_on_two}   # --device cuda:1
+    assert pinned == {"gloo"} and parallel.ranks_per_device(torch.device("cuda", 1), two_on_two[0], pinned=True) == 2
+    assert parallel.ranks_per_device(torch.device("cpu"), four_on_two[0]) == 1

@@ -11,10 +11,6 @@ sys.path.insert(0, str(REPO))
 os.environ["NERF_NO_DOWNLOAD"] = "1"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test that takes more than ~10 s")
-
-
 def shared_dir() -> Path:
     """`../shared` beside the checkout (holds data/ and reference/)."""
     return REPO.parent / "shared"

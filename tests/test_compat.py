@@ -261,7 +261,7 @@ def test_missing_scene_of_a_shipped_config_says_how_to_get_it(config, hint, tmp_
     monkeypatch.chdir(tmp_path)
     assert run_nerf.main(["--config", str(REPO / "configs" / f"{config}.txt")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: data/nerf_")
+    assert err.count("\n") == 1 and err.startswith("error: data/nerf_")
     assert "data folder does not exist; " + hint in err
     assert not (tmp_path / "logs").exists()
 

@@ -39,11 +39,11 @@ import torch
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
-import fast_nerf  # noqa: E402
+from nerf import fast_mlp  # noqa: E402
 import run_nerf  # noqa: E402
 from benchmarks import original_path as orig  # noqa: E402
-from datasets import load_scene  # noqa: E402
-from rendering import render  # noqa: E402
+from nerf.datasets import load_scene  # noqa: E402
+from nerf.rendering import render  # noqa: E402
 from run_nerf_helpers import default_device, keep_freed_memory  # noqa: E402
 
 SMALL = ["--netdepth", "4", "--netwidth", "64", "--netdepth_fine", "4", "--netwidth_fine", "64",
@@ -115,7 +115,7 @@ class Products:
         self.train, self.device, self.jobs, self.times = train, device, [], []
         for model, points, S, density_only in jobs:
             chunk = min(points, max(1, netchunk // S) * S)
-            rows = min(chunk, fast_nerf.rows_per_block(model, S, device))
+            rows = min(chunk, fast_mlp.rows_per_block(model, S, device))
             ops = []
             for cin, cout, gin in layer_shapes(model, density_only):
                 x, w = torch.randn(rows, cin, device=device), torch.randn(cout, cin, device=device)
@@ -278,7 +278,7 @@ def build(args, scene, device, baseline: bool, plain: bool = False):
 def build_plain(args, scene, device, kw_train, kw_test):
     """The library with `run_network(..., fast=False)`: its MLP as `NeRF.forward` computes it."""
     import copy
-    from rendering import run_network
+    from nerf.rendering import run_network
     coarse = copy.deepcopy(kw_train["network_fn"])
     fine = copy.deepcopy(kw_train["network_fine"])
     e_fn, _ = run_nerf.get_embedder(args.multires, args.i_embed)

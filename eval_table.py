@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from metrics import METRICS_FILENAME, load_metrics
+from nerf.scoring import METRICS_FILENAME, load_metrics
 
 PAPER_RESULTS = Path(__file__).resolve().with_name("paper_results.json")
 _TEST_DIR = re.compile(r"^(?:testset|renderonly_test)_(\d+)$")

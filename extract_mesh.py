@@ -27,13 +27,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import geometry
+from nerf import data_checks, flags, geometry, run_folder
 import run_nerf
-import validation
-from checkpoints import find_checkpoint
-from datasets import Scene, load_scene
-from errors import DataError
-from rendering import accepts_density_only, batchify_rays, render
+from nerf.checkpoints import find_checkpoint
+from nerf.datasets import Scene, load_scene
+from nerf.errors import DataError
+from nerf.rendering import accepts_density_only, batchify_rays, render
 from run_nerf_helpers import get_rays, keep_freed_memory
 
 log = logging.getLogger("nerf")
@@ -267,13 +266,13 @@ def load_trained(args, device):
 
 
 def extract(argv=None) -> int:
-    args = validation.parse_args(config_parser(), argv)
+    args = flags.parse_args(config_parser(), argv)
     check_geometry_flags(args)
     trimesh, measure = import_mesh_libraries()
-    validation.check_data(args)
+    data_checks.check_data(args)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = validation.choose_device(args.device)
+    device = flags.choose_device(args.device)
     scene, render_kwargs, ndc, step = load_trained(args, device)
     expdir = Path(args.basedir) / str(args.expname)
     expdir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +283,7 @@ def extract(argv=None) -> int:
         world = geometry.to_world(pts.cpu().double(), ndc, scene.hwf).numpy()
         rgba = np.concatenate([np.round(colours.cpu().numpy() * 255), np.full((len(world), 1), 255)], 1)
         cloud = trimesh.PointCloud(world, colors=rgba.astype(np.uint8))
-        path = validation.keep_earlier(expdir / f"pointcloud_{step:06d}.ply")
+        path = run_folder.keep_earlier(expdir / f"pointcloud_{step:06d}.ply")
         cloud.export(str(path))
         log.info("%d points from %d training views", len(world), len(scene.i_train))
     else:
@@ -306,7 +305,7 @@ def extract(argv=None) -> int:
             log.info("density threshold %.6g", level)
         mesh = extract_mesh(trimesh, measure, scene, render_kwargs, ndc, lo, hi, level, args.mesh_resolution,
                             args.keep_largest_component, args.netchunk, args.chunk, device)
-        path = validation.keep_earlier(expdir / f"mesh_{step:06d}.{args.mesh_format}")
+        path = run_folder.keep_earlier(expdir / f"mesh_{step:06d}.{args.mesh_format}")
         mesh.export(str(path))
         log.info("%d vertices, %d faces", len(mesh.vertices), len(mesh.faces))
     print(path)

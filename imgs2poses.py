@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from colmap_model import (SUPPORTED_MODELS, ColmapModelError, find_model_format, model_to_poses_bounds,
+from nerf.colmap_model import (SUPPORTED_MODELS, ColmapModelError, find_model_format, model_to_poses_bounds,
                           read_model)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

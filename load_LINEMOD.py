@@ -6,7 +6,7 @@ JSONs give `near` and `far`.
 """
 import numpy as np
 
-from errors import DataError
+from nerf.errors import DataError
 from load_blender import load_splits, spherical_render_poses
 
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 import imageio.v3 as iio
 import numpy as np
 
-from errors import DataError
+from nerf.errors import DataError
 
 SPLITS = ("train", "val", "test")
 

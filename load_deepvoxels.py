@@ -11,7 +11,7 @@ from typing import Tuple
 import imageio.v3 as iio
 import numpy as np
 
-from errors import DataError
+from nerf.errors import DataError
 
 H = W = 512
 

@@ -16,7 +16,7 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 
-from errors import DataError
+from nerf.errors import DataError
 
 IMAGE_EXTS = (".JPG", ".jpg", ".png")
 POSES_NAMES = "poses_names.txt"

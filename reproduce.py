@@ -42,10 +42,9 @@ from pathlib import Path
 from typing import Sequence
 
 import eval_table
-import metrics
-import validation
-from checkpoints import list_checkpoints
-from errors import DataError
+from nerf import data_checks, flags, lpips_vgg, run_folder, scoring
+from nerf.checkpoints import list_checkpoints
+from nerf.errors import DataError
 from load_blender import read_transforms
 
 REPO = Path(__file__).resolve().parent
@@ -75,13 +74,13 @@ class Scene:
 
     def steps_trained(self) -> int:
         """The step of the newest `{step:06d}.tar` in the run folder, 0 without one."""
-        steps = [validation.checkpoint_step(p) for p in list_checkpoints(self.expdir)]
+        steps = [run_folder.checkpoint_step(p) for p in list_checkpoints(self.expdir)]
         return max([s for s in steps if s is not None], default=0)
 
     def scores(self) -> Path | None:
         """The run's metrics.json for the last step, if it was scored."""
         for folder in ("testset", "renderonly_test"):
-            path = self.expdir / f"{folder}_{self.steps:06d}" / metrics.METRICS_FILENAME
+            path = self.expdir / f"{folder}_{self.steps:06d}" / scoring.METRICS_FILENAME
             if path.is_file():
                 return path
         return None
@@ -93,7 +92,7 @@ def load_scenes(configs: Sequence[str], run_nerf_args: Sequence[str], steps: int
 
     scenes = []
     for config in configs:
-        args = validation.parse_args(run_nerf.config_parser(), ["--config", config, *run_nerf_args])
+        args = flags.parse_args(run_nerf.config_parser(), ["--config", config, *run_nerf_args])
         if args.expname is None:
             raise DataError(config, "sets no expname (each scene needs its own run folder)")
         scenes.append(Scene(Path(config), args, steps if steps is not None else args.N_iters))
@@ -152,7 +151,7 @@ def reproduce_scene(scene: Scene, run_nerf_args: Sequence[str], env: dict | None
             return status, f"rendering the test set stopped with exit status {status}"
     if scene.scores() is None:
         return 1, f"no test-set scores for step {scene.steps} (is its newest checkpoint readable?)"
-    return 0, metrics.summary_line(metrics.load_metrics(scene.scores()))
+    return 0, scoring.summary_line(scoring.load_metrics(scene.scores()))
 
 
 def run_all(scenes: list[Scene], run_nerf_args: Sequence[str], n_gpus: int) -> list[bool]:
@@ -245,7 +244,7 @@ def write_table(scenes: list[Scene], results_dir: Path, steps: int | None) -> tu
     results_dir.mkdir(parents=True, exist_ok=True)
     md_path, json_path = results_dir / "paper_table.md", results_dir / "paper_table.json"
     for path, text in ((md_path, "\n".join(md) + "\n"),
-                       (json_path, json.dumps(metrics._jsonable(table), indent=2, allow_nan=False) + "\n")):
+                       (json_path, json.dumps(scoring._jsonable(table), indent=2, allow_nan=False) + "\n")):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -279,17 +278,17 @@ def time_steps(args: argparse.Namespace, n_steps: int) -> Timing:
     import torch
 
     import run_nerf
-    from datasets import load_scene
-    from rendering import render
+    from nerf.datasets import load_scene
+    from nerf.rendering import render
     from run_nerf_helpers import default_device
 
     args = copy.copy(args)
     args.no_reload, args.ft_path = True, None
     args.testskip = max(args.testskip, 1000)   # the test images are not needed to time a step
-    measured_on = metrics.scene_from_datadir(args.datadir)
+    measured_on = scoring.scene_from_datadir(args.datadir)
     with tempfile.TemporaryDirectory() as tmp:
         if not Path(args.datadir).is_dir():
-            from demo_scene import ensure_demo_scene
+            from nerf.demo_scene import ensure_demo_scene
 
             measured_on = f"the demo scene ({args.datadir} not found)"
             args.dataset_type, args.datadir, args.half_res = "demo", str(Path(tmp) / "demo"), False
@@ -324,7 +323,7 @@ def rays_to_render(scene: Scene) -> tuple[int, str]:
     args = scene.args
     if not Path(args.datadir).is_dir():
         return 0, "render time not estimated: no data"
-    H, W = validation.check_data(args)
+    H, W = data_checks.check_data(args)
     if args.dataset_type in ("blender", "demo", "LINEMOD"):
         frames = read_transforms(Path(args.datadir), "test")["frames"]
         views = len(frames[::max(args.testskip, 1)])
@@ -410,8 +409,8 @@ def report_lpips(scenes: list[Scene]) -> None:
     """Says whether the tables will have LPIPS, fetching its weights once
     here rather than in each scene's run (the model is built on the CPU and
     let go)."""
-    download = metrics.downloads_allowed(any(s.args.no_download for s in scenes))
-    lpips = metrics.LPIPSScorer(device="cpu", download=download)
+    download = lpips_vgg.downloads_allowed(any(s.args.no_download for s in scenes))
+    lpips = lpips_vgg.LPIPSScorer(device="cpu", download=download)
     print("LPIPS: available" if lpips.available else f"LPIPS: unavailable: {lpips.reason}", flush=True)
 
 

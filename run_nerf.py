@@ -1,7 +1,7 @@
 """Train a NeRF, or render from a trained one: `python run_nerf.py --config configs/fern.txt`.
 
 Command line, model creation and the training loop; the rendering math is in
-rendering.py, the building blocks in run_nerf_helpers.py.
+nerf/rendering.py, the building blocks in run_nerf_helpers.py.
 """
 import copy
 import logging
@@ -19,17 +19,13 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-import geometry
-import metrics
-import outputs
-import parallel
-import validation
-from checkpoints import find_checkpoint, load_network_state, rng_state, save_checkpoint, set_rng_state, steps_done
-from datasets import Scene, load_scene
-from errors import DataError, WriteError
-from rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
-from rendering import RenderMemory, is_out_of_memory, make_network_query_fn, save_frame
-from ray_batches import ImageRaySampler, RayBatcher, default_device_budget
+from nerf import data_checks, flags, geometry, lpips_vgg, outputs, parallel, run_folder, scoring
+from nerf.checkpoints import find_checkpoint, load_network_state, rng_state, save_checkpoint, set_rng_state, steps_done
+from nerf.datasets import Scene, load_scene
+from nerf.errors import DataError, WriteError
+from nerf.rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
+from nerf.rendering import RenderMemory, is_out_of_memory, make_network_query_fn, save_frame
+from nerf.ray_batches import ImageRaySampler, RayBatcher, default_device_budget
 from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b  # noqa: F401 (public API)
 from run_nerf_helpers import Embedder, get_rays, get_rays_np, ndc_rays, sample_pdf  # noqa: F401 (public API)
 
@@ -58,7 +54,7 @@ def config_parser() -> configargparse.ArgumentParser:
     Every switch (`store_true`) also takes a value, so `--half_res False`
     undoes a config file's `half_res = True`."""
     parser = configargparse.ArgumentParser()
-    parser.register('action', 'store_true', validation.Switch)
+    parser.register('action', 'store_true', flags.Switch)
     parser.add_argument('--config', is_config_file=True, help='config file path')
     parser.add_argument("--expname", type=str, help='experiment name')
     parser.add_argument("--basedir", type=str, default='./logs/', help='where to store ckpts and logs')
@@ -106,7 +102,7 @@ def config_parser() -> configargparse.ArgumentParser:
                         help='run the MLPs under bfloat16 autocast (meant for GPUs; off by default: other arithmetic)')
     parser.add_argument("--compile", action='store_true', help='torch.compile the MLPs (off by default)')
     parser.add_argument("--fast_path", type=str, default='auto', choices=['auto', 'off'],
-                        help='auto: the fused MLP (fast_nerf.py) where it computes what NeRF.forward does; off: never')
+                        help='auto: the fused MLP (fast_mlp.py) where it computes what NeRF.forward does; off: never')
 
     # training options
     parser.add_argument("--precrop_iters", type=int, default=0, help='number of steps to train on central crops')
@@ -255,7 +251,7 @@ def write_run_files(args, expdir: Path) -> None:
 
 def write_video(path: Path, frames: np.ndarray) -> None:
     """(F, H, W[, 3]) frames in [0, 1] as an mp4 at 30 fps, quality 8."""
-    outputs.write_mp4(validation.keep_earlier(path), to8b(frames), fps=30, quality=8)
+    outputs.write_mp4(run_folder.keep_earlier(path), to8b(frames), fps=30, quality=8)
 
 
 def normalized_disparity(disps: np.ndarray) -> np.ndarray:
@@ -295,16 +291,16 @@ def score_test_views(run: Run, rgbs: np.ndarray, step: int) -> dict:
     """Scores renders of the test views the NeRF paper's way (metrics.json's
     content), prints the summary line and adds the means to TensorBoard."""
     args, scene = run.args, run.scene
-    result = metrics.metrics_result(
+    result = scoring.metrics_result(
         step, scene.images[scene.i_test], rgbs,
-        scene=metrics.scene_from_datadir(args.datadir), dataset_type=args.dataset_type,
+        scene=scoring.scene_from_datadir(args.datadir), dataset_type=args.dataset_type,
         white_bkgd=args.white_bkgd,
-        lpips_scorer=metrics.default_lpips_scorer(metrics.downloads_allowed(args.no_download)),
+        lpips_scorer=lpips_vgg.default_lpips_scorer(lpips_vgg.downloads_allowed(args.no_download)),
         extra={"expname": args.expname, "factor": args.factor, "half_res": args.half_res,
                "testskip": args.testskip})
-    tqdm.write(metrics.summary_line(result))
+    tqdm.write(scoring.summary_line(result))
     if run.writer is not None:
-        for tag, value in metrics.tensorboard_scalars(result).items():
+        for tag, value in scoring.tensorboard_scalars(result).items():
             run.writer.add_scalar(tag, value, step)
     return result
 
@@ -317,18 +313,18 @@ def render_only(run: Run, step: int) -> Path:
     there is kept aside (`keep_earlier`)."""
     args, scene = run.args, run.scene
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
-    savedir = validation.render_only_dir(run.expdir, args.render_test, step)
+    savedir = run_folder.render_only_dir(run.expdir, args.render_test, step)
     if not run.ranks.is_main:
         render_frames(run, poses, render_factor=args.render_factor, with_depth=True)
         return savedir
-    with outputs.atomic_path(validation.keep_earlier(savedir)) as partial:   # appears complete, or not at all
+    with outputs.atomic_path(run_folder.keep_earlier(savedir)) as partial:   # appears complete, or not at all
         rgbs, _, depths = render_frames(run, poses, outputs.make_folder(partial), render_factor=args.render_factor,
                                         with_depth=True)
         for k, depth in enumerate(depths):
             outputs.write_npy(outputs.make_folder(partial / 'depth') / f'{k:03d}.npy', depth)
         if args.render_test and not args.render_factor:
-            metrics.save_metrics_json(partial, score_test_views(run, rgbs, step))
-            metrics.save_comparisons(partial, rgbs, scene.images[scene.i_test])
+            scoring.save_metrics_json(partial, score_test_views(run, rgbs, step))
+            scoring.save_comparisons(partial, rgbs, scene.images[scene.i_test])
     with outputs.warn_on_write_error("the frames are kept"):
         write_video(savedir / 'video.mp4', rgbs)
         write_video(savedir / 'depth.mp4', geometry.colour_depth(depths))
@@ -356,11 +352,11 @@ def render_testset(run: Run, step: int) -> None:
         return
     result = score_test_views(run, rgbs, step)
     with outputs.warn_on_write_error(), \
-            outputs.atomic_path(validation.keep_earlier(run.expdir / f'testset_{step:06d}')) as partial:
+            outputs.atomic_path(run_folder.keep_earlier(run.expdir / f'testset_{step:06d}')) as partial:
         outputs.make_folder(partial)
         for k, rgb in enumerate(rgbs):
             save_frame(partial, k, rgb)
-        metrics.save_metrics_json(partial, result)
+        scoring.save_metrics_json(partial, result)
 
 
 def log_heldout_view(run: Run, step: int) -> None:
@@ -512,12 +508,12 @@ def train(argv=None) -> int:
     """Parses the flags, loads the scene, then trains (or renders with --render_only).
     Returns the process exit status."""
     parser = config_parser()
-    args = validation.parse_args(parser, argv)   # config file and flags, as one-line errors
-    validation.check_data(args)                   # the data folder, before any image is loaded
-    validation.check_writable(args)               # and where the run will write
+    args = flags.parse_args(parser, argv)   # config file and flags, as one-line errors
+    data_checks.check_data(args)                   # the data folder, before any image is loaded
+    run_folder.check_writable(args)               # and where the run will write
     ranks = parallel.ranks_from_env()             # set by torchrun; rank 0 of 1 otherwise
-    validation.check_world_size(args, ranks.world_size)
-    device = validation.choose_device(args.device, ranks.local_rank, ranks.world_size)
+    flags.check_world_size(args, ranks.world_size)
+    device = flags.choose_device(args.device, ranks.local_rank, ranks.world_size)
     args.world_size = ranks.world_size
     if device.type == "cuda":
         torch.cuda.set_device(device)             # streams, events and new tensors default to this GPU
@@ -531,10 +527,10 @@ def train(argv=None) -> int:
     bounds = {'near': scene.near, 'far': scene.far}
     render_kwargs_train.update(bounds)
     render_kwargs_test.update(bounds)
-    validation.check_outputs(args, expdir, ckpt_path, ckpt, start)   # never overwrite an earlier run's work
+    run_folder.check_outputs(args, expdir, ckpt_path, ckpt, start)   # never overwrite an earlier run's work
     pinned = args.device is not None and torch.device(args.device).index is not None   # one GPU for all ranks
     parallel.start(ranks, device, pinned)
-    validation.check_same_start(parallel.all_gather(start, ranks), expdir)
+    run_folder.check_same_start(parallel.all_gather(start, ranks), expdir)
     parallel.broadcast_parameters(grad_vars, device)
     run = Run(args, scene, expdir, device, ranks, render_kwargs_test,
               RenderMemory(args.chunk, render_kwargs_test['network_query_fn']))
@@ -564,7 +560,7 @@ def train(argv=None) -> int:
         states = parallel.all_gather(rng_state(device), ranks)     # every rank's generators
         if ranks.is_main:
             try:
-                save_checkpoint(validation.keep_earlier(path), step, network_fn, network_fine, optimizer,
+                save_checkpoint(run_folder.keep_earlier(path), step, network_fn, network_fine, optimizer,
                                 sampler.state_dict(), states)
             except WriteError as err:
                 return f"{err}; step {step} is not saved, the newest good checkpoint is {newest or 'none'}"
@@ -601,7 +597,7 @@ def train(argv=None) -> int:
                 bad = int(first_bad_step)
                 if bad:
                     if ranks.is_main:
-                        tqdm.write(validation.nonfinite_message(bad, newest), file=sys.stderr)
+                        tqdm.write(run_folder.nonfinite_message(bad, newest), file=sys.stderr)
                     status = 1
                     break
             if due['print'] and ranks.is_main:

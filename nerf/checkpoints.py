@@ -24,8 +24,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from errors import DataError
-from outputs import atomic_path
+from nerf.errors import DataError
+from nerf.outputs import atomic_path
 
 STEP_KEY = "steps_completed"
 log = logging.getLogger("nerf")

@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from errors import DataError
+from nerf.errors import DataError
 from load_blender import load_blender_data
 from load_deepvoxels import load_dv_data
 from load_LINEMOD import load_LINEMOD_data
@@ -90,7 +90,7 @@ def load_scene(args) -> Scene:
         near, far = (float(bds.min()) * .9, float(bds.max()) * 1.0) if args.no_ndc else (0.0, 1.0)
     elif args.dataset_type in ("blender", "demo"):
         if args.dataset_type == "demo":
-            from demo_scene import ensure_demo_scene
+            from nerf.demo_scene import ensure_demo_scene
             ensure_demo_scene(args.datadir)
         images, poses, render_poses, hwf, (i_train, i_val, i_test) = load_blender_data(
             args.datadir, args.half_res, args.testskip)

@@ -18,7 +18,7 @@ origin c2w[:3, 3], f = .5 W / tan(.5 camera_angle_x). Antialiasing takes 2x2
 sub-rays placed symmetrically around that ray (+-1/4 pixel), so the pixel's
 footprint is centred on it.
 
-Usage: `python demo_scene.py [outdir] [--force]`, or from Python
+Usage: `python -m nerf.demo_scene [outdir] [--force]`, or from Python
 `ensure_demo_scene("./data/demo")` (writes only when the scene is missing).
 """
 import argparse
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import imageio.v2 as imageio
 import numpy as np
 
-from errors import DataError
+from nerf.errors import DataError
 
 # Defaults: lego's field of view and the Blender camera distance; images small
 # enough that a tiny NeRF trains on them in minutes on a CPU.

@@ -5,7 +5,7 @@
 `WriteError`: the operating system refused to write one of the run's files (a
 full disk, a quota or file-size limit, a folder that cannot be made); printed
 as `error: <path>: <reason>` with status 1 where the run cannot go on, as a
-warning where it can (see outputs.py).
+warning where it can (see nerf/outputs.py).
 """
 import re
 from os import PathLike

@@ -328,7 +328,7 @@ class _FusedNeRF(torch.autograd.Function):
         # is set under no_grad too, so ask whether a graph is being recorded.
         saving = plan.recording and any(ctx.needs_input_grad[3:])
         if saving and plan.density_only:
-            raise RuntimeError("fast_nerf: density_only evaluations have no backward pass")
+            raise RuntimeError("fast_mlp: density_only evaluations have no backward pass")
         w, b = params[0::2], params[1::2]
         out = torch.empty(M, 1 if plan.density_only else plan.C, dtype=pts.dtype, device=pts.device)
 

@@ -31,7 +31,7 @@ import imageio.v3 as iio
 import imageio_ffmpeg
 import numpy as np
 
-from errors import WriteError
+from nerf.errors import WriteError
 
 log = logging.getLogger("nerf")
 PathLike = Union[str, os.PathLike]

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from datasets import EightBitImages
+from nerf.datasets import EightBitImages
 from load_llff import eight_bit_colours
 
 

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import fast_nerf
-import geometry
-from outputs import write_image
+from nerf import fast_mlp, geometry
+from nerf.outputs import write_image
 from run_nerf_helpers import get_rays, ndc_rays, pytest_uniform, sample_pdf, to8b
 
 
@@ -42,20 +41,20 @@ def run_network(inputs: torch.Tensor, viewdirs: Optional[torch.Tensor], fn: Call
     over at most `netchunk` points at a time. Returns (N, S, C), or with
     `density_only` just sigma (N, S, 1) (the raw output's channel 3).
 
-    With `fast` (the default) a library `NeRF` runs through `fast_nerf`: the
+    With `fast` (the default) a library `NeRF` runs through `fast_mlp`: the
     same network and formulas in fewer, fused operations (see there); without
     gradients, `density_only` there skips the colour layers. Other networks or
     encoders, autocast, or `fast=False` take the plain path, `plain_network`,
     and so does a network or encoder whose code was edited in place: on first
-    use both paths are compared on a probe batch (`fast_nerf.matches_plain_path`).
+    use both paths are compared on a probe batch (`fast_mlp.matches_plain_path`).
     """
     if (fast and not (density_only and torch.is_grad_enabled())
-            and fast_nerf.supports(fn, embed_fn, embeddirs_fn, inputs, viewdirs)):
+            and fast_mlp.supports(fn, embed_fn, embeddirs_fn, inputs, viewdirs)):
         def plain(pts, dirs):
             return plain_network(pts, dirs, fn, embed_fn, embeddirs_fn, netchunk)
 
-        if fast_nerf.matches_plain_path(fn, embed_fn, embeddirs_fn, inputs, viewdirs, netchunk, plain):
-            return fast_nerf.query(fn, inputs, viewdirs, embed_fn, embeddirs_fn, netchunk,
+        if fast_mlp.matches_plain_path(fn, embed_fn, embeddirs_fn, inputs, viewdirs, netchunk, plain):
+            return fast_mlp.query(fn, inputs, viewdirs, embed_fn, embeddirs_fn, netchunk,
                                    density_only=density_only)
     return plain_network(inputs, viewdirs, fn, embed_fn, embeddirs_fn, netchunk, density_only)
 
@@ -358,7 +357,7 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
 
     `render_factor` N renders at 1/N of the size (the intrinsics scaled to
     match). Frames go to `savedir/{k:03d}.png` when given. `gt_imgs` is kept
-    for the original's signature; scoring the frames is metrics.py's job.
+    for the original's signature; scoring the frames is nerf/scoring.py's job.
     `memory` carries the chunk sizes from render to render (see
     `RenderMemory`; by default one starting at `chunk`). Returns rgbs
     (P, H, W, 3) and disps (P, H, W) as float32 arrays, and with `with_depth` also

@@ -24,12 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fast_nerf
-import rendering
+from nerf import data_checks, fast_mlp, flags, rendering
 import run_nerf
-import validation
 from conftest import REPO
-from errors import DataError
+from nerf.errors import DataError
 from run_nerf_helpers import Embedder, NeRF, get_embedder, sample_pdf
 from test_robustness import assert_same_weights, blender_argv, make_blender_scene, weights
 
@@ -57,7 +55,7 @@ def fast_path_warnings(caplog) -> list:
 def count_fast_queries(monkeypatch) -> dict:
     """Counts the fused evaluations (the probe's own excluded)."""
     calls = {"n": 0}
-    original, probe = fast_nerf.query, fast_nerf._probe
+    original, probe = fast_mlp.query, fast_mlp._probe
 
     def query(*args, **kwargs):
         calls["n"] += 1
@@ -70,8 +68,8 @@ def count_fast_queries(monkeypatch) -> dict:
         finally:
             calls["n"] = before
 
-    monkeypatch.setattr(fast_nerf, "query", query)
-    monkeypatch.setattr(fast_nerf, "_probe", uncounted_probe)
+    monkeypatch.setattr(fast_mlp, "query", query)
+    monkeypatch.setattr(fast_mlp, "_probe", uncounted_probe)
     return calls
 
 
@@ -176,7 +174,7 @@ def test_probe_changes_no_random_state_and_no_grad():
     def plain(p, d):
         return rendering.plain_network(p, d, net, embed, embeddirs, 1024)
 
-    assert not fast_nerf.matches_plain_path(net, embed, embeddirs, pts, dirs, 1024, plain)
+    assert not fast_mlp.matches_plain_path(net, embed, embeddirs, pts, dirs, 1024, plain)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in net.parameters())
 
@@ -195,14 +193,14 @@ def test_args_txt_reads_back_every_flag(run_dir):
     text = (run_dir / "args.txt").read_text()
     assert "ft_path = None\n" in text and "config = None\n" in text and "use_viewdirs = True\n" in text
     parser = run_nerf.config_parser()
-    again = validation.parse_args(parser, ["--config", str(run_dir / "args.txt")])
+    again = flags.parse_args(parser, ["--config", str(run_dir / "args.txt")])
     written = dict(line.split(" = ", 1) for line in text.splitlines())
     assert sorted(vars(again)) == sorted(written)
     for key, value in vars(again).items():
         if key != "config":
             assert str(value) == written[key], key
     assert again.ft_path is None
-    assert validation.parse_args(parser, ["--ft_path", "None"]).ft_path is None
+    assert flags.parse_args(parser, ["--ft_path", "None"]).ft_path is None
 
 
 def test_args_txt_renders(run_dir, tmp_path):
@@ -243,9 +241,9 @@ def test_args_txt_starts_a_fresh_run_under_a_new_expname(run_dir, tmp_path):
 # --- Outputs and messages ------------------------------------------------------------
 
 def test_render_test_switches_the_training_videos_to_the_test_views(scene, tmp_path):
-    for flags, frames in (([], 40), (["--render_test"], 2)):
+    for extra, frames in (([], 40), (["--render_test"], 2)):
         basedir = tmp_path / str(frames)
-        train(scene, basedir, "--i_video", "1", *flags, steps=1)
+        train(scene, basedir, "--i_video", "1", *extra, steps=1)
         for kind in ("rgb", "disp"):
             with imageio.get_reader(basedir / "run" / f"run_spiral_000001_{kind}.mp4") as reader:
                 assert reader.count_frames() == frames
@@ -269,7 +267,7 @@ def test_missing_scene_of_a_shipped_config_says_how_to_get_it(config, hint, tmp_
 def test_missing_folder_of_your_own_scene_has_no_download_hint(tmp_path):
     args = run_nerf.config_parser().parse_args(["--datadir", str(tmp_path / "myscene")])
     with pytest.raises(DataError) as err:
-        validation.check_data(args)
+        data_checks.check_data(args)
     assert err.value.what == "data folder does not exist"
 
 
@@ -401,7 +399,7 @@ def test_embedder_takes_the_original_keywords():
     assert linear.out_dim == 6
     torch.testing.assert_close(linear.embed(y), torch.cat([torch.sin(y * f) for f in (1.0, 2.5, 4.0)], -1))
     net = NeRF(D=2, W=8, input_ch=6, input_ch_views=0, output_ch=4)
-    assert not fast_nerf.supports(net, linear, None, torch.zeros(1, 1, 3), None)
+    assert not fast_mlp.supports(net, linear, None, torch.zeros(1, 1, 3), None)
 
 
 def test_load_weights_from_keras_matches_a_float64_keras_mlp():

@@ -6,9 +6,9 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-import metrics
+from nerf import scoring
 import run_nerf
-from demo_scene import ensure_demo_scene
+from nerf.demo_scene import ensure_demo_scene
 from load_blender import load_blender_data
 from test_cli import QUIET, TINY
 from test_resume import assert_resume_is_exact
@@ -31,7 +31,7 @@ def test_demo_run_scores_its_test_views_and_writes_videos(demo_dir, tmp_path):
                                    "--i_testset", "4", "--i_video", "4")) == 0
     expdir = tmp_path / "demo"
     testdir = expdir / "testset_000004"
-    result = metrics.load_metrics(testdir / "metrics.json")
+    result = scoring.load_metrics(testdir / "metrics.json")
     assert result["step"] == 4 and result["n_views"] == 3
     assert [v["name"] for v in result["views"]] == ["000.png", "001.png", "002.png"]
 

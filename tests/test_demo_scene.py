@@ -11,9 +11,9 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-import demo_scene
-from errors import DataError
-from demo_scene import Box, Cylinder, Sphere
+from nerf import demo_scene
+from nerf.errors import DataError
+from nerf.demo_scene import Box, Cylinder, Sphere
 
 H = W = 40
 COUNTS = {"train": 6, "val": 3, "test": 3}

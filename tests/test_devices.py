@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from nerf import checkpoints
 import run_nerf
-from rendering import RenderMemory, make_network_query_fn, render_path
+from nerf.rendering import RenderMemory, make_network_query_fn, render_path
 from run_nerf_helpers import NeRF, get_embedder
 from test_demo_run import demo_args, demo_dir  # noqa: F401 (fixture)
 from test_resume import final_state
@@ -169,8 +169,9 @@ def test_mps_out_of_memory_is_recognised_and_other_errors_pass_through():
 
 
 def test_data_parallel_on_mps_and_processes_that_resume_from_different_steps_are_refused(monkeypatch, tmp_path):
-    from errors import DataError
-    from validation import check_same_start, choose_device
+    from nerf.errors import DataError
+    from nerf.flags import choose_device
+    from nerf.run_folder import check_same_start
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert choose_device("mps", 0, 1).type == "mps"
     with pytest.raises(DataError, match="--device cpu"):
@@ -182,7 +183,7 @@ def test_data_parallel_on_mps_and_processes_that_resume_from_different_steps_are
 
 def test_processes_sharing_a_gpu_share_its_training_data_budget(monkeypatch):
     """Every rank of a machine picks the same backend (each alone decides it)."""
-    import parallel
+    from nerf import parallel
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     four_on_two = [parallel.Ranks(rank=r, world_size=4, local_rank=r, local_world_size=4) for r in range(4)]
     two_on_two = [parallel.Ranks(rank=r, world_size=2, local_rank=r, local_world_size=2) for r in range(2)]

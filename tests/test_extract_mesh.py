@@ -9,7 +9,7 @@ import pytest
 
 import extract_mesh
 import run_nerf
-from demo_scene import ensure_demo_scene
+from nerf.demo_scene import ensure_demo_scene
 from test_cli import QUIET, TINY
 
 trimesh = pytest.importorskip("trimesh", reason="mesh extraction needs requirements-mesh.txt")

@@ -20,10 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fast_nerf
-import rendering
-from checkpoints import rng_state, set_rng_state
-from ray_batches import ImageRaySampler, RayBatcher, draw_distinct, rays_at
+from nerf import fast_mlp, rendering
+from nerf.checkpoints import rng_state, set_rng_state
+from nerf.ray_batches import ImageRaySampler, RayBatcher, draw_distinct, rays_at
 from run_nerf_helpers import NeRF, get_embedder, get_rays, get_rays_np, img2mse
 
 
@@ -153,7 +152,7 @@ def fast_step(nets, embed, embeddirs, rays_o, rays_d, target, chunk=1024 * 32, n
 def test_training_step_matches_float64_rederivation():
     nets, embed, embeddirs = make_networks()
     rays_o, rays_d, target = small_scene_rays()
-    assert fast_nerf.supports(nets[0], embed, embeddirs, torch.zeros(2, 3, 3), torch.zeros(2, 3))
+    assert fast_mlp.supports(nets[0], embed, embeddirs, torch.zeros(2, 3, 3), torch.zeros(2, 3))
     rgb, rgb0, loss, grads = fast_step(nets, embed, embeddirs, rays_o, rays_d, target)
 
     params64 = [{k: p.detach().double().requires_grad_(True) for k, p in net.named_parameters()} for net in nets]
@@ -207,14 +206,14 @@ def test_fused_network_matches_module_forward(D, W, skips, viewdirs, i_embed, n_
                skips=skips, use_viewdirs=viewdirs).double()
     pts = torch.randn(n_rays, n_samples, 3, dtype=torch.float64)
     dirs = F.normalize(torch.randn(n_rays, 3, dtype=torch.float64), dim=-1) if viewdirs else None
-    assert fast_nerf.supports(net, embed, embeddirs, pts, dirs)
+    assert fast_mlp.supports(net, embed, embeddirs, pts, dirs)
     weight = torch.randn(n_rays, n_samples, 4 if viewdirs else 5, dtype=torch.float64)
 
     want = rendering.run_network(pts, dirs, net, embed, embeddirs, netchunk=netchunk, fast=False)
     (want * weight).sum().backward()
     want_grads = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
     net.zero_grad()
-    got = fast_nerf.query(net, pts, dirs, embed, embeddirs, netchunk=netchunk, block_rows=block)
+    got = fast_mlp.query(net, pts, dirs, embed, embeddirs, netchunk=netchunk, block_rows=block)
     (got * weight).sum().backward()
     got_grads = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
 
@@ -225,7 +224,7 @@ def test_fused_network_matches_module_forward(D, W, skips, viewdirs, i_embed, n_
     for k in want_grads:
         torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-12, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(fast_nerf.query(net, pts, dirs, embed, embeddirs, netchunk=netchunk,
+        torch.testing.assert_close(fast_mlp.query(net, pts, dirs, embed, embeddirs, netchunk=netchunk,
                                                    block_rows=block), want, rtol=0, atol=1e-13)
 
 
@@ -234,18 +233,18 @@ def test_plain_path_for_what_the_fast_path_does_not_know():
     embeddirs, input_ch_views = get_embedder(4)
     net = NeRF(D=2, W=8, input_ch=input_ch, input_ch_views=input_ch_views, use_viewdirs=True)
     pts, dirs = torch.zeros(2, 3, 3), torch.zeros(2, 3)
-    assert fast_nerf.supports(net, embed, embeddirs, pts, dirs)
+    assert fast_mlp.supports(net, embed, embeddirs, pts, dirs)
 
     class Fork(NeRF):
         def forward(self, x):
             return super().forward(x) * 2
 
     fork = Fork(D=2, W=8, input_ch=input_ch, input_ch_views=input_ch_views, use_viewdirs=True)
-    assert not fast_nerf.supports(fork, embed, embeddirs, pts, dirs)
-    assert not fast_nerf.supports(net, lambda x: x, embeddirs, pts, dirs)
-    assert not fast_nerf.supports(net, embed, embeddirs, pts.requires_grad_(), dirs)
+    assert not fast_mlp.supports(fork, embed, embeddirs, pts, dirs)
+    assert not fast_mlp.supports(net, lambda x: x, embeddirs, pts, dirs)
+    assert not fast_mlp.supports(net, embed, embeddirs, pts.requires_grad_(), dirs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fast_nerf.supports(net, embed, embeddirs, torch.zeros(2, 3, 3), dirs)
+        assert not fast_mlp.supports(net, embed, embeddirs, torch.zeros(2, 3, 3), dirs)
     out = rendering.run_network(torch.randn(2, 3, 3), F.normalize(torch.randn(2, 3), dim=-1), fork, embed, embeddirs)
     assert out.shape == (2, 3, 4)
 
@@ -265,8 +264,8 @@ def test_pool_never_hands_out_memory_a_graph_holds():
     nets, embed, embeddirs = make_networks(seed=2)
     pts = torch.randn(10, 8, 3)
     dirs = F.normalize(torch.randn(10, 3), dim=-1)
-    a = fast_nerf.query(nets[0], pts, dirs, embed, embeddirs)
-    b = fast_nerf.query(nets[0], pts * 0.5, dirs, embed, embeddirs)     # both graphs alive
+    a = fast_mlp.query(nets[0], pts, dirs, embed, embeddirs)
+    b = fast_mlp.query(nets[0], pts * 0.5, dirs, embed, embeddirs)     # both graphs alive
     (a.sum() + 0 * b.sum()).backward(retain_graph=True)
     grads = [p.grad.clone() for p in nets[0].parameters() if p.grad is not None]
     nets[0].zero_grad()
@@ -275,10 +274,10 @@ def test_pool_never_hands_out_memory_a_graph_holds():
     for g1, g2 in zip(grads, again):
         assert torch.equal(g1, g2)
     del a, b
-    n_buffers = len(fast_nerf._POOL.buffers)
+    n_buffers = len(fast_mlp._POOL.buffers)
     for _ in range(3):                                                  # steady state: memory reused
-        fast_nerf.query(nets[0], pts, dirs, embed, embeddirs).sum().backward()
-    assert len(fast_nerf._POOL.buffers) <= n_buffers + 1
+        fast_mlp.query(nets[0], pts, dirs, embed, embeddirs).sum().backward()
+    assert len(fast_mlp._POOL.buffers) <= n_buffers + 1
 
 
 # --- The original's saved renders -------------------------------------------------
@@ -299,7 +298,7 @@ def test_reference_renders_through_the_fast_path(reference_dir, name):
         return net
 
     nets = network("network_fn_state_dict"), network("network_fine_state_dict")
-    assert fast_nerf.supports(nets[0], embed, embeddirs, torch.zeros(1, 1, 3), torch.zeros(1, 3))
+    assert fast_mlp.supports(nets[0], embed, embeddirs, torch.zeros(1, 1, 3), torch.zeros(1, 3))
     def render(fast, coarse_maps=True):
         def query(pts, viewdirs, fn, density_only=False):
             return rendering.run_network(pts, viewdirs, fn, embed, embeddirs, fast=fast, density_only=density_only)
@@ -353,15 +352,15 @@ def test_no_grad_evaluation_keeps_block_scratch_not_the_activations():
     pts, dirs = torch.randn(64, 64, 3), F.normalize(torch.randn(64, 3), dim=-1)     # 4096 points
 
     def pooled_after(grad):
-        fast_nerf.release_memory()
+        fast_mlp.release_memory()
         with torch.set_grad_enabled(grad):
-            out = fast_nerf.query(nets[1], pts, dirs, embed, embeddirs, block_rows=256)
-        n = sum(b.numel() for b in fast_nerf._POOL.buffers)
+            out = fast_mlp.query(nets[1], pts, dirs, embed, embeddirs, block_rows=256)
+        n = sum(b.numel() for b in fast_mlp._POOL.buffers)
         del out
         return n
 
     kept, scratch = pooled_after(True), pooled_after(False)
-    fast_nerf.release_memory()
+    fast_mlp.release_memory()
     assert kept >= 4096 * CFG["W"] * CFG["D"]          # every layer's activations for the backward pass
     assert scratch * 8 <= kept                          # 16 blocks: one block's worth (and a spare)
 

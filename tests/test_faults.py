@@ -22,10 +22,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import checkpoints
+from nerf import checkpoints
 import run_nerf
 from conftest import REPO
-from demo_scene import ensure_demo_scene
+from nerf.demo_scene import ensure_demo_scene
 from test_robustness import assert_same_weights, weights
 
 FAULT = ["--netdepth", "1", "--netwidth", "8", "--N_importance", "0", "--N_samples", "8", "--multires", "10",

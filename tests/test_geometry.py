@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import demo_scene
+from nerf import demo_scene, geometry
 import extract_mesh
-import geometry
-from datasets import Scene
-from errors import DataError
-from rendering import render_path
+from nerf.datasets import Scene
+from nerf.errors import DataError
+from nerf.rendering import render_path
 from run_nerf_helpers import ndc_rays
 
 trimesh = pytest.importorskip("trimesh", reason="mesh extraction needs requirements-mesh.txt")

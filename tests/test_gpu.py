@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import fast_nerf
-import rendering
+from nerf import fast_mlp, rendering
 import run_nerf
-from ray_batches import ImageRaySampler, RayBatcher
+from nerf.ray_batches import ImageRaySampler, RayBatcher
 from run_nerf_helpers import NeRF, get_embedder
 from test_demo_run import demo_args, demo_dir  # noqa: F401 (fixture)
 from test_devices import RunsOutOfMemory, small_render_kwargs
@@ -37,7 +36,7 @@ def test_fast_path_matches_the_plain_path_on_cuda():
     embed_fn, embeddirs_fn = embed_fn.cuda(), embeddirs_fn.cuda()
     pts = torch.randn(64, 48, 3, device="cuda")
     dirs = torch.nn.functional.normalize(torch.randn(64, 3, device="cuda"), dim=-1)
-    assert fast_nerf.supports(net, embed_fn, embeddirs_fn, pts, dirs)
+    assert fast_mlp.supports(net, embed_fn, embeddirs_fn, pts, dirs)
     outs, grads = [], []
     for fast in (True, False):
         out = rendering.run_network(pts, dirs, net, embed_fn, embeddirs_fn, 1000, fast=fast)

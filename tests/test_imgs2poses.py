@@ -1,4 +1,4 @@
-"""imgs2poses.py and colmap_model.py: COLMAP models to LLFF poses_bounds.npy.
+"""imgs2poses.py and nerf/colmap_model.py: COLMAP models to LLFF poses_bounds.npy.
 
 The synthetic tests need no COLMAP: they write COLMAP models by hand (text
 and binary) from cameras and points whose true poses and depths are known.
@@ -18,7 +18,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-import colmap_model as cm
+from nerf import colmap_model as cm
 from conftest import REPO
 
 IMGS2POSES = str(REPO / "imgs2poses.py")

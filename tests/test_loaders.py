@@ -16,7 +16,7 @@ from PIL import Image
 
 import load_blender
 from conftest import scene_copy_without
-from errors import DataError
+from nerf.errors import DataError
 from load_blender import load_blender_data
 from load_deepvoxels import load_dv_data
 from load_LINEMOD import load_LINEMOD_data

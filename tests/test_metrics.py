@@ -16,7 +16,7 @@ import torch.hub
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import eval_table
-import metrics
+from nerf import lpips_vgg, metrics, scoring
 
 REPO = Path(__file__).resolve().parents[1]
 FERN_TEST_VIEWS = (0, 8, 16)  # llffhold 8 on fern's 20 images
@@ -37,7 +37,7 @@ def box_blur(img, radius=2):
 
 def unavailable_lpips(tmp_path):
     """A scorer that cannot load, whatever is installed: its hub dir is empty."""
-    scorer = metrics.LPIPSScorer(hub_dir=tmp_path / "empty_hub", download=False)
+    scorer = lpips_vgg.LPIPSScorer(hub_dir=tmp_path / "empty_hub", download=False)
     assert not scorer.available
     return scorer
 
@@ -78,7 +78,7 @@ def test_psnr_of_a_render_against_itself_is_infinite_not_capped():
     # Differences below one 8-bit level vanish in the paper's convention.
     nudged = np.clip(img + 0.3 / 255, 0, 1)
     assert metrics.psnr(nudged, img) < math.inf
-    assert metrics.score_view(nudged, img)["psnr"] == math.inf
+    assert scoring.score_view(nudged, img)["psnr"] == math.inf
 
 
 def test_psnr_against_a_known_mse():
@@ -90,7 +90,7 @@ def test_psnr_against_a_known_mse():
     known_mse = (12 / 255) ** 2 / 3
     assert metrics.mse(render, gt) == pytest.approx(known_mse, rel=1e-12)
     assert metrics.psnr(render, gt) == pytest.approx(-10 * math.log10(known_mse), abs=1e-9)
-    assert metrics.score_view(render, gt)["psnr"] == pytest.approx(
+    assert scoring.score_view(render, gt)["psnr"] == pytest.approx(
         -10 * math.log10(known_mse), abs=1e-9)
     # max_val scales the peak: the same images on a 0..255 scale.
     assert metrics.psnr(render * 255, gt * 255, max_val=255.0) == pytest.approx(
@@ -173,7 +173,7 @@ def test_lpips_unavailable_is_reported_in_metrics_json(tmp_path):
     renders = [np.clip(g + rng.normal(0, 0.05, g.shape), 0, 1) for g in gts]
     scorer = unavailable_lpips(tmp_path)
     assert scorer.reason
-    metrics.write_metrics_json(tmp_path / "testset_000010", 10, gts, renders,
+    scoring.write_metrics_json(tmp_path / "testset_000010", 10, gts, renders,
                                scene="lego", dataset_type="blender", lpips_scorer=scorer)
     saved = json.loads((tmp_path / "testset_000010" / "metrics.json").read_text())
     assert saved["lpips"]["available"] is False
@@ -181,11 +181,11 @@ def test_lpips_unavailable_is_reported_in_metrics_json(tmp_path):
     assert saved["lpips"]["net"] == "vgg"
     assert saved["mean"]["lpips"] is None
     assert all(v["lpips"] is None for v in saved["views"])
-    assert scorer.reason in metrics.summary_line(saved)
+    assert scorer.reason in scoring.summary_line(saved)
 
 
 def test_lpips_of_identical_images_is_zero_when_available():
-    scorer = metrics.default_lpips_scorer()
+    scorer = lpips_vgg.default_lpips_scorer()
     if not scorer.available:
         pytest.skip(f"LPIPS unavailable: {scorer.reason}")
     rng = np.random.default_rng(7)
@@ -243,7 +243,7 @@ def stub_lpips(tmp_path, monkeypatch):
 
 def test_lpips_scorer_feeds_vgg_lpips_images_in_minus_one_one(stub_lpips):
     lpips, hub = stub_lpips
-    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu")
+    scorer = lpips_vgg.LPIPSScorer(hub_dir=hub, device="cpu")
     assert scorer.available, scorer.reason
     rng = np.random.default_rng(8)
     a, b = random_image(rng, 12, 16), random_image(rng, 12, 16)
@@ -259,7 +259,7 @@ def test_lpips_scorer_feeds_vgg_lpips_images_in_minus_one_one(stub_lpips):
 def test_lpips_scorer_never_downloads_while_building_the_model(stub_lpips):
     lpips, hub = stub_lpips
     lpips.ATTEMPT_DOWNLOAD = True
-    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+    scorer = lpips_vgg.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
     assert not scorer.available
     assert "refusing to download" in scorer.reason
     assert not (hub / "downloaded.pth").exists()
@@ -287,14 +287,14 @@ def test_lpips_fetches_the_vgg16_weights_once_into_the_hub_cache(stub_lpips, mon
     network = FakeNetwork()
     monkeypatch.setattr(torch.hub, "download_url_to_file", network)
     with caplog.at_level(logging.INFO, logger="nerf"):
-        first = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+        first = lpips_vgg.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
         assert first.available, first.reason
     assert network.calls == [("https://example.invalid/vgg16-stub.pth", str(cached), None)]
     assert cached.read_bytes() == b"vgg16 weights"
     fetch_lines = [r.getMessage() for r in caplog.records if "fetching" in r.getMessage()]
     assert len(fetch_lines) == 1
     assert "https://example.invalid/vgg16-stub.pth" in fetch_lines[0] and str(cached) in fetch_lines[0]
-    second = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+    second = lpips_vgg.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
     assert second.available and len(network.calls) == 1
     rng = np.random.default_rng(10)
     a = random_image(rng, 12, 16)
@@ -306,7 +306,7 @@ def test_lpips_fetch_checks_the_hash_the_file_name_carries(stub_lpips, monkeypat
     network = FakeNetwork()
     monkeypatch.setattr(torch.hub, "download_url_to_file", network)
     dest = hub / "checkpoints" / "vgg16-397923af.pth"
-    metrics.fetch_vgg16_weights("https://example.invalid/vgg16-397923af.pth", dest)
+    lpips_vgg.fetch_vgg16_weights("https://example.invalid/vgg16-397923af.pth", dest)
     assert network.calls == [("https://example.invalid/vgg16-397923af.pth", str(dest), "397923af")]
 
 
@@ -315,23 +315,23 @@ def test_lpips_offline_or_opted_out_is_unavailable_with_the_reason(stub_lpips, m
     (hub / "checkpoints" / "vgg16-stub.pth").unlink()
     offline = FakeNetwork(online=False)
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+    scorer = lpips_vgg.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
     assert not scorer.available and len(offline.calls) == 1
     assert "could not fetch" in scorer.reason and "URLError" in scorer.reason and "offline?" in scorer.reason
     rng = np.random.default_rng(11)
     gts = [random_image(rng) for _ in range(2)]
-    saved = metrics.write_metrics_json(tmp_path / "t", 1, gts, gts, scene="lego",
+    saved = scoring.write_metrics_json(tmp_path / "t", 1, gts, gts, scene="lego",
                                        dataset_type="blender", lpips_scorer=scorer)
     assert saved["mean"]["lpips"] is None and saved["lpips"]["reason"] == scorer.reason
 
     # Opted out: the flag or the environment variable; the network is never asked.
-    monkeypatch.delenv(metrics.NO_DOWNLOAD_ENV, raising=False)
-    assert metrics.downloads_allowed() and not metrics.downloads_allowed(no_download=True)
+    monkeypatch.delenv(lpips_vgg.NO_DOWNLOAD_ENV, raising=False)
+    assert lpips_vgg.downloads_allowed() and not lpips_vgg.downloads_allowed(no_download=True)
     for value, allowed in (("1", False), ("yes", False), ("0", True), ("", True)):
-        monkeypatch.setenv(metrics.NO_DOWNLOAD_ENV, value)
-        assert metrics.downloads_allowed() is allowed
-    monkeypatch.setenv(metrics.NO_DOWNLOAD_ENV, "1")
-    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu")
+        monkeypatch.setenv(lpips_vgg.NO_DOWNLOAD_ENV, value)
+        assert lpips_vgg.downloads_allowed() is allowed
+    monkeypatch.setenv(lpips_vgg.NO_DOWNLOAD_ENV, "1")
+    scorer = lpips_vgg.LPIPSScorer(hub_dir=hub, device="cpu")
     assert not scorer.available and len(offline.calls) == 1
     assert "downloads are off" in scorer.reason and "vgg16-stub.pth" in scorer.reason
 
@@ -340,15 +340,15 @@ def test_lpips_reports_a_torchvision_that_does_not_import(stub_lpips):
     lpips, hub = stub_lpips
     (Path(lpips.__file__).parents[1] / "torchvision" / "models" / "__init__.py").write_text(
         "raise RuntimeError('operator torchvision::nms does not exist')\n")
-    scorer = metrics.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
+    scorer = lpips_vgg.LPIPSScorer(hub_dir=hub, device="cpu", download=True)
     assert not scorer.available
     assert scorer.reason.startswith("torchvision cannot be imported (RuntimeError: operator torchvision::nms")
 
 
 def test_no_test_downloads():
     """conftest turns the fetch off for every test and every run they start."""
-    assert not metrics.downloads_allowed()
-    assert not metrics.default_lpips_scorer().download
+    assert not lpips_vgg.downloads_allowed()
+    assert not lpips_vgg.default_lpips_scorer().download
 
 
 # ---------------------------------------------------------------- metrics.json
@@ -365,7 +365,7 @@ def test_metrics_json_from_saved_pngs_matches_psnr_recomputed_from_them(fern_vie
     (folder / "video.mp4").write_bytes(b"not a render")
     gts = np.stack(fern_views)
 
-    written = metrics.write_metrics_json(
+    written = scoring.write_metrics_json(
         folder, 500, gts, scene="fern", dataset_type="llff",
         lpips_scorer=unavailable_lpips(tmp_path), extra={"factor": 8})
     saved = json.loads((folder / "metrics.json").read_text())
@@ -386,7 +386,7 @@ def test_metrics_json_from_saved_pngs_matches_psnr_recomputed_from_them(fern_vie
     assert psnrs[0] > psnrs[1] > psnrs[2]  # more noise, lower score
 
     # Scoring the in-memory renders gives exactly the numbers of their PNGs.
-    direct = metrics.score_views(renders, gts, lpips_scorer=unavailable_lpips(tmp_path))
+    direct = scoring.score_views(renders, gts, lpips_scorer=unavailable_lpips(tmp_path))
     assert direct["mean"] == written["mean"]
 
 
@@ -394,7 +394,7 @@ def test_metrics_json_is_strict_json_and_infinite_psnr_round_trips(tmp_path):
     rng = np.random.default_rng(10)
     gt = random_image(rng)
     other = np.clip(gt + 0.1, 0, 1)
-    metrics.write_metrics_json(tmp_path, 3, [gt, gt], [gt, other], scene="lego",
+    scoring.write_metrics_json(tmp_path, 3, [gt, gt], [gt, other], scene="lego",
                                dataset_type="blender", lpips_scorer=unavailable_lpips(tmp_path))
     text = (tmp_path / "metrics.json").read_text()
 
@@ -404,7 +404,7 @@ def test_metrics_json_is_strict_json_and_infinite_psnr_round_trips(tmp_path):
     raw = json.loads(text, parse_constant=no_constants)
     assert raw["views"][0]["psnr"] == "inf" and raw["mean"]["psnr"] == "inf"
     assert raw["views"][0]["mse"] == 0
-    loaded = metrics.load_metrics(tmp_path)
+    loaded = scoring.load_metrics(tmp_path)
     assert loaded["views"][0]["psnr"] == math.inf
     assert math.isfinite(loaded["views"][1]["psnr"])
 
@@ -414,34 +414,34 @@ def test_blender_ground_truth_is_matted_on_white_when_white_bkgd():
     rgba[4:12, 4:12] = [0.2, 0.4, 0.6, 1.0]  # opaque object, transparent elsewhere
     render = metrics.composite_on_white(rgba)
     assert render[0, 0].tolist() == [1.0, 1.0, 1.0]
-    assert metrics.score_view(render, rgba, white_bkgd=True)["psnr"] == math.inf
-    assert metrics.score_view(render, rgba, white_bkgd=False)["psnr"] < 10
+    assert scoring.score_view(render, rgba, white_bkgd=True)["psnr"] == math.inf
+    assert scoring.score_view(render, rgba, white_bkgd=False)["psnr"] < 10
 
 
 def test_mismatched_render_and_ground_truth_sizes_are_refused(tmp_path):
     rng = np.random.default_rng(11)
     with pytest.raises(ValueError, match="shape mismatch"):
-        metrics.score_views([random_image(rng, 12, 16)], [random_image(rng, 24, 32)],
+        scoring.score_views([random_image(rng, 12, 16)], [random_image(rng, 24, 32)],
                             lpips_scorer=unavailable_lpips(tmp_path))
     with pytest.raises(ValueError, match="ground-truth"):
-        metrics.score_views([random_image(rng)] * 2, [random_image(rng)],
+        scoring.score_views([random_image(rng)] * 2, [random_image(rng)],
                             lpips_scorer=unavailable_lpips(tmp_path))
 
 
 def test_summary_line_and_tensorboard_scalars(tmp_path):
     rng = np.random.default_rng(12)
     gt = random_image(rng)
-    m = metrics.write_metrics_json(tmp_path, 7, [gt], [np.clip(gt + 0.05, 0, 1)],
+    m = scoring.write_metrics_json(tmp_path, 7, [gt], [np.clip(gt + 0.05, 0, 1)],
                                    scene="fern", dataset_type="llff",
                                    lpips_scorer=unavailable_lpips(tmp_path))
-    line = metrics.summary_line(m)
+    line = scoring.summary_line(m)
     assert "\n" not in line
     assert "step 7" in line and "fern" in line and "32x24" in line
     assert f"PSNR {m['mean']['psnr']:.2f}" in line and "LPIPS n/a" in line
-    scalars = metrics.tensorboard_scalars(m)
+    scalars = scoring.tensorboard_scalars(m)
     assert scalars == {"test/psnr": m["mean"]["psnr"], "test/ssim": m["mean"]["ssim"]}
     m["mean"]["lpips"] = 0.25
-    assert metrics.tensorboard_scalars(m, prefix="eval")["eval/lpips"] == 0.25
+    assert scoring.tensorboard_scalars(m, prefix="eval")["eval/lpips"] == 0.25
 
 
 # ---------------------------------------------------------------- comparison
@@ -454,7 +454,7 @@ def test_comparison_image_is_render_truth_and_error_heat_map(tmp_path):
     render = gt.copy()
     render[0, 0] = 0.9  # far beyond err_max
     render[1, 1] = 0.5 + 5 / 255  # a small error
-    img = metrics.comparison_image(render, gt, err_max=0.2)
+    img = scoring.comparison_image(render, gt, err_max=0.2)
     assert img.shape == (10, 36, 3) and img.dtype == np.uint8
     np.testing.assert_array_equal(img[:, :12], metrics.to_uint8(render))
     np.testing.assert_array_equal(img[:, 12:24], metrics.to_uint8(gt))
@@ -463,14 +463,14 @@ def test_comparison_image_is_render_truth_and_error_heat_map(tmp_path):
     assert heat[0, 0].tolist() == [255, 255, 255]  # error >= err_max: white
     assert 0 < int(heat[1, 1].sum()) < 765
 
-    ramp = metrics.error_colormap(np.linspace(0, 1, 50))
+    ramp = scoring.error_colormap(np.linspace(0, 1, 50))
     brightness = ramp.astype(int).sum(axis=-1)
     assert np.all(np.diff(brightness) >= 0) and brightness[0] == 0 and brightness[-1] == 765
 
-    paths = metrics.save_comparisons(tmp_path, [render, gt], [gt, gt])
+    paths = scoring.save_comparisons(tmp_path, [render, gt], [gt, gt])
     assert [p.name for p in paths] == ["000.png", "001.png"]
     assert imageio.imread(paths[0]).shape == (10, 36, 3)
-    assert metrics.render_files(tmp_path) == []  # comparisons are not renders
+    assert scoring.render_files(tmp_path) == []  # comparisons are not renders
 
 
 # ---------------------------------------------------------------- results table
@@ -512,7 +512,7 @@ def fake_metrics(folder, scene, dataset_type, W, H, n_views, psnr, ssim, lpips=N
     """A metrics.json as run_nerf writes it, without rendering (for table logic)."""
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
-        "format": metrics.FORMAT, "step": step, "scene": scene, "dataset_type": dataset_type,
+        "format": scoring.FORMAT, "step": step, "scene": scene, "dataset_type": dataset_type,
         "H": H, "W": W, "n_views": n_views, "views": [],
         "mean": {"psnr": psnr, "ssim": ssim, "lpips": lpips},
         "lpips": {"available": lpips is not None, "net": "vgg", "reason": None if lpips else "offline"}}))
@@ -547,7 +547,7 @@ def make_run(root, run, test_dir, scene, dataset_type, seed, noise):
     gts = [random_image(rng) for _ in range(3)]
     renders = [np.clip(g + rng.normal(0, noise, g.shape), 0, 1) for g in gts]
     step = int(test_dir.rsplit("_", 1)[1])
-    return metrics.write_metrics_json(
+    return scoring.write_metrics_json(
         root / run / test_dir, step, gts, renders, scene=scene, dataset_type=dataset_type,
         lpips_scorer=unavailable_lpips(root))
 

@@ -6,8 +6,8 @@ import pytest
 
 import eval_table
 import run_nerf
-import validation
-from errors import DataError
+from nerf import data_checks, flags
+from nerf.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper"
@@ -27,7 +27,7 @@ LLFF_SETTINGS = {"dataset_type": "llff", "factor": 4, "llffhold": 8, "no_batchin
 
 
 def parse(*argv: str):
-    return validation.parse_args(run_nerf.config_parser(), list(argv))
+    return flags.parse_args(run_nerf.config_parser(), list(argv))
 
 
 def test_there_is_one_paper_config_per_scene_of_the_paper():
@@ -57,7 +57,7 @@ def test_paper_configs_evaluate_at_the_papers_resolution(fern_dir, lego_dir):
     paper = eval_table.load_paper()["datasets"]
     for scene, datadir, extra in (("fern", fern_dir, []), ("lego", lego_dir, ["--testskip", "8"])):
         args = parse("--config", str(PAPER / f"{scene}.txt"), "--datadir", str(datadir), *extra)
-        H, W = validation.check_data(args)
+        H, W = data_checks.check_data(args)
         assert {"W": W, "H": H} == paper[args.dataset_type]["resolution"]
 
 

@@ -1,4 +1,4 @@
-"""The pixel-based training data (ray_batches.py) against independent
+"""The pixel-based training data (nerf/ray_batches.py) against independent
 computations: a re-implementation of the former batcher that stored
 [rays_o, rays_d, rgb] (9 float32) for every training pixel, and `get_rays`
 on whole images. Real fern (images_8) and lego views, a few of each.
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import rng_state, set_rng_state
-from datasets import EightBitImages, composite
+from nerf.checkpoints import rng_state, set_rng_state
+from nerf.datasets import EightBitImages, composite
 from load_blender import read_split, read_transforms
 from load_llff import list_images, load_llff_data
-from ray_batches import ImageRaySampler, RayBatcher, draw_distinct, eight_bit_values, training_colours
+from nerf.ray_batches import ImageRaySampler, RayBatcher, draw_distinct, eight_bit_values, training_colours
 from run_nerf_helpers import get_rays
 
 CPU = torch.device("cpu")

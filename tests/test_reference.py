@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import rendering
+from nerf import rendering
 from run_nerf_helpers import NeRF, get_embedder
 
 CASES = ["render_llff_ndc_fine.pt", "render_blender_white_fine.pt"]

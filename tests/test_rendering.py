@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import rendering
+from nerf import rendering
 from run_nerf_helpers import NeRF, get_embedder, get_rays, ndc_rays
 
 

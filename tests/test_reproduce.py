@@ -11,7 +11,7 @@ import torch
 
 import reproduce
 import run_nerf
-from demo_scene import ensure_demo_scene
+from nerf.demo_scene import ensure_demo_scene
 
 STEPS = 6
 

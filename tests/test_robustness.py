@@ -1,8 +1,8 @@
 """Failures are caught early, explained in one line, and never cost work on disk.
 
-Covers validation.py (flags, config files, data folders checked before any
+Covers nerf/flags.py, nerf/data_checks.py and nerf/run_folder.py (flags, config files, data folders checked before any
 image is loaded or any log is written), the checkpoint guarantees of
-checkpoints.py (atomic writes, fallback from an unreadable newest file,
+nerf/checkpoints.py (atomic writes, fallback from an unreadable newest file,
 weights-only loading), and the training loop's handling of Ctrl-C/SIGTERM
 and of a non-finite loss. Scenes are tiny synthetic ones built in tmp_path;
 networks are 2 x 16.
@@ -22,12 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
-import rendering
+from nerf import checkpoints, data_checks, flags, rendering, run_folder
 import run_nerf
-import validation
 from conftest import REPO, scene_copy_without
-from errors import DataError
+from nerf.errors import DataError
 from load_blender import pose_spherical
 from run_nerf_helpers import NeRF
 
@@ -315,24 +313,24 @@ def test_the_table_covers_at_least_15_data_and_flag_mistakes():
 
 def test_pristine_scenes_pass_validation(tmp_path, blender_scene):
     args = run_nerf.config_parser().parse_args(blender_argv(blender_scene, tmp_path))
-    assert validation.check_data(args) == (16, 16)
+    assert data_checks.check_data(args) == (16, 16)
     args = run_nerf.config_parser().parse_args(blender_argv(blender_scene, tmp_path, "--half_res"))
-    assert validation.check_data(args) == (8, 8)
+    assert data_checks.check_data(args) == (8, 8)
     llff = make_llff_scene(tmp_path / "llff")
     args = run_nerf.config_parser().parse_args(llff_argv(llff, tmp_path))
-    assert validation.check_data(args) == (12, 16)
+    assert data_checks.check_data(args) == (12, 16)
 
 
 def test_real_scenes_pass_and_lego_testskip_1_names_the_missing_frame(fern_dir, lego_dir, tmp_path):
     parser = run_nerf.config_parser()
     fern = parser.parse_args(["--datadir", str(fern_dir), "--factor", "8"])
-    assert validation.check_data(fern) == (378, 504)
+    assert data_checks.check_data(fern) == (378, 504)
     lego = parser.parse_args(["--dataset_type", "blender", "--datadir", str(lego_dir), "--half_res"])
-    assert validation.check_data(lego) == (400, 400)
+    assert data_checks.check_data(lego) == (400, 400)
     lego.testskip = 1
     lego.datadir = str(scene_copy_without(lego_dir, tmp_path / "lego", "val/r_1.png"))
     with pytest.raises(DataError) as err:
-        validation.check_data(lego)
+        data_checks.check_data(lego)
     assert err.value.where == str(tmp_path / "lego" / "val" / "r_1.png")
     assert "referenced by transforms_val.json" in err.value.what
 
@@ -341,7 +339,7 @@ def test_every_shipped_config_passes_the_config_and_flag_checks():
     configs = sorted((REPO / "configs").glob("*.txt"))
     assert configs
     for config in configs:
-        args = validation.parse_args(run_nerf.config_parser(), ["--config", str(config)])
+        args = flags.parse_args(run_nerf.config_parser(), ["--config", str(config)])
         assert args.config == str(config)
 
 
@@ -417,7 +415,7 @@ def test_pickled_object_checkpoint_is_refused_without_running_it(tmp_path):
 
 def test_every_torch_load_in_the_code_is_weights_only():
     calls = []
-    for path in REPO.glob("*.py"):
+    for path in [*REPO.glob("*.py"), *REPO.glob("nerf/*.py")]:
         for match in re.finditer(r"torch\.load\(([^)]*)\)", path.read_text()):
             calls.append((path.name, match.group(1)))
     assert calls, "expected at least the checkpoint reader"
@@ -427,16 +425,16 @@ def test_every_torch_load_in_the_code_is_weights_only():
 def test_keep_earlier_renames_instead_of_overwriting(tmp_path):
     (tmp_path / "testset_000010").mkdir()
     (tmp_path / "testset_000010" / "000.png").write_bytes(b"old")
-    assert validation.keep_earlier(tmp_path / "testset_000010") == tmp_path / "testset_000010"
+    assert run_folder.keep_earlier(tmp_path / "testset_000010") == tmp_path / "testset_000010"
     assert not (tmp_path / "testset_000010").exists()
     assert (tmp_path / "testset_000010.earlier" / "000.png").read_bytes() == b"old"
     (tmp_path / "testset_000010").mkdir()
-    validation.keep_earlier(tmp_path / "testset_000010")
+    run_folder.keep_earlier(tmp_path / "testset_000010")
     assert (tmp_path / "testset_000010.earlier2").is_dir()
     (tmp_path / "000004.tar").write_bytes(b"not a checkpoint")
-    validation.keep_earlier(tmp_path / "000004.tar")
+    run_folder.keep_earlier(tmp_path / "000004.tar")
     assert (tmp_path / "000004.tar.corrupt").read_bytes() == b"not a checkpoint"
-    assert validation.keep_earlier(tmp_path / "absent.mp4") == tmp_path / "absent.mp4"
+    assert run_folder.keep_earlier(tmp_path / "absent.mp4") == tmp_path / "absent.mp4"
 
 
 def test_render_only_twice_keeps_the_first_render_aside(tmp_path, blender_scene, trained, caplog):

@@ -387,8 +387,8 @@ def train_step(batch_rays, target_s, scene: Scene, render_kwargs: dict, optimize
 
     `average` (data-parallel runs: a `parallel.GradientAverage` bound to the
     stop request) turns this rank's gradients and losses into their means
-    over all the step's rays before Adam's step; its `stop` comes back in the
-    stats. A rank's share can be empty (an epoch's short last batch): it
+    over all the step's rays before Adam's step; its `stop` (a bool) comes
+    back in the stats. A rank's share can be empty (an epoch's short last batch): it
     renders nothing and contributes no rays.
     """
     optimizer.zero_grad()
@@ -587,8 +587,8 @@ def train(argv=None) -> int:
                                          torch.full_like(first_bad_step, i), first_bad_step)
             for param_group in optimizer.param_groups:
                 param_group['lr'] = learning_rate(args, i - 1)
-            # Data-parallel runs all stop at the step whose all-reduce carried a rank's request.
-            stopping = float(stats['stop']) > 0 if 'stop' in stats else stop.signum is not None
+            # Data-parallel runs all stop at the step after the one whose all-reduce carried a rank's request.
+            stopping = stats['stop'] if 'stop' in stats else stop.signum is not None
 
             due = {name: i % getattr(args, f'i_{name}') == 0
                    for name in ('print', 'img', 'weights', 'testset', 'video')}

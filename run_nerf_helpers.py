@@ -87,7 +87,7 @@ class Embedder(nn.Module):
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """gamma(inputs): (..., d) -> (..., out_dim)."""
-        freqs = self.freq_bands.to(device=inputs.device, dtype=inputs.dtype)
+        freqs = self.freq_bands.to(device=inputs.device, dtype=inputs.dtype, non_blocking=True)
         scaled = inputs[..., None, :] * freqs[:, None]                                    # (..., L, d)
         periodic = torch.stack([fn(scaled) for fn in self.periodic_fns], -2).flatten(-3)  # (..., L P d)
         return torch.cat(([inputs] if self.include_input else []) + [periodic], -1)

@@ -133,39 +133,62 @@ class GradientAverage:
     """After `backward`, replaces each parameter's gradient by the mean over
     all rays of the step, whichever rank rendered them, and likewise the
     per-step `numbers` (0-d tensors, each a mean over this rank's rays);
-    returns them with `stop` (> 0 when any rank was asked to stop). One
-    all-reduce of a single flat buffer carries it all.
+    returns them with `stop`. One all-reduce of a single flat buffer carries
+    it all.
 
     Rank r counts with its n_r rays: the sums over the ranks of n_r times
     its gradients and numbers, divided by the sum of n_r. The shares are
     equal but for an epoch's short last batch, where a rank may even have
     no rays (it contributes zeros). A parameter gets a gradient where any
     rank has one and, as in one process, none where no rank has.
+
+    No step waits for the device: the host reads which parameters any rank
+    gave a gradient only when this rank lacks one (an empty share), and the
+    stop requests summed at step i reach the host without blocking, to be
+    read at step i + 1: `stop` is True from the step after the one whose
+    all-reduce carried a rank's request, the same step on every rank.
     """
 
     def __init__(self, parameters: Sequence[torch.Tensor]):
         self.parameters = list(parameters)
+        device = self.parameters[0].device
+        self._stop = torch.zeros((), pin_memory=device.type == "cuda")   # the last step's requests, on the host
+        self._stop_view = self._stop.numpy()
+        self._stop_copied = None            # a CUDA event: the copy into _stop is done
+
+    def _requested_earlier(self) -> bool:
+        """Whether the previous step's all-reduce carried a stop request."""
+        if self._stop_copied is not None:
+            self._stop_copied.synchronize()    # the previous step's copy: this step's work stays queued
+        return bool(self._stop_view > 0)
 
     def __call__(self, numbers: Dict[str, torch.Tensor], n_rays: int,
                  stop_requested: bool) -> Dict[str, torch.Tensor]:
         params, names = self.parameters, sorted(numbers)      # the same order on every rank
         device = params[0].device
+        has_grad = [p.grad is not None for p in params]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        values = torch.stack([numbers[k].float().reshape(()).to(device) for k in names])
-        counts = torch.tensor([float(p.grad is not None) for p in params] + [float(n_rays), float(stop_requested)],
-                              device=device)
+        values = torch.stack([numbers[k].float().reshape(()) for k in names])
+        counts = torch.tensor([float(g) for g in has_grad] + [float(n_rays), float(stop_requested)])
         flat = torch.cat([g.reshape(-1) for g in grads] + [values]) * n_rays
-        flat = torch.cat([flat, counts])
+        flat = torch.cat([flat, counts.to(device, non_blocking=True)])
         dist.all_reduce(flat)
         total_rays = flat[-2]
-        with_grad = flat[-2 - len(params):-2].tolist()
+        if not all(has_grad):       # which parameters another rank gave a gradient: read on the host
+            has_grad = [n > 0 for n in flat[-2 - len(params):-2].tolist()]
         offset = 0
-        for p, ranks_with_grad in zip(params, with_grad):
-            p.grad = flat[offset:offset + p.numel()].view_as(p) / total_rays if ranks_with_grad else None
+        for p, any_grad in zip(params, has_grad):
+            p.grad = flat[offset:offset + p.numel()].view_as(p) / total_rays if any_grad else None
             offset += p.numel()
         reduced = {k: flat[offset + n] / total_rays for n, k in enumerate(names)}
-        reduced["stop"] = flat[-1]
+        reduced["stop"] = self._requested_earlier()
+        self._stop.copy_(flat[-1], non_blocking=True)
+        if device.type == "cuda":
+            self._stop_copied = torch.cuda.Event()
+            self._stop_copied.record()
         return reduced
+
+
 def all_gather(obj: Any, ranks: Ranks) -> List[Any]:
     """Every rank's `obj` (picklable), in rank order, on every rank."""
     if not ranks.distributed:

@@ -320,7 +320,7 @@ class ImageRaySampler:
         flat = draw_distinct(h * w, self.N_rand)[self.rank * self.share:(self.rank + 1) * self.share]
         flat = torch.from_numpy(flat)
         index = (self.position[img_i] * self.H + flat // w + r0) * self.W + flat % w + c0
-        index = index.to(self.pixels.home)
+        index = index.to(self.pixels.home, non_blocking=True)     # the host does not wait for the device
         return self.pixels.rays_of(index), self.pixels.colours_at(index)
 
     def state_dict(self) -> dict:

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple
@@ -41,6 +42,26 @@ def __getattr__(name: str):
     if name == "DEBUG":
         return False
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _FollowedModule(types.ModuleType):
+    """run_nerf, whose assignments reach the rendering code: the original
+    defined `render_rays`, `raw2outputs` and the rest here and looked them up
+    at call time, so forks replace them with `run_nerf.raw2outputs = f`.
+    Assigning one of the names in `FOLLOWED` also replaces it in the module
+    where the rendering code looks it up (`nerf.rendering`, or
+    `run_nerf_helpers` for the helpers it calls)."""
+    FOLLOWED = {**dict.fromkeys(("batchify", "run_network", "batchify_rays", "render", "render_rays",
+                                 "raw2outputs", "render_path"), "nerf.rendering"),
+                **dict.fromkeys(("sample_pdf", "get_rays", "get_rays_np", "ndc_rays"), "run_nerf_helpers")}
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.FOLLOWED:
+            setattr(sys.modules[self.FOLLOWED[name]], name, value)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _FollowedModule
 
 
 def optional_str(value: str) -> Optional[str]:

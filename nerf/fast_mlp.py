@@ -141,9 +141,27 @@ def _freqs(embed_fn) -> Optional[torch.Tensor]:
     return None
 
 
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def has_hooks(*modules) -> bool:
+    """Whether calling any of `modules` (or their submodules) would run a hook:
+    a module's forward (pre-)hook or backward hook (say, the old hook-based
+    `weight_norm`, or a regulariser recording activations), or one registered
+    for all modules. The fused evaluation calls no module, so it skips them."""
+    if any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS):
+        return True
+    return any(getattr(m, name, None) for module in modules if isinstance(module, nn.Module)
+               for m in module.modules() for name in _MODULE_HOOKS)
+
+
 def supports(fn, embed_fn, embeddirs_fn, inputs: torch.Tensor, viewdirs: Optional[torch.Tensor]) -> bool:
     """True when `query` computes what the plain path would for these arguments."""
     if not isinstance(fn, NeRF) or type(fn).forward is not NeRF.forward:
+        return False
+    if has_hooks(fn, embed_fn, embeddirs_fn):
         return False
     if inputs.dim() != 3 or inputs.shape[-1] != 3 or inputs.requires_grad:
         return False
@@ -187,7 +205,10 @@ def matches_plain_path(model: NeRF, embed_fn, embeddirs_fn, inputs: torch.Tensor
     key = (id(embed_fn), id(embeddirs_fn), inputs.dtype, inputs.device)
     verdicts = _VERDICTS.setdefault(model, {})
     if key not in verdicts:
-        problem = _probe(model, embed_fn, embeddirs_fn, inputs, viewdirs, netchunk, plain)
+        try:
+            problem = _probe(model, embed_fn, embeddirs_fn, inputs, viewdirs, netchunk, plain)
+        except Exception as exc:    # whatever fails in the probe, the plain path is the answer
+            problem = f"fails on a probe batch ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})"
         if problem:
             log.warning("warning: fast path: %s %s; using the plain path for this network (--fast_path off "
                         "skips the check)", type(model).__name__, problem)
@@ -205,10 +226,7 @@ def _probe(model: NeRF, embed_fn, embeddirs_fn, inputs, viewdirs, netchunk: int,
         pts = inputs[:n_rays].detach().clone()
         dirs = viewdirs[:n_rays].detach().clone() if viewdirs is not None else None
         want = plain(pts, dirs)
-        try:
-            got = query(model, pts, dirs, embed_fn, embeddirs_fn, netchunk)
-        except Exception as exc:    # e.g. a layer reshaped in place: the fused layout no longer fits
-            return f"fails on a probe batch ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})"
+        got = query(model, pts, dirs, embed_fn, embeddirs_fn, netchunk)   # may fail: a layer reshaped in place
         if got.shape != want.shape:
             return f"gives raw outputs of shape {tuple(got.shape)} where its forward gives {tuple(want.shape)}"
         gen = torch.Generator().manual_seed(0)

@@ -14,7 +14,8 @@ values where the images are exactly the colours of 8-bit files (3 bytes a
 pixel), else float32. Each batch's rays are computed from its pixels'
 (image, row, column) with `get_rays`' per-pixel formula (`rays_at`), so the
 batches are bit for bit those of a buffer of precomputed rays, at a twelfth
-of its memory. Data stays on the training device when it fits
+of its memory; a fork's edit of get_rays / get_rays_np is checked for at the
+start and then followed (`TrainingPixels`). Data stays on the training device when it fits
 `device_budget_bytes` (default: half the GPU's memory); otherwise it
 stays in pinned host memory, each step gathers its rows there and copies them
 over asynchronously, the next batch being gathered and sent while the current
@@ -25,13 +26,23 @@ every batch: rank r gets rows [r n, (r + 1) n) of the batch a single process
 would draw, n = N_rand / world_size. All ranks advance the same random state
 (the same draws), so they stay in step and their state_dicts are equal.
 """
+import logging
 from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
+import run_nerf_helpers as helpers      # looked up at call time: a fork's edit or assignment is followed
 from nerf.datasets import EightBitImages
 from load_llff import eight_bit_colours
+
+log = logging.getLogger("nerf")
+
+# Allowed difference between `rays_at` and the helpers' ray functions, relative to the largest origin or
+# direction. Measured on fern: 0 against get_rays (the same float32 operations), 1.2e-7 (one float32 ulp)
+# against get_rays_np (float64 intrinsics); a half-pixel shift of the pixel centres moves directions by
+# 1 / (2 focal), over 1.5e-4 for focal lengths under 3300 pixels (fern at full resolution).
+RAYS_RTOL = 1e-5
 
 
 def default_device_budget(device: torch.device) -> float:
@@ -60,6 +71,31 @@ def rays_at(K, c2w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> Tup
     rays_d = torch.sum(dirs[..., None, :] * c2w[..., :3, :3], -1)
     rays_o = c2w[..., :3, -1].expand(rays_d.shape)
     return rays_o, rays_d
+
+
+def rays_formula_differs(H: int, W: int, K, poses: torch.Tensor, reference: str) -> Optional[str]:
+    """None when `rays_at` gives the rays of `run_nerf_helpers.<reference>`
+    ("get_rays" or "get_rays_np", as that module holds it now: a fork may
+    have edited it) from the first, middle and last of `poses` (n, 3, 4),
+    to RAYS_RTOL; else what differs. Runs on the host."""
+    poses = poses.cpu()
+    K32 = torch.as_tensor(K, dtype=torch.float32)
+    rows, cols = (g.reshape(-1) for g in torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij"))
+    for k in sorted({0, len(poses) // 2, len(poses) - 1}):
+        fast = rays_at(K32, poses[k], rows, cols)
+        if reference == "get_rays_np":
+            theirs = helpers.get_rays_np(H, W, np.asarray(torch.as_tensor(K).cpu()), poses[k].numpy())
+        else:
+            theirs = helpers.get_rays(H, W, K32, poses[k])
+        for name, a, b in zip(("origins", "directions"), fast, theirs):
+            b = torch.from_numpy(np.array(b, dtype=np.float32)).reshape(-1, 3)
+            if b.shape != a.shape:
+                return f"gives rays of shape {tuple(b.shape)} for {H} x {W} pixels"
+            scale = float(torch.maximum(a.abs().max(), b.abs().max()))
+            off = float((a - b).abs().max()) / scale if scale > 0 else 0.0
+            if not off <= RAYS_RTOL:
+                return f"gives other rays (the {name} off by {off:.2g} of their largest value)"
+    return None
 
 
 def eight_bit_values(image: np.ndarray) -> Optional[np.ndarray]:
@@ -153,10 +189,18 @@ class TrainingPixels:
     colours on the device by a 256-entry table. They live on the device when
     colours fit `device_budget_bytes`, else in pinned host memory (`fetch`
     set), gathered there and copied over.
+
+    Rays are those of `run_nerf_helpers.<rays_from>` ("get_rays_np" for ray
+    batching, "get_rays" for one image a step, as in the original), computed
+    per pixel by `rays_at` when that gives the same rays
+    (`rays_formula_differs`). A fork's edit of the helper (half-pixel centres,
+    another camera convention) is followed instead, with one warning: from a
+    buffer of every training pixel's rays made by get_rays_np (24 more bytes a
+    pixel), or by calling get_rays on the step's image.
     """
 
     def __init__(self, images, poses: np.ndarray, i_train, H: int, W: int, K, device: torch.device,
-                 device_budget_bytes: Optional[float] = None):
+                 device_budget_bytes: Optional[float] = None, rays_from: str = "get_rays_np"):
         device = torch.device(device)
         colours = training_colours(images, i_train)
         self.n_pixels = colours.shape[0] * H * W
@@ -173,6 +217,22 @@ class TrainingPixels:
         self.poses = torch.from_numpy(train_poses).to(device)
         self.K = torch.as_tensor(K, dtype=torch.float32, device=device)
         self.H, self.W, self.device = H, W, device
+        self.rays_from, self.rays = None, None         # None: rays_at; else the helper to call
+        differs = rays_formula_differs(H, W, K, torch.from_numpy(train_poses), rays_from)
+        if differs:
+            log.warning("warning: training rays: run_nerf_helpers.%s %s than the per-pixel formula of "
+                        "nerf/ray_batches.py; the training rays come from %s itself", rays_from, differs, rays_from)
+            self.rays_from = rays_from
+        if self.rays_from == "get_rays_np":
+            K_host = np.asarray(torch.as_tensor(K).cpu())
+            rays = [np.stack(helpers.get_rays_np(H, W, K_host, p), -2) for p in train_poses]
+            rays = torch.from_numpy(np.stack(rays, 0).astype(np.float32)).reshape(-1, 2, 3)
+            self.rays = rays.to(device) if self.on_device else rays
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of colours, and of rays where a fork's get_rays_np is followed."""
+        return self.colour_bytes + (0 if self.rays is None else self.rays.numel() * self.rays.element_size())
 
     @property
     def home(self) -> torch.device:
@@ -188,11 +248,18 @@ class TrainingPixels:
             rows = self.fetch(self.colours, index)
         return rows if self.table is None else self.table[rows.long()]
 
-    def rays_of(self, index: torch.Tensor) -> torch.Tensor:
+    def rays_of(self, index: torch.Tensor, image: Optional[int] = None) -> torch.Tensor:
         """(2, N, 3) [rays_o, rays_d] of the pixels `index` (N,): image index // (H W),
-        row and column from the remainder."""
+        row and column from the remainder. `image`: the position of the one
+        training image they all lie in, if known (needed to call get_rays)."""
+        if self.rays is not None:
+            rows = self.rays[index.to(self.home, non_blocking=True).long()]
+            return rows.to(self.device, non_blocking=True).transpose(0, 1)
         index = index.to(self.device, non_blocking=True).long()
         k, rest = index // (self.H * self.W), index % (self.H * self.W)
+        if self.rays_from == "get_rays":
+            rays = helpers.get_rays(self.H, self.W, self.K, self.poses[image])
+            return torch.stack([r.reshape(-1, 3)[rest] for r in rays], 0)
         rays_o, rays_d = rays_at(self.K, self.poses[k], rest // self.W, rest % self.W)
         return torch.stack([rays_o, rays_d], 0)
 
@@ -228,15 +295,15 @@ class RayBatcher:
 
     @property
     def bytes_per_pixel(self) -> float:
-        """Bytes of training data per training pixel: colours plus permutation."""
+        """Bytes of training data per training pixel: colours (and rays) plus permutation."""
         perm_bytes = self.perm.numel() * self.perm.element_size()
-        return (self.pixels.colour_bytes + perm_bytes) / self.pixels.n_pixels
+        return (self.pixels.data_bytes + perm_bytes) / self.pixels.n_pixels
 
     @property
     def device_bytes_per_pixel(self) -> float:
         """Of those, the bytes on the training device: the colours, when they fit
         its budget (the permutation stays in host memory)."""
-        return self.pixels.colour_bytes / self.pixels.n_pixels if self.pixels.on_device else 0.0
+        return self.pixels.data_bytes / self.pixels.n_pixels if self.pixels.on_device else 0.0
 
     def _index(self, i_batch: int) -> torch.Tensor:
         """This rank's share of the pixels of the batch starting at i_batch
@@ -289,7 +356,7 @@ class ImageRaySampler:
                  precrop_iters: int, precrop_frac: float, device: torch.device,
                  device_budget_bytes: Optional[float] = None, rank: int = 0, world_size: int = 1):
         self.share = share_size(N_rand, rank, world_size)
-        self.pixels = TrainingPixels(images, poses, i_train, H, W, K, device, device_budget_bytes)
+        self.pixels = TrainingPixels(images, poses, i_train, H, W, K, device, device_budget_bytes, "get_rays")
         self.fetch = self.pixels.fetch
         self.i_train = np.asarray(i_train)
         self.position = {int(i): k for k, i in enumerate(self.i_train)}
@@ -321,7 +388,7 @@ class ImageRaySampler:
         flat = torch.from_numpy(flat)
         index = (self.position[img_i] * self.H + flat // w + r0) * self.W + flat % w + c0
         index = index.to(self.pixels.home, non_blocking=True)     # the host does not wait for the device
-        return self.pixels.rays_of(index), self.pixels.colours_at(index)
+        return self.pixels.rays_of(index, self.position[img_i]), self.pixels.colours_at(index)
 
     def state_dict(self) -> dict:
         return {}

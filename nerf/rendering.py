@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from nerf import fast_mlp, geometry
 from nerf.outputs import write_image
-from run_nerf_helpers import get_rays, ndc_rays, pytest_uniform, sample_pdf, to8b
+import run_nerf_helpers as helpers     # get_rays, ndc_rays, sample_pdf looked up at call time: a fork may replace them
+from run_nerf_helpers import pytest_uniform, to8b
 
 
 def batchify(fn: Callable, chunk: Optional[int]) -> Callable:
@@ -229,7 +230,7 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
 
     if N_importance > 0:
         z_vals_mid = 0.5 * (z_vals[..., 1:] + z_vals[..., :-1])
-        z_samples = sample_pdf(z_vals_mid, weights[..., 1:-1], N_importance,
+        z_samples = helpers.sample_pdf(z_vals_mid, weights[..., 1:-1], N_importance,
                                det=(perturb == 0.0), pytest=pytest).detach()
         z_vals, _ = torch.sort(torch.cat([z_vals, z_samples], -1), -1)
         pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
@@ -260,7 +261,7 @@ def render(H: int, W: int, K, chunk: int = 1024 * 32, rays: Optional[Tuple[torch
     [rgb (..., 3), disp (...), acc (...), extras dict] shaped like the rays.
     """
     if c2w is not None:
-        rays_o, rays_d = get_rays(H, W, K, c2w)
+        rays_o, rays_d = helpers.get_rays(H, W, K, c2w)
     else:
         rays_o, rays_d = rays
 
@@ -268,13 +269,13 @@ def render(H: int, W: int, K, chunk: int = 1024 * 32, rays: Optional[Tuple[torch
     if use_viewdirs:
         viewdirs = rays_d
         if c2w_staticcam is not None:
-            rays_o, rays_d = get_rays(H, W, K, c2w_staticcam)
+            rays_o, rays_d = helpers.get_rays(H, W, K, c2w_staticcam)
         viewdirs = viewdirs / torch.norm(viewdirs, dim=-1, keepdim=True)
         viewdirs = viewdirs.reshape(-1, 3)
 
     sh = rays_d.shape
     if ndc:
-        rays_o, rays_d = ndc_rays(H, W, K[0][0], 1.0, rays_o, rays_d)
+        rays_o, rays_d = helpers.ndc_rays(H, W, K[0][0], 1.0, rays_o, rays_d)
     rays_o = rays_o.reshape(-1, 3)
     rays_d = rays_d.reshape(-1, 3)
     near_col = torch.full_like(rays_d[..., :1], near)

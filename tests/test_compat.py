@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from nerf import data_checks, fast_mlp, flags, rendering
 import run_nerf
+import run_nerf_helpers
 from conftest import REPO
+from nerf.ray_batches import ImageRaySampler, RayBatcher
 from nerf.errors import DataError
 from run_nerf_helpers import Embedder, NeRF, get_embedder, sample_pdf
 from test_robustness import assert_same_weights, blender_argv, make_blender_scene, weights
@@ -429,3 +431,158 @@ def test_load_weights_from_keras_matches_a_float64_keras_mlp():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="use_viewdirs"):
         NeRF(D=D, W=W, input_ch=ch, use_viewdirs=False).load_weights_from_keras(keras)
+
+
+# --- Assignments, hooks and ray edits are followed (issue 19, item 3) ----------------
+
+def recording(original, calls: list):
+    def replacement(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    return replacement
+
+
+@pytest.mark.parametrize("module, name", [(run_nerf, "raw2outputs"), (run_nerf, "sample_pdf"),
+                                          (run_nerf, "render_rays"), (run_nerf, "get_rays"),
+                                          (run_nerf_helpers, "sample_pdf"), (run_nerf_helpers, "get_rays")],
+                         ids=lambda x: getattr(x, "__name__", x))
+def test_assigning_a_function_reaches_the_rendering_code(module, name, monkeypatch):
+    """`run_nerf.raw2outputs = f` (and the others, the original's run_nerf
+    names) and `run_nerf_helpers.sample_pdf = f` are called by render; undoing
+    the assignment undoes it there too."""
+    kwargs = tiny_render_kwargs()
+    with torch.no_grad():
+        before = run_nerf.render(3, 4, np.diag([2.0, 2.0, 1.0]), chunk=5, c2w=torch.eye(4)[:3], perturb=0.0, **kwargs)
+    original, calls = getattr(module, name), []
+    monkeypatch.setattr(module, name, recording(original, calls))
+    with torch.no_grad():
+        after = run_nerf.render(3, 4, np.diag([2.0, 2.0, 1.0]), chunk=5, c2w=torch.eye(4)[:3], perturb=0.0, **kwargs)
+    assert calls and torch.equal(before[0], after[0])
+    monkeypatch.undo()
+    assert getattr(rendering, name, original) is original and getattr(run_nerf_helpers, name, original) is original
+
+
+def half_pixel(original):
+    """A fork's edit of get_rays / get_rays_np: rays through the pixel centres (i + 0.5, j + 0.5)."""
+    def edited(H, W, K, c2w):
+        K = K.clone() if torch.is_tensor(K) else np.array(K, dtype=np.float64)
+        K[0][2] -= 0.5
+        K[1][2] -= 0.5
+        return original(H, W, K, c2w)
+    return edited
+
+
+def small_cameras(n=4, H=6, W=8, seed=0):
+    rng = np.random.default_rng(seed)
+    poses = np.zeros((n, 3, 5), np.float32)
+    for k in range(n):
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        poses[k, :, :3], poses[k, :, 3] = q, rng.normal(size=3)
+    images = rng.random((n, H, W, 3), dtype=np.float32)
+    return images, poses, np.array([[5.0, 0, W / 2], [0, 5.0, H / 2], [0, 0, 1]]), H, W
+
+
+@pytest.mark.parametrize("edited", [False, True], ids=["unedited", "half_pixel"])
+def test_training_rays_follow_an_edit_of_get_rays_np_and_get_rays(edited, monkeypatch, caplog):
+    """Ray batching takes get_rays_np's rays, one image a step get_rays' (as
+    the original did), edited or not; only an edit costs memory and a warning."""
+    images, poses, K, H, W = small_cameras()
+    if edited:
+        for name in ("get_rays", "get_rays_np"):
+            monkeypatch.setattr(run_nerf_helpers, name, half_pixel(getattr(run_nerf_helpers, name)))
+    with caplog.at_level(logging.INFO, logger="nerf"):
+        batcher = RayBatcher(images, poses, [0, 1, 2, 3], H, W, K, 16, torch.device("cpu"))
+        sampler = ImageRaySampler(images, poses, [0, 1, 2, 3], H, W, K, 16, 0, 0.5, torch.device("cpu"))
+    assert len([r for r in caplog.records if "warning: training rays" in r.getMessage()]) == (2 if edited else 0)
+    expected = torch.from_numpy(np.stack([np.stack(run_nerf_helpers.get_rays_np(H, W, K, p[:3, :4]), 0)
+                                          for p in poses], 1).astype(np.float32)).reshape(2, -1, 3)
+    for step in range(1, 6):
+        index = batcher._index(batcher.i_batch).long()
+        batch_rays, target = batcher(step)
+        torch.testing.assert_close(batch_rays, expected[:, index], rtol=0, atol=1e-6)
+        torch.testing.assert_close(target, torch.from_numpy(images).reshape(-1, 3)[index], rtol=0, atol=0)
+    for step in range(1, 6):
+        state = np.random.get_state()
+        batch_rays, target = sampler(step)
+        np.random.set_state(state)
+        img_i = int(np.random.choice([0, 1, 2, 3]))
+        rays = torch.stack(run_nerf_helpers.get_rays(H, W, K, torch.from_numpy(poses[img_i, :3, :4])), 0)
+        pixels = [torch.nonzero((torch.from_numpy(images[img_i]) == t).all(-1))[0] for t in target]
+        torch.testing.assert_close(batch_rays, torch.stack([rays[:, r, c] for r, c in pixels], 1), rtol=0, atol=0)
+        np.random.set_state(state)
+        sampler(step)
+    assert batcher.device_bytes_per_pixel == (12 + 24 if edited else 12)   # float32 colours (+ the rays)
+
+
+def count_hook(calls: dict):
+    def hook(module, args, output=None):
+        calls["n"] += 1
+    return hook
+
+
+HOOKS = {
+    "forward hook": lambda net, calls: net.pts_linears[0].register_forward_hook(count_hook(calls)),
+    "forward pre-hook": lambda net, calls: net.register_forward_pre_hook(count_hook(calls)),
+    "hook-based weight_norm": lambda net, calls: nn.utils.weight_norm(net.pts_linears[1]),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_network_with_hooks_takes_the_plain_path(hook, scene, tmp_path, monkeypatch, count_fast_queries, caplog):
+    """Hooks run on every evaluation, which the fused one skips: a network
+    with any trains exactly as --fast_path off, with its hooks called."""
+    original, calls = NeRF.__init__, {"n": 0}
+
+    def with_hook(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        HOOKS[hook](self, calls)
+
+    monkeypatch.setattr(NeRF, "__init__", with_hook)
+    with caplog.at_level(logging.INFO, logger="nerf"):
+        auto = train(scene, tmp_path / "auto")
+    assert count_fast_queries["n"] == 0 and fast_path_warnings(caplog) == []
+    hooked = calls["n"]
+    assert_same_weights(auto, train(scene, tmp_path / "off", "--fast_path", "off"))
+    if hook != "hook-based weight_norm":
+        assert calls["n"] == 2 * hooked > 0          # called in every evaluation of both runs alike
+
+
+def test_a_hook_for_all_modules_rules_out_the_fast_path():
+    embed, input_ch = get_embedder(2)
+    net = NeRF(D=2, W=16, input_ch=input_ch, input_ch_views=0, output_ch=4)
+    pts = torch.rand(4, 8, 3)
+    assert fast_mlp.supports(net, embed, None, pts, None)
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not fast_mlp.supports(net, embed, None, pts, None)
+    finally:
+        handle.remove()
+
+
+class FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("Trying to backward through the graph a second time")
+
+
+def test_any_failure_in_the_probe_is_the_plain_path_with_one_warning(monkeypatch, caplog):
+    embed, input_ch = get_embedder(2)
+    net = NeRF(D=2, W=16, input_ch=input_ch, input_ch_views=0, output_ch=4)
+    pts = torch.rand(4, 8, 3)
+    query = fast_mlp.query
+    monkeypatch.setattr(fast_mlp, "query", lambda *args, **kwargs: FailingBackward.apply(query(*args, **kwargs)))
+
+    def plain(p, d):
+        return rendering.plain_network(p, d, net, embed, None, 1024)
+
+    with caplog.at_level(logging.INFO, logger="nerf"):
+        assert not fast_mlp.matches_plain_path(net, embed, None, pts, None, 1024, plain)
+        assert not fast_mlp.matches_plain_path(net, embed, None, pts, None, 1024, plain)
+    assert fast_path_warnings(caplog) == [
+        "warning: fast path: NeRF fails on a probe batch (RuntimeError: Trying to backward through the graph a "
+        "second time); using the plain path for this network (--fast_path off skips the check)"]

@@ -368,6 +368,9 @@ def dry_run(scenes: list[Scene], n_steps: int, n_gpus: int) -> None:
         key = tuple(getattr(scene.args, f) for f in _STEP_COST_FLAGS)
         try:
             if key not in timings:
+                print(f"{head} timing {n_steps} training steps and a test render with its settings "
+                      f"(N_rand {scene.args.N_rand}, {scene.args.N_samples} + {scene.args.N_importance} samples) "
+                      f"on {default_device()} ...", flush=True)
                 timings[key] = time_steps(scene.args, n_steps)
             rays, what = rays_to_render(scene)
         except DataError as err:

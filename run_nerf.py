@@ -74,7 +74,7 @@ def config_parser() -> configargparse.ArgumentParser:
     """The original's flags and defaults, plus --N_iters, --seed and --debug.
     Every switch (`store_true`) also takes a value, so `--half_res False`
     undoes a config file's `half_res = True`."""
-    parser = configargparse.ArgumentParser()
+    parser = configargparse.ArgumentParser(allow_abbrev=False)   # --N_iter is a mistake, not --N_iters
     parser.register('action', 'store_true', flags.Switch)
     parser.add_argument('--config', is_config_file=True, help='config file path')
     parser.add_argument("--expname", type=str, help='experiment name')
@@ -258,6 +258,7 @@ class Run:
     render_kwargs: dict
     memory: RenderMemory
     writer: Any = None
+    lpips_reason_told: bool = False
 
 
 def write_run_files(args, expdir: Path) -> None:
@@ -319,7 +320,8 @@ def score_test_views(run: Run, rgbs: np.ndarray, step: int) -> dict:
         lpips_scorer=lpips_vgg.default_lpips_scorer(lpips_vgg.downloads_allowed(args.no_download)),
         extra={"expname": args.expname, "factor": args.factor, "half_res": args.half_res,
                "testskip": args.testskip})
-    tqdm.write(scoring.summary_line(result))
+    tqdm.write(scoring.summary_line(result, reason=not run.lpips_reason_told))
+    run.lpips_reason_told = True      # why LPIPS is n/a: once per run
     if run.writer is not None:
         for tag, value in scoring.tensorboard_scalars(result).items():
             run.writer.add_scalar(tag, value, step)
@@ -362,6 +364,7 @@ def write_spiral_videos(run: Run, step: int) -> None:
         with outputs.warn_on_write_error():
             write_video(Path(f'{moviebase}rgb.mp4'), rgbs)
             write_video(Path(f'{moviebase}disp.mp4'), normalized_disparity(disps))
+            tqdm.write(f"Saved videos {moviebase}rgb.mp4 and {moviebase.name}disp.mp4")
 
 
 def render_testset(run: Run, step: int) -> None:
@@ -536,6 +539,8 @@ def train(argv=None) -> int:
     flags.check_world_size(args, ranks.world_size)
     device = flags.choose_device(args.device, ranks.local_rank, ranks.world_size)
     args.world_size = ranks.world_size
+    if ranks.is_main:
+        tqdm.write(f"device: {device}")
     if device.type == "cuda":
         torch.cuda.set_device(device)             # streams, events and new tensors default to this GPU
     np.random.seed(args.seed)
@@ -544,6 +549,9 @@ def train(argv=None) -> int:
     scene = load_scene(args)
     expdir = Path(args.basedir) / str(args.expname)
     ckpt_path, ckpt = find_checkpoint(expdir, args.ft_path, args.no_reload)
+    if args.render_only and ckpt is None:
+        raise DataError(expdir, "holds no checkpoint to render (--render_only renders a trained network: "
+                                "train first, or name one with --ft_path)")
     render_kwargs_train, render_kwargs_test, start, grad_vars, optimizer = create_nerf(args, device, ckpt, ckpt_path)
     bounds = {'near': scene.near, 'far': scene.far}
     render_kwargs_train.update(bounds)
@@ -559,10 +567,15 @@ def train(argv=None) -> int:
     if args.render_only:
         if ranks.is_main:
             write_run_files(args, expdir)
-        step = int(ckpt['global_step']) if ckpt is not None else 0
+        step = int(ckpt['global_step'])
         savedir = render_only(run, step)
         if ranks.is_main:
-            tqdm.write(f"Rendered to {savedir}")
+            tqdm.write(f"Rendered to {savedir} (the video is {savedir / 'video.mp4'})")
+        return 0
+    if start >= args.N_iters:
+        if ranks.is_main:
+            tqdm.write(f"{expdir} is already at step {start} of --N_iters {args.N_iters}: nothing was done "
+                       "(a larger --N_iters trains on)")
         return 0
 
     sampler = make_sampler(args, scene, device, ranks, pinned)
@@ -593,7 +606,7 @@ def train(argv=None) -> int:
     status = 0
     unsaved = None   # why the last step could not be saved
     with StopRequest() as stop, tqdm(range(start + 1, args.N_iters + 1), initial=start, total=args.N_iters,
-                                     dynamic_ncols=True, disable=not ranks.is_main) as bar:
+                                     dynamic_ncols=True, disable=None if ranks.is_main else True) as bar:
         for i in bar:
             batch_rays, target_s = sampler(i)
             average = None if gradient_average is None else \

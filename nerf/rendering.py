@@ -354,7 +354,8 @@ def save_frame(savedir, k: int, rgb: np.ndarray) -> None:
 def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=None,
                 savedir: Optional[str] = None, render_factor: int = 0, memory: Optional[RenderMemory] = None,
                 progress: bool = True, with_depth: bool = False) -> Tuple:
-    """Renders every pose in `render_poses` ((P, 3 or 4, 4)) with one progress bar.
+    """Renders every pose in `render_poses` ((P, 3 or 4, 4)) with one progress bar
+    (with `progress`; where stderr is no terminal, one line when done).
 
     `render_factor` N renders at 1/N of the size (the intrinsics scaled to
     match). Frames go to `savedir/{k:03d}.png` when given. `gt_imgs` is kept
@@ -372,7 +373,8 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
     coarse_maps = not accepts_density_only(render_kwargs["network_query_fn"])    # the frames need no rgb0
     memory = memory or RenderMemory(chunk, render_kwargs["network_query_fn"])
     rgbs, disps, depths = [], [], []
-    for k, c2w in enumerate(tqdm(render_poses, desc="render", leave=False, dynamic_ncols=True, disable=not progress)):
+    bar = tqdm(render_poses, desc="render", leave=False, dynamic_ncols=True, disable=None if progress else True)
+    for k, c2w in enumerate(bar):      # tqdm turns the bar off where stderr is not a terminal
         c2w = torch.as_tensor(c2w, dtype=torch.float32)[:3, :4]
         with torch.no_grad():
             rgb, disp, acc, _ = memory.run(lambda chunk: render(int(H), int(W), K, chunk=chunk, c2w=c2w,
@@ -384,6 +386,8 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
         disps.append(disp.cpu().numpy())
         if savedir is not None:
             save_frame(savedir, k, rgbs[-1])
+    if progress and bar.disable:        # no terminal: one line instead of the bar
+        log.info("rendered %d frames of %dx%d%s", len(rgbs), W, H, f" to {savedir}" if savedir else "")
     if with_depth:
         return np.stack(rgbs, 0), np.stack(disps, 0), np.stack(depths, 0)
     return np.stack(rgbs, 0), np.stack(disps, 0)

@@ -249,8 +249,9 @@ def _fmt(value: float | None, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def summary_line(metrics: Mapping[str, Any]) -> str:
-    """One line: ``[TEST] step 200000 fern (llff 504x378, 3 views) PSNR ...``."""
+def summary_line(metrics: Mapping[str, Any], reason: bool = True) -> str:
+    """One line: ``[TEST] step 200000 fern (llff 504x378, 3 views) PSNR ...``;
+    with `reason`, why LPIPS is n/a where it is."""
     mean = metrics["mean"]
     line = (
         f"[TEST] step {metrics.get('step', '?')} {metrics.get('scene', '?')} "
@@ -260,7 +261,7 @@ def summary_line(metrics: Mapping[str, Any]) -> str:
         f"LPIPS {_fmt(mean.get('lpips'), 4)}"
     )
     lp = metrics.get("lpips") or {}
-    if mean.get("lpips") is None and lp.get("reason"):
+    if reason and mean.get("lpips") is None and lp.get("reason"):
         line += f" ({lp['reason']})"
     return line
 

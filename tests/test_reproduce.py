@@ -136,6 +136,8 @@ def test_dry_run_plans_with_measured_step_times_and_writes_nothing(demo_dir, tmp
                            "--dry_run_steps", "2", "--steps", str(STEPS)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert files_under(tmp_path) == before and not (tmp_path / "results").exists()
+    timing = [line.split()[1] for line in out if " timing 2 training steps and a test render " in line]
+    assert timing == ["half", "missing"]          # said before each measurement (two settings), none for done
     lines = {line.split()[1]: line for line in out if line.startswith("[")}
     assert "finished at step 6: skipped" in lines["done"]
     assert "4 of 6 steps done; 2 steps x " in lines["half"]

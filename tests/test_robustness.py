@@ -220,6 +220,9 @@ BROKEN = [
     ("i_weights-zero", "blender", None, ["--i_weights", "0"], "--i_weights", "must be at least 1, got 0"),
     ("lrate-nan", "blender", None, ["--lrate", "nan"], "--lrate", "must be a finite number >= 0, got nan"),
     ("unknown-flag", "blender", None, ["--N_rnd", "5"], "--N_rnd", "unknown flag (did you mean --N_rand?)"),
+    ("abbreviated-flag", "blender", None, ["--N_iter", "5"], "--N_iter", "unknown flag (did you mean --N_iters?)"),
+    ("render-only-without-checkpoint", "blender", None, ["--render_only", "--expname", "fresh"], "fresh",
+     "holds no checkpoint to render"),
     # config files
     ("config-missing", "blender", lambda d, b, t: ["--config", str(t / "nope.txt")], [], "nope.txt",
      "config file does not exist"),

@@ -88,7 +88,7 @@ def rays_formula_differs(H: int, W: int, K, poses: torch.Tensor, reference: str)
         else:
             theirs = helpers.get_rays(H, W, K32, poses[k])
         for name, a, b in zip(("origins", "directions"), fast, theirs):
-            b = torch.from_numpy(np.array(b, dtype=np.float32)).reshape(-1, 3)
+            b = (b.detach().cpu() if torch.is_tensor(b) else torch.from_numpy(np.array(b))).float().reshape(-1, 3)
             if b.shape != a.shape:
                 return f"gives rays of shape {tuple(b.shape)} for {H} x {W} pixels"
             scale = float(torch.maximum(a.abs().max(), b.abs().max()))

@@ -28,7 +28,7 @@ from nerf import data_checks, fast_mlp, flags, rendering
 import run_nerf
 import run_nerf_helpers
 from conftest import REPO, ROUNDING_ATOL
-from nerf.ray_batches import ImageRaySampler, RayBatcher
+from nerf.ray_batches import RAYS_RTOL, ImageRaySampler, RayBatcher
 from nerf.errors import DataError
 from run_nerf_helpers import Embedder, NeRF, get_embedder, sample_pdf
 from test_robustness import assert_same_weights, blender_argv, make_blender_scene, weights
@@ -428,7 +428,9 @@ def test_load_weights_from_keras_matches_a_float64_keras_mlp():
     expected = np.concatenate([dense(v, 5), alpha], -1)
     with torch.no_grad():
         got = net(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # float32 against float64: measured 3e-8 to 5.5e-7 of the largest output over 20 seeds (about 5 float32
+    # roundings); a kernel transposed or a layer misplaced is off by the order of the outputs themselves.
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     with pytest.raises(ValueError, match="use_viewdirs"):
         NeRF(D=D, W=W, input_ch=ch, use_viewdirs=False).load_weights_from_keras(keras)
 
@@ -499,7 +501,8 @@ def test_training_rays_follow_an_edit_of_get_rays_np_and_get_rays(edited, monkey
     for step in range(1, 6):
         index = batcher._index(batcher.i_batch).long()
         batch_rays, target = batcher(step)
-        torch.testing.assert_close(batch_rays, expected[:, index], rtol=0, atol=1e-6)
+        # get_rays_np's float64 intrinsics against the float32 formula: within RAYS_RTOL (derived there)
+        torch.testing.assert_close(batch_rays, expected[:, index], rtol=0, atol=RAYS_RTOL * expected.abs().max())
         torch.testing.assert_close(target, torch.from_numpy(images).reshape(-1, 3)[index], rtol=0, atol=0)
     for step in range(1, 6):
         state = np.random.get_state()

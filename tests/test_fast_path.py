@@ -161,6 +161,7 @@ def test_training_step_matches_float64_rederivation():
     ref_loss = torch.mean((ref_rgb - target.double()) ** 2) + torch.mean((ref_rgb0 - target.double()) ** 2)
     ref_loss.backward()
 
+    # colours in [0, 1]: measured up to 1.8e-7 over seeds 0-4
     assert (rgb.double() - ref_rgb).abs().max() < 1e-5
     assert (rgb0.double() - ref_rgb0).abs().max() < 1e-5
     assert abs(loss.item() - ref_loss.item()) < 1e-5
@@ -170,8 +171,11 @@ def test_training_step_matches_float64_rederivation():
             if p.grad is None:
                 continue
             assert name in got, name
+            # float32 against float64, measured over seeds 0-4: at most 4.3e-8 absolute, and up to 5.7e-3 of the
+            # parameter's largest gradient where early layers' gradients are small sums of larger terms
+            # (cancellation). A zero or sign-flipped gradient is off by 100% or more of it.
             err = (got[name].double() - p.grad).abs().max().item()
-            assert err < 1e-5, f"{name}: gradient differs by {err:.3g}"
+            assert err < min(1e-5, 0.05 * p.grad.abs().max().item()), f"{name}: gradient differs by {err:.3g}"
             n_checked += 1
     assert n_checked == 2 * (2 * CFG["D"] + 8)
 

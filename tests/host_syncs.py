@@ -98,26 +98,29 @@ class HostSyncCounter(TorchFunctionMode):
         return out
 
 
+class StepMarkingSampler:
+    """A ray sampler that tells `syncs` which step it draws for."""
+
+    def __init__(self, sampler, syncs: HostSyncCounter):
+        self.sampler, self.syncs = sampler, syncs
+
+    def __call__(self, step: int):
+        self.syncs.step = step
+        return self.sampler(step)
+
+    def __getattr__(self, name: str):
+        return getattr(self.sampler, name)
+
+
 def count_training(argv) -> Tuple[int, dict]:
     """Trains with `run_nerf.main(argv)` under a HostSyncCounter whose step is
     the one the ray sampler is drawing for. Returns (exit status, by_step())."""
     import run_nerf
     make_sampler = run_nerf.make_sampler
-
-    def counting_sampler(*args, **kwargs):
-        sampler = make_sampler(*args, **kwargs)
-
-        def draw(step: int):
-            syncs.step = step
-            return sampler(step)
-        sampler_call = type("CountingSampler", (), {"__call__": staticmethod(draw),
-                                                    "state_dict": sampler.state_dict,
-                                                    "load_state_dict": sampler.load_state_dict})
-        return sampler_call()
-
-    run_nerf.make_sampler = counting_sampler
+    syncs = HostSyncCounter()
+    run_nerf.make_sampler = lambda *args, **kwargs: StepMarkingSampler(make_sampler(*args, **kwargs), syncs)
     try:
-        with HostSyncCounter() as syncs:
+        with syncs:
             status = run_nerf.main(argv)
     finally:
         run_nerf.make_sampler = make_sampler

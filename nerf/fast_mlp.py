@@ -304,7 +304,8 @@ def _encode_t(x: torch.Tensor, freqs: torch.Tensor, out_t: torch.Tensor) -> None
     if L:
         periodic = out_t[3:].view(L, 2, 3, x.shape[0])
         scaled = periodic[:, 0]
-        torch.mul(out_t[:3][None], freqs.to(device=x.device, dtype=x.dtype, non_blocking=True)[:, None, None], out=scaled)
+        freqs = freqs.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        torch.mul(out_t[:3][None], freqs[:, None, None], out=scaled)
         torch.cos(scaled, out=periodic[:, 1])
         scaled.sin_()
 

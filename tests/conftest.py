@@ -17,9 +17,10 @@ os.environ["NERF_NO_DOWNLOAD"] = "1"
 # so a weight whose gradient is at rounding level can move by up to 2 lr (1e-3) in one step.
 # Measured with the tests' tiny networks (the demo scene 26 steps across an epoch end, seeds 0-7; fern 20
 # steps with and without batching, seeds 0, 1, 2, 4): 1 vs 2 processes 1.5e-8 to 1.1e-6; 1 process with
-# another --netchunk (other blocks, same math) up to 2.9e-6; fast vs plain path after 3 steps 1.5e-8; 1 vs 8 threads 0 here;
-# another machine saw just over 1e-5 for 1 vs 2 processes (issue 19). Other rays (half the batch) moved the
-# weights by 1.0e-3 after one step and 5.8e-3 to 1.2e-2 after 20 to 26 steps, in every case measured.
+# another --netchunk (other blocks, same math) up to 2.9e-6; fast vs plain path after 3 steps 1.5e-8;
+# 1 vs 8 threads 0 here; another machine saw just over 1e-5 for 1 vs 2 processes (issue 19). Other rays
+# (half the batch) moved the weights by 1.0e-3 after one step and 5.8e-3 to 1.2e-2 after 20 to 26 steps, in
+# every case measured.
 # 1e-4: 10x the largest rounding seen anywhere, 10x below a single step taken on other rays.
 ROUNDING_ATOL = 1e-4
 

@@ -39,7 +39,7 @@ from PIL import Image
 
 from nerf.errors import DataError
 from nerf.undistort import Camera, undistorted_files
-from load_blender import area_resize, spherical_render_poses
+from load_blender import area_resize
 
 TRANSFORMS = "transforms.json"
 CAMERA_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y", "camera_model",
@@ -261,7 +261,8 @@ def downscaled_file(path: Path, factor: int) -> Optional[Path]:
 def load_transforms_data(datadir, factor: int = 1, testskip: int = 1, llffhold: int = 8):
     """Loads `<datadir>/transforms.json`. Returns images (N, H, W, C) (uint8
     values as read where no resizing was needed, else float32 in [0, 1]),
-    poses (N, 4, 4), render_poses (40, 4, 4), K (3, 3) of the images as
+    poses (N, 4, 4), render_poses (N, 4, 4: the loaded frames' cameras in file
+    order, a path through the capture as it was taken), K (3, 3) of the images as
     returned, (i_train, i_val, i_test) and (near, far), None each when the file
     has no bounds. Named val and test splits keep every `testskip`-th frame
     (as the Blender loader)."""
@@ -296,5 +297,5 @@ def load_transforms_data(datadir, factor: int = 1, testskip: int = 1, llffhold: 
     images = np.stack(images, 0)
     if images.dtype not in (np.uint8, np.float32):
         images = images.astype(np.float32) / float(np.iinfo(images.dtype).max)
-    return (images, capture.poses[keep], spherical_render_poses(), K, i_split,
+    return (images, capture.poses[keep], capture.poses[keep], K, i_split,
             (capture.near, capture.far))

@@ -19,7 +19,6 @@ import torch
 import run_nerf
 from nerf import data_checks, geometry
 from nerf.datasets import load_scene
-from nerf.errors import DataError
 from nerf.load_transforms import camera_bounds, read_capture
 from nerf.ray_batches import rays_at
 from nerf.undistort import Camera, distort, pinhole_for, source_pixels, undistort_image, undistorted_files

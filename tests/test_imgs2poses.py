@@ -584,3 +584,45 @@ def test_fern_reconstruction_loads_and_trains(fern_reconstruction, tmp_path):
             "--i_print", "1000", "--i_img", "1000", "--i_testset", "1000", "--i_video", "1000"]
     assert run_nerf.main(argv) == 0
     assert (tmp_path / "own" / "000003.tar").exists()
+
+
+@pytest.fixture(scope="module")
+def fern_opencv(fern_dir, tmp_path_factory):
+    """imgs2poses.py --camera_model OPENCV on a copy of fern's images_8: (scene dir, process)."""
+    pytest.importorskip("pycolmap")
+    scene_dir = tmp_path_factory.mktemp("fern_opencv")
+    shutil.copytree(fern_dir / "images_8", scene_dir / "images")
+    return scene_dir, run_cli(scene_dir, "--num_threads", "2", "--camera_model", "OPENCV")
+
+
+@pytest.mark.slow
+def test_fern_opencv_writes_undistorted_images_and_a_transforms_json_that_loads(fern_opencv):
+    """The OPENCV camera's intrinsics reach transforms.json; the photos are undistorted once into
+    undistorted/; --dataset_type nerfstudio loads them with the pinhole camera; the transforms' OpenGL
+    cameras are poses_bounds.npy's LLFF cameras (columns down, right, back) re-ordered."""
+    from nerf.datasets import load_scene
+    from nerf.load_transforms import read_capture
+    from nerf.undistort import pinhole_for
+    import run_nerf
+    scene_dir, proc = fern_opencv
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((scene_dir / "transforms.json").read_text())
+    model = cm.read_model(scene_dir / "sparse" / "0")
+    (camera,) = model.cameras.values()
+    assert camera.model == "OPENCV" and meta["camera_model"] == "OPENCV"
+    assert [meta[k] for k in ("fl_x", "fl_y", "cx", "cy", "k1", "k2", "p1", "p2")] == list(camera.params)
+    assert (meta["w"], meta["h"]) == (504, 378) and len(meta["frames"]) == 20
+    undistorted = sorted((scene_dir / "undistorted").glob("*.png"))
+    assert len(undistorted) == 20 and "Undistorted 20 images (OPENCV)" in proc.stdout
+    rows = np.load(scene_dir / "poses_bounds.npy")[:, :15].reshape(-1, 3, 5)
+    c2w = np.array([f["transform_matrix"] for f in meta["frames"]])
+    np.testing.assert_allclose(c2w[:, :3, 3], rows[:, :, 3], atol=1e-9)
+    np.testing.assert_allclose(c2w[:, :3, 0], rows[:, :, 1], atol=1e-9)
+    np.testing.assert_allclose(c2w[:, :3, 1], -rows[:, :, 0], atol=1e-9)
+    np.testing.assert_allclose(c2w[:, :3, 2], rows[:, :, 2], atol=1e-9)
+    args = run_nerf.config_parser().parse_args(["--datadir", str(scene_dir), "--dataset_type", "nerfstudio",
+                                                "--factor", "1"])
+    scene = load_scene(args)
+    assert np.array_equal(scene.K, pinhole_for(read_capture(scene_dir).camera).K)
+    assert (scene.H, scene.W) == (378, 504) and len(scene.i_test) == 3
+    assert np.array_equal(scene.images.values[0], imageio.imread(undistorted[0]))

@@ -5,6 +5,7 @@ demo, a small Blender-format scene this project renders itself on first use,
 and nerfstudio, the transforms.json of capture tools (nerf/load_transforms.py:
 its own K, trained without NDC).
 """
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -12,7 +13,7 @@ from typing import Optional, Union
 import numpy as np
 
 from nerf.errors import DataError
-from nerf.load_transforms import camera_bounds, load_transforms_data
+from nerf.load_transforms import camera_bounds, load_transforms_data, rescaled
 from load_blender import load_blender_data
 from load_deepvoxels import load_dv_data
 from load_LINEMOD import load_LINEMOD_data
@@ -118,6 +119,11 @@ def load_scene(args) -> Scene:
             args.datadir, args.factor, args.testskip, args.llffhold)
         if near is None:
             near, far, _ = camera_bounds(poses)
+        poses, near, far, scale = rescaled(poses, near, far)
+        render_poses = poses                        # the capture's own path (see load_transforms_data)
+        if scale != 1.0:
+            logging.getLogger("nerf").info("transforms.json: camera positions and bounds scaled by %.4g (far = %g)",
+                                           scale, far)
         hwf = [images.shape[1], images.shape[2], K[0][0]]
         if images.dtype == np.uint8 and images.shape[-1] == 3:
             images = EightBitImages(images)

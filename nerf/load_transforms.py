@@ -18,6 +18,7 @@ One file `<datadir>/transforms.json` describes every frame:
   validation and test, as LLFF scenes are;
 * optional `near`, `far` (this project's addition; imgs2poses.py writes
   them); without them the bounds come from the cameras (`camera_bounds`).
+  Positions and bounds are then scaled so that far = 6 (`rescaled`).
 
 Pixel (i, j)'s ray looks along ((i - cx)/fx, -(j - cy)/fy, -1) in camera
 axes, pixel coordinates without the half-pixel offset, as the original's
@@ -241,6 +242,21 @@ def camera_bounds(poses: np.ndarray) -> Tuple[float, float, np.ndarray]:
     centre = np.linalg.solve(A, b)
     dist = np.linalg.norm(origins - centre, axis=-1)
     return 0.5 * float(dist.min()), 1.5 * float(dist.max()), centre
+
+
+SCENE_FAR = 6.0   # the Blender scenes' far bound: the scale the default positional encoding suits
+
+
+def rescaled(poses: np.ndarray, near: float, far: float) -> Tuple[np.ndarray, float, float, float]:
+    """Camera positions and bounds in units where far = SCENE_FAR: capture
+    tools write arbitrary units (COLMAP's are often tens), while the
+    positional encoding's frequencies (2^0 .. 2^9) suit a scene a few units
+    across. Returns (poses (N, 4, 4) with translations times s, near s, far s,
+    s = SCENE_FAR / far); s = 1 exactly when far is SCENE_FAR already."""
+    s = SCENE_FAR / far
+    poses = poses.copy()
+    poses[:, :3, 3] *= s
+    return poses, near * s, far * s, s
 
 
 def read_colours(path: Path) -> np.ndarray:

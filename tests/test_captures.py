@@ -207,6 +207,11 @@ def test_llffhold_split_images_N_folder_and_K(tmp_path):
     assert np.array_equal(scene.i_test, [0, 4, 8]) and np.array_equal(scene.i_train, [1, 2, 3, 5, 6, 7])
     assert np.array_equal(scene.K, intrinsics(20.0, 21.0, 11.0, 9.5))
     assert np.array_equal(np.asarray(scene.images[1]), iio.imread(root / "images" / "f1.png") / np.float32(255.0))
+    poses = read_capture(root).poses                       # no near, far: from the cameras, then far scaled to 6
+    near, far, _ = camera_bounds(poses)
+    assert scene.far == pytest.approx(6.0, rel=1e-12) and scene.near == pytest.approx(6.0 * near / far, rel=1e-12)
+    assert np.allclose(scene.poses[:, :3, 3], poses[:, :3, 3] * np.float32(6.0 / far), rtol=1e-6)
+    assert np.array_equal(scene.poses[:, :3, :3], poses[:, :3, :3])
     (root / "images_2").mkdir()
     for k in range(9):
         iio.imwrite(root / "images_2" / f"f{k}.png", np.full((8, 12, 3), 10 * k, np.uint8))

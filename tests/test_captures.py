@@ -113,6 +113,28 @@ def test_cropped_camera_rays_are_the_uncropped_cameras_rays(crop):
     assert shift > 0.05 and float(torch.acos(cos.clamp(max=1)).min()) > 0.5 * shift
 
 
+def test_renders_and_depth_maps_of_a_cropped_camera_are_the_crop_of_the_full_ones(tmp_path):
+    """A random tiny NeRF rendered (render_path: colours, disparities, depth maps) from a camera whose K has its
+    principal point moved by a crop gives the crop of the full camera's render (world-space scenes; in NDC a
+    scene's map is fixed by its training K, see the plane test above)."""
+    torch.manual_seed(0)
+    H, W, r0, c0, h, w = 24, 32, 4, 10, 16, 16
+    args = run_nerf.config_parser().parse_args(
+        ["--netdepth", "2", "--netwidth", "16", "--N_samples", "8", "--multires", "3", "--use_viewdirs",
+         "--basedir", str(tmp_path), "--expname", "r", "--no_reload", "--dataset_type", "nerfstudio"])
+    _, kwargs, _, _, _ = run_nerf.create_nerf(args, torch.device("cpu"))
+    kwargs.update(near=2.0, far=6.0)
+    c2w = torch.tensor(pose_spherical(20.0, -10.0, 4.0)[None, :3, :4])
+    full = run_nerf.render_path(c2w, (H, W, 30.0), intrinsics(30.0, 31.0, W / 2, H / 2), 4096, kwargs,
+                                progress=False, with_depth=True)
+    crop = run_nerf.render_path(c2w, (h, w, 30.0), intrinsics(30.0, 31.0, W / 2 - c0, H / 2 - r0), 4096, kwargs,
+                                progress=False, with_depth=True)
+    for a, b in zip(full, crop):
+        assert np.isfinite(b).any()
+        assert np.allclose(a[:, r0:r0 + h, c0:c0 + w], b, atol=1e-5, equal_nan=True)
+    assert not np.allclose(full[0][:, :h, :w], crop[0], atol=1e-3)       # the corner crop differs
+
+
 # --- transforms.json -------------------------------------------------------------
 
 def blender_as_transforms(lego: Path, out: Path, testskip: int = 40, crop=None, centre_crop_camera: bool = False,

@@ -7,7 +7,6 @@ through a distorted camera for undistortion.
 """
 import json
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,9 +23,7 @@ from nerf.ray_batches import rays_at
 from nerf.undistort import Camera, distort, pinhole_for, source_pixels, undistort_image, undistorted_files
 from load_blender import pose_spherical
 from run_nerf_helpers import get_rays, ndc_rays
-
-SPLITS = ("train", "val", "test")
-
+from scripts.measure_captures import blender_as_transforms
 
 def intrinsics(fx, fy, cx, cy) -> np.ndarray:
     return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
@@ -136,42 +133,6 @@ def test_renders_and_depth_maps_of_a_cropped_camera_are_the_crop_of_the_full_one
 
 
 # --- transforms.json -------------------------------------------------------------
-
-def blender_as_transforms(lego: Path, out: Path, testskip: int = 40, crop=None, centre_crop_camera: bool = False,
-                          bounds: bool = True) -> Path:
-    """lego's three transforms_<split>.json as one nerfstudio transforms.json in `out` (images linked), with
-    explicit splits: the frames the Blender loader reads at `testskip`. `crop` (r0, c0, h, w) at full resolution writes cropped copies and moves cx, cy;
-    `centre_crop_camera` then writes the image centre instead (the principal point ignored)."""
-    out.mkdir(parents=True, exist_ok=True)
-    frames, names = [], {s: [] for s in SPLITS}
-    angle = None
-    for split in SPLITS:
-        meta = json.loads((lego / f"transforms_{split}.json").read_text())
-        angle = meta["camera_angle_x"]
-        if crop is None and not (out / split).exists():
-            os.symlink(lego / split, out / split)
-        for frame in meta["frames"][::1 if split == "train" else testskip]:
-            name = frame["file_path"].lstrip("./") + ".png"
-            if crop is not None:
-                (out / split).mkdir(exist_ok=True)
-                r0, c0, h, w = crop
-                if not (out / name).exists():
-                    iio.imwrite(out / name, iio.imread(lego / name)[r0:r0 + h, c0:c0 + w])
-            frames.append({"file_path": name, "transform_matrix": frame["transform_matrix"]})
-            names[split].append(name)
-    full = 800
-    focal = 0.5 * full / math.tan(0.5 * angle)
-    meta = {"camera_angle_x": angle, "frames": frames, **{f"{s}_filenames": names[s] for s in SPLITS}}
-    if crop is not None:
-        r0, c0, h, w = crop
-        meta.update(fl_x=focal, fl_y=focal, w=w, h=h, cx=w / 2 if centre_crop_camera else full / 2 - c0,
-                    cy=h / 2 if centre_crop_camera else full / 2 - r0)
-        del meta["camera_angle_x"]
-    if bounds:
-        meta.update(near=2.0, far=6.0)
-    (out / "transforms.json").write_text(json.dumps(meta))
-    return out
-
 
 def scene_args(datadir, **kw) -> SimpleNamespace:
     args = run_nerf.config_parser().parse_args(["--datadir", str(datadir)])

@@ -171,6 +171,9 @@ def undistorted_files(capture) -> Tuple[List[Path], Camera]:
                 return [folder / n for n in names], pinhole
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass
+    if folder.exists() and not record_file.is_file():
+        raise DataError(folder, "exists but was not made by this loader (it has no camera.json): move it away, "
+                                "it is where the undistorted images go")
     u, v = source_pixels(camera, pinhole)
     tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE}_", dir=folder.parent))
     try:

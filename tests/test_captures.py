@@ -18,6 +18,7 @@ import torch
 import run_nerf
 from nerf import data_checks, geometry
 from nerf.datasets import load_scene
+from nerf.errors import DataError
 from nerf.load_transforms import camera_bounds, read_capture
 from nerf.ray_batches import rays_at
 from nerf.undistort import Camera, distort, pinhole_for, source_pixels, undistort_image, undistorted_files
@@ -312,3 +313,7 @@ def test_distorted_capture_is_undistorted_once_and_trains_on_the_pinhole_camera(
     rescene = load_scene(scene_args(root, dataset_type="nerfstudio", factor=1, llffhold=3))
     assert rescene.K[0, 0] != scene.K[0, 0]                         # remade for the new camera
     assert not np.array_equal(np.asarray(rescene.images[1]), np.asarray(scene.images[1]))
+    (root / "undistorted" / "camera.json").unlink()                  # a folder of the user's: kept, one line
+    with pytest.raises(DataError, match="undistorted: exists but was not made by this loader"):
+        load_scene(scene_args(root, dataset_type="nerfstudio", factor=1, llffhold=3))
+    assert len(list((root / "undistorted").iterdir())) == 6

@@ -148,7 +148,7 @@ def render_surface(scene: Scene, poses: np.ndarray, render_kwargs: dict, ndc: bo
         with torch.no_grad():
             rgb, disp, acc, _ = render(scene.H, scene.W, scene.K, chunk=chunk, rays=(rays_o, rays_d), **kwargs)
         hit = acc >= MIN_ACC
-        pts = geometry.termination_points(disp, acc, *geometry.render_space_rays(rays_o, rays_d, ndc, scene.hwf))
+        pts = geometry.termination_points(disp, acc, *geometry.render_space_rays(rays_o, rays_d, ndc, scene.hwK))
         points.append(pts[hit])
         colours.append((rgb[hit] / acc[hit, None]).clamp(0, 1))
     return torch.cat(points, 0), torch.cat(colours, 0)
@@ -166,7 +166,7 @@ def default_bbox(scene: Scene, ndc: bool, probe_pts: torch.Tensor) -> Tuple[np.n
     (`geometry.seen_region`); for NDC scenes, whose far plane is at infinity, cut at
     the 99th percentile of the training rays' NDC depth z' (`probe_pts` (P, 3))."""
     lo, hi = geometry.seen_region(scene.poses[scene.i_train], scene.K, scene.H, scene.W, scene.near, scene.far,
-                                  ndc, scene.hwf)
+                                  ndc, scene.hwK)
     if lo is None:
         raise DataError("--mesh_bbox", "no region is seen by every training camera; give the box to mesh")
     lo, hi = lo.numpy(), hi.numpy()
@@ -241,8 +241,8 @@ def extract_mesh(trimesh, measure, scene: Scene, render_kwargs: dict, ndc: bool,
         mesh = max(pieces, key=lambda m: len(m.faces))
     verts = torch.as_tensor(np.array(mesh.vertices), dtype=torch.float32, device=device)
     normals = torch.as_tensor(np.array(mesh.vertex_normals), dtype=torch.float32, device=device)
-    colours = vertex_colours(verts, normals, h, render_kwargs, ndc, scene.hwf, chunk)
-    world = geometry.to_world(verts.cpu().double(), ndc, scene.hwf).numpy()
+    colours = vertex_colours(verts, normals, h, render_kwargs, ndc, scene.hwK, chunk)
+    world = geometry.to_world(verts.cpu().double(), ndc, scene.hwK).numpy()
     faces = np.asarray(mesh.faces)
     if ndc:
         faces = faces[:, ::-1]    # the NDC map reverses orientation (its Jacobian's determinant is negative)
@@ -280,7 +280,7 @@ def extract(argv=None) -> int:
     if args.pointcloud:
         pts, colours = render_surface(scene, scene.poses[scene.i_train], render_kwargs, ndc,
                                       args.pointcloud_stride, args.chunk, device)
-        world = geometry.to_world(pts.cpu().double(), ndc, scene.hwf).numpy()
+        world = geometry.to_world(pts.cpu().double(), ndc, scene.hwK).numpy()
         rgba = np.concatenate([np.round(colours.cpu().numpy() * 255), np.full((len(world), 1), 255)], 1)
         cloud = trimesh.PointCloud(world, colors=rgba.astype(np.uint8))
         path = run_folder.keep_earlier(expdir / f"pointcloud_{step:06d}.ply")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Camera poses for your own photos, written as LLFF ``poses_bounds.npy``.
+"""Camera poses for your own photos, written as LLFF ``poses_bounds.npy`` and as a ``transforms.json``.
 
     python imgs2poses.py <scenedir>                 # reconstruct with pycolmap
     python imgs2poses.py <scenedir> --sparse <dir>  # convert an existing COLMAP model
@@ -12,7 +12,18 @@ LLFF tool does. It then writes into ``<scenedir>``:
 
 * ``poses_bounds.npy``: (N, 17), one row per registered image, sorted by name;
 * ``poses_names.txt``: those N image names, one per line, in row order;
-* ``unregistered.txt``: only when some photos did not register, their names.
+* ``unregistered.txt``: only when some photos did not register, their names;
+* ``transforms.json``: the same cameras in nerfstudio's / instant-ngp's format
+  with the full intrinsics (fl_x, fl_y, cx, cy, camera_model and k1, k2, k3,
+  k4, p1, p2; see nerf/load_transforms.py), for ``--dataset_type nerfstudio``;
+* ``undistorted/``: when the camera model has distortion, the registered photos
+  undistorted to a pinhole camera (nerf/undistort.py, NumPy), as training
+  with ``--dataset_type nerfstudio`` reads them.
+
+``--camera_model`` is any of SUPPORTED_MODELS (nerf/colmap_model.py): the
+pinhole, radial, OpenCV and fisheye models. ``poses_bounds.npy`` keeps one
+focal length (distortion and principal point dropped, as the LLFF tool);
+``transforms.json`` keeps everything.
 
 The NeRF loader reads ``poses_names.txt`` to load exactly the registered photos,
 so unregistered ones are left out of training instead of being mis-paired.
@@ -20,6 +31,7 @@ so unregistered ones are left out of training instead of being mis-paired.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -29,7 +41,10 @@ from typing import Sequence
 import numpy as np
 
 from nerf.colmap_model import (SUPPORTED_MODELS, ColmapModelError, find_model_format, model_to_poses_bounds,
-                          read_model)
+                               model_to_transforms, read_model)
+from nerf.errors import DataError
+from nerf.load_transforms import TRANSFORMS, read_capture
+from nerf.undistort import undistorted_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 INSTALL_HINT = "pip install -r requirements-colmap.txt"
@@ -156,6 +171,22 @@ def write_outputs(scenedir: Path, poses_bounds: np.ndarray, names: Sequence[str]
         unreg_file.unlink()
 
 
+def undistort(scenedir: Path) -> None:
+    """The photos of scenedir/transforms.json undistorted into scenedir/undistorted/ when its camera has
+    distortion; where the capture cannot be trained here as it is (photos of another size than the model's
+    cameras, several cameras), a warning says why and nothing is undistorted."""
+    try:
+        capture = read_capture(scenedir)
+        if not capture.camera.distorted:
+            return
+        files, pinhole = undistorted_files(capture)
+    except DataError as err:
+        print(f"warning: images not undistorted: {err}", file=sys.stderr)
+        return
+    print(f"Undistorted {len(files)} images ({capture.camera.model}) into {files[0].parent}: pinhole "
+          f"fx {pinhole.fx:.1f}, fy {pinhole.fy:.1f}, cx {pinhole.cx:.1f}, cy {pinhole.cy:.1f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Estimate camera poses of <scenedir>/images/* with COLMAP (pycolmap) and write "
@@ -168,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["exhaustive_matcher", "sequential_matcher"],
                         help="exhaustive for unordered photos (default); sequential for video frames")
     parser.add_argument("--camera_model", default="SIMPLE_RADIAL", choices=list(SUPPORTED_MODELS),
-                        help="camera model for all photos (one shared camera, as the LLFF tool)")
+                        help="camera model for all photos (one shared camera, as the LLFF tool); models with "
+                             "distortion give undistorted images (see transforms.json)")
     parser.add_argument("--max_num_features", type=int, default=8192, metavar="N", help="SIFT features per image")
     parser.add_argument("--max_image_size", type=int, default=3200, metavar="N",
                         help="photos are downscaled to this longest side for feature extraction")
@@ -203,9 +235,12 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(missing)}", file=sys.stderr)
 
     poses_bounds, names = model_to_poses_bounds(model, image_names)
+    transforms = model_to_transforms(model, poses_bounds, names)
     registered = set(names)
     unregistered = [n for n in image_names if n not in registered]
     write_outputs(scenedir, poses_bounds, names, unregistered)
+    (scenedir / TRANSFORMS).write_text(json.dumps(transforms, indent=1), encoding="utf-8")
+    undistort(scenedir)
 
     focals = poses_bounds[:, 14]
     if np.ptp(focals) > 0.01 * focals.min():
@@ -218,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     near, far = poses_bounds[:, 15].min(), poses_bounds[:, 16].max()
     print(f"Wrote {scenedir / 'poses_bounds.npy'} ({len(names)} images, H x W = "
           f"{int(poses_bounds[0, 4])} x {int(poses_bounds[0, 9])}, focal {focals[0]:.1f}, "
-          f"depths {near:.3g} to {far:.3g}) and {scenedir / 'poses_names.txt'}")
+          f"depths {near:.3g} to {far:.3g}), {scenedir / 'poses_names.txt'} and {scenedir / TRANSFORMS}")
     return 0
 
 

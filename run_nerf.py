@@ -131,7 +131,7 @@ def config_parser() -> configargparse.ArgumentParser:
 
     # dataset options
     parser.add_argument("--dataset_type", type=str, default='llff',
-                        help='options: llff / blender / deepvoxels / LINEMOD / demo')
+                        help='options: llff / blender / deepvoxels / LINEMOD / demo / nerfstudio (a transforms.json)')
     parser.add_argument("--testskip", type=int, default=8,
                         help='will load 1/N images from test/val sets, useful for large datasets like deepvoxels')
 

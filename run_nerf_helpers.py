@@ -195,24 +195,46 @@ def get_rays_np(H: int, W: int, K: np.ndarray, c2w: np.ndarray) -> Tuple[np.ndar
     return rays_o, rays_d
 
 
-def ndc_rays(H: int, W: int, focal: float, near: float, rays_o: torch.Tensor,
+def ndc_intrinsics(H: int, W: int, focal) -> Tuple[float, float, float, float]:
+    """(fx, fy, cx, cy) from `ndc_rays`' `focal`: a number (the original's
+    centred pinhole, fx = fy = focal, cx = W/2, cy = H/2) or a 3x3 K."""
+    if np.ndim(focal) == 0:
+        return float(focal), float(focal), W / 2.0, H / 2.0
+    return float(focal[0][0]), float(focal[1][1]), float(focal[0][2]), float(focal[1][2])
+
+
+def ndc_rays(H: int, W: int, focal, near: float, rays_o: torch.Tensor,
              rays_d: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward-facing rays into normalised device coordinates (z in [-1, 1]).
 
+    `focal`: the focal length (principal point at the image centre, as in the
+    original) or the 3x3 intrinsics K = [[fx, 0, cx], [0, fy, cy], [0, 0, 1]].
     Origins are first moved along their rays to the plane z = -near; then
-    o' = (-f/(W/2) ox/oz, -f/(H/2) oy/oz, 1 + 2 near/oz) and
-    d' = (-f/(W/2) (dx/dz - ox/oz), -f/(H/2) (dy/dz - oy/oz), -2 near/oz).
+    o' = (sx ox/oz + tx, sy oy/oz + ty, 1 + 2 near/oz) and
+    d' = (sx (dx/dz - ox/oz), sy (dy/dz - oy/oz), -2 near/oz), with
+    sx = -fx/(W/2), sy = -fy/(H/2), tx = 2 cx/W - 1, ty = 1 - 2 cy/H.
+
+    Derivation: pixel column i looks along x/z = -(i - cx)/fx, row j along
+    y/z = (j - cy)/fy (get_rays). NDC maps the image's edges to +-1:
+    x' = 2 i/W - 1 = sx x/z + tx and y' = 1 - 2 j/H = sy y/z + ty. With cx = W/2,
+    cy = H/2 and fx = fy = focal, tx = ty = 0: the original's map. Along a
+    ray o + t d, x/z = ox/oz + s (dx/dz - ox/oz) with s = 1 - oz/(oz + t dz),
+    the same s for all three coordinates, so rays stay straight lines
+    o' + s d' (the shift t moves origins only).
     rays_o, rays_d: (..., 3) -> same shapes.
     """
+    fx, fy, cx, cy = ndc_intrinsics(H, W, focal)
     t = -(near + rays_o[..., 2]) / rays_d[..., 2]
     rays_o = rays_o + t[..., None] * rays_d
 
     ox_oz = rays_o[..., 0] / rays_o[..., 2]
     oy_oz = rays_o[..., 1] / rays_o[..., 2]
-    sx = -1.0 / (W / (2.0 * focal))
-    sy = -1.0 / (H / (2.0 * focal))
-    o0 = sx * ox_oz
-    o1 = sy * oy_oz
+    sx = -1.0 / (W / (2.0 * fx))
+    sy = -1.0 / (H / (2.0 * fy))
+    tx = 2.0 * cx / W - 1.0
+    ty = 1.0 - 2.0 * cy / H
+    o0 = sx * ox_oz + tx
+    o1 = sy * oy_oz + ty
     o2 = 1.0 + 2.0 * near / rays_o[..., 2]
     d0 = sx * (rays_d[..., 0] / rays_d[..., 2] - ox_oz)
     d1 = sy * (rays_d[..., 1] / rays_d[..., 2] - oy_oz)

@@ -1,4 +1,4 @@
-"""Read COLMAP sparse models and convert them to LLFF's ``poses_bounds.npy``.
+"""Read COLMAP sparse models and convert them to LLFF's ``poses_bounds.npy`` and to a ``transforms.json``.
 
 Pure numpy, no COLMAP installation needed. A COLMAP sparse model is a folder
 with ``cameras``, ``images`` and ``points3D`` files, either all ``.bin`` or all
@@ -27,9 +27,27 @@ from typing import Iterable
 
 import numpy as np
 
-#: Camera models whose focal length we can take as is (distortion ignored,
-#: as the original LLFF tool does).
-SUPPORTED_MODELS: tuple[str, ...] = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL")
+from nerf.undistort import Camera as UndistortCamera
+
+#: Camera models converted: to poses_bounds.npy with their first focal length
+#: (distortion and principal point ignored, as the original LLFF tool does),
+#: and to transforms.json with everything (`nerf_camera`).
+SUPPORTED_MODELS: tuple[str, ...] = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV",
+                                     "OPENCV_FISHEYE", "FULL_OPENCV", "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE")
+
+#: COLMAP's parameters of each supported model, by the names transforms.json uses
+#: (f is fl_x = fl_y; COLMAP's radial fisheye models are OpenCV's fisheye with k1, k2).
+MODEL_PARAMETERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "SIMPLE_PINHOLE": ("PINHOLE", ("f", "cx", "cy")),
+    "PINHOLE": ("PINHOLE", ("fx", "fy", "cx", "cy")),
+    "SIMPLE_RADIAL": ("OPENCV", ("f", "cx", "cy", "k1")),
+    "RADIAL": ("OPENCV", ("f", "cx", "cy", "k1", "k2")),
+    "OPENCV": ("OPENCV", ("fx", "fy", "cx", "cy", "k1", "k2", "p1", "p2")),
+    "OPENCV_FISHEYE": ("OPENCV_FISHEYE", ("fx", "fy", "cx", "cy", "k1", "k2", "k3", "k4")),
+    "FULL_OPENCV": ("OPENCV", ("fx", "fy", "cx", "cy", "k1", "k2", "p1", "p2", "k3", "k4", "k5", "k6")),
+    "SIMPLE_RADIAL_FISHEYE": ("OPENCV_FISHEYE", ("f", "cx", "cy", "k1")),
+    "RADIAL_FISHEYE": ("OPENCV_FISHEYE", ("f", "cx", "cy", "k1", "k2")),
+}
 
 #: COLMAP camera model id -> (name, number of parameters). The binary
 #: ``cameras.bin`` stores only the id, so the parameter count is needed to
@@ -408,9 +426,9 @@ def qvec_to_rotmat(qvec: np.ndarray) -> np.ndarray:
 def camera_focal(camera: Camera) -> float:
     """Focal length in pixels of a supported camera model.
 
-    SIMPLE_PINHOLE, SIMPLE_RADIAL and RADIAL have one focal ``f`` (params[0]);
-    PINHOLE has ``fx, fy`` and, as the LLFF tool, we take ``fx``. Distortion
-    and the principal point are ignored. Raises ColmapModelError (path
+    Every supported model starts with ``f`` or ``fx, fy``; as the LLFF tool,
+    we take params[0]. Distortion and the principal point are ignored (the
+    transforms.json imgs2poses.py writes beside has them). Raises ColmapModelError (path
     ``cameras``) for other models.
     """
     if camera.model not in SUPPORTED_MODELS:
@@ -418,6 +436,27 @@ def camera_focal(camera: Camera) -> float:
             "cameras", f"camera {camera.id} uses model {camera.model}, which cannot be converted "
             f"(supported: {', '.join(SUPPORTED_MODELS)}); reconstruct again with one of those camera models")
     return float(camera.params[0])
+
+
+def nerf_camera(camera: Camera) -> UndistortCamera:
+    """The camera as transforms.json and nerf.undistort describe it: fl_x, fl_y,
+    cx, cy, w, h and camera_model OPENCV / OPENCV_FISHEYE / PINHOLE with k1..k4,
+    p1, p2. FULL_OPENCV's rational terms (k4, k5, k6 in COLMAP's order) must be
+    0. Raises ColmapModelError (path ``cameras``) for other models."""
+    if camera.model not in MODEL_PARAMETERS:
+        raise ColmapModelError(
+            "cameras", f"camera {camera.id} uses model {camera.model}, which cannot be undistorted here "
+            f"(supported: {', '.join(SUPPORTED_MODELS)}); reconstruct again with one of those camera models")
+    model, names = MODEL_PARAMETERS[camera.model]
+    p = dict(zip(names, (float(v) for v in camera.params)))
+    if camera.model == "FULL_OPENCV":
+        if any(p.pop(k) for k in ("k4", "k5", "k6")):
+            raise ColmapModelError("cameras", f"camera {camera.id}: FULL_OPENCV with rational terms k4..k6 "
+                                              "cannot be undistorted here; use OPENCV")
+    fx, fy = (p.pop("f"),) * 2 if "f" in p else (p.pop("fx"), p.pop("fy"))
+    cx, cy = p.pop("cx"), p.pop("cy")
+    distortion = tuple((k, p.get(k, 0.0)) for k in ("k1", "k2", "k3", "k4", "p1", "p2")) if model != "PINHOLE" else ()
+    return UndistortCamera(int(camera.width), int(camera.height), fx, fy, cx, cy, model, distortion)
 
 
 def colmap_to_llff_pose(R: np.ndarray, t: np.ndarray, height: float, width: float, focal: float) -> np.ndarray:
@@ -496,3 +535,42 @@ def model_to_poses_bounds(model: Model, names: Iterable[str] | None = None) -> t
         rows[k, 15] = np.percentile(z, NEAR_PERCENTILE)
         rows[k, 16] = np.percentile(z, FAR_PERCENTILE)
     return rows, [im.name for im in chosen]
+
+
+def camera_keys(camera: UndistortCamera) -> dict:
+    """transforms.json's camera keys (nerfstudio's names) of a camera."""
+    keys = {"camera_model": camera.model, "fl_x": camera.fx, "fl_y": camera.fy, "cx": camera.cx,
+            "cy": camera.cy, "w": camera.w, "h": camera.h}
+    return {**keys, **(camera.coefficients if camera.model != "PINHOLE" else {})}
+
+
+def model_to_transforms(model: Model, rows: np.ndarray, names: list[str], image_folder: str = "images") -> dict:
+    """transforms.json's content (nerfstudio / instant-ngp format) for the images
+    `names` with their poses_bounds `rows` (from `model_to_poses_bounds`): each
+    frame's ``file_path`` (image_folder/name) and OpenGL camera-to-world
+    ``transform_matrix`` ([R^T | -R^T t] with the y and z axes negated), the
+    camera keys (`camera_keys`; top level when all images share one camera,
+    else per frame), and near = 0.9 min(near bounds), far = max(far bounds)
+    (as the LLFF loader's --no_ndc bounds), in COLMAP's world units."""
+    by_name = {im.name: im for im in model.images.values()}
+    frames, cameras = [], []
+    for name in names:
+        image = by_name[name]
+        camera = model.cameras.get(image.camera_id)
+        try:
+            cameras.append(camera_keys(nerf_camera(camera)))
+        except ColmapModelError as err:
+            raise ColmapModelError(model.file("cameras"), err.message) from None
+        R = qvec_to_rotmat(image.qvec)
+        c2w = np.eye(4)
+        c2w[:3, :3] = R.T @ np.diag([1.0, -1.0, -1.0])
+        c2w[:3, 3] = -R.T @ np.asarray(image.tvec, dtype=np.float64)
+        frames.append({"file_path": f"{image_folder}/{name}", "transform_matrix": c2w.tolist()})
+    meta: dict = {}
+    if all(c == cameras[0] for c in cameras):
+        meta.update(cameras[0])
+    else:
+        for frame, keys in zip(frames, cameras):
+            frame.update(keys)
+    meta.update(near=0.9 * float(rows[:, 15].min()), far=float(rows[:, 16].max()), frames=frames)
+    return meta

@@ -2,8 +2,8 @@
 
 `check_data` reads file headers only: LLFF `poses_bounds.npy` (N x 17,
 finite, positive bounds, N equal to the image count), Blender/LINEMOD
-`transforms_*.json` (fields, 4x4 matrices, every frame that will be read
-exists), images readable and of one size; and `--N_rand` against the pixels
+`transforms_*.json` and nerfstudio's `transforms.json` (fields, 4x4
+matrices, every frame that will be read exists), images readable and of one size; and `--N_rand` against the pixels
 `--no_batching` draws from without replacement. Every problem is one
 `DataError(where, what)`.
 """
@@ -17,6 +17,7 @@ from PIL import Image
 
 from nerf.errors import DataError
 from load_blender import SPLITS, read_transforms
+from nerf.load_transforms import downscaled_file, held_out_split, read_capture
 from load_llff import _select_registered, list_images
 
 
@@ -35,6 +36,8 @@ def check_data(args) -> Optional[Tuple[int, int]]:
         H, W = _check_llff(datadir, args.factor, args.llffhold, needs_training=not args.render_only)
     elif args.dataset_type in ("blender", "demo", "LINEMOD"):
         H, W = _check_transforms(datadir, args.testskip, args.half_res, linemod=args.dataset_type == "LINEMOD")
+    elif args.dataset_type == "nerfstudio":
+        H, W = _check_capture(datadir, args.factor, args.llffhold)
     else:
         H, W = _check_deepvoxels(datadir, args.shape, args.testskip)
     if args.no_batching and not args.render_only:
@@ -162,6 +165,19 @@ def _check_transforms(datadir: Path, testskip: int, half_res: bool, linemod: boo
             raise DataError(datadir / "transforms_test.json", "frame 0 has no 3x3 or 4x4 'intrinsic_matrix'")
     w, h = _same_size(files)
     return (h // 2, w // 2) if half_res else (h, w)
+
+
+def _check_capture(datadir: Path, factor: int, llffhold: int) -> Tuple[int, int]:
+    """transforms.json (see nerf/load_transforms.py): every frame's fields,
+    matrix and image header; the (H, W) the loader gives at `factor`."""
+    capture = read_capture(datadir)
+    if capture.splits is None:
+        held_out_split(len(capture.files), llffhold)
+    w, h = capture.camera.w, capture.camera.h
+    if factor > 1 and not capture.camera.distorted and downscaled_file(capture.files[0], factor) is not None:
+        w, h = _same_size([downscaled_file(f, factor) or f for f in capture.files])
+        return h, w
+    return (h // factor, w // factor) if factor > 1 else (h, w)
 
 
 def _check_deepvoxels(datadir: Path, shape: str, testskip: int) -> Tuple[int, int]:

@@ -1,8 +1,11 @@
 """One entry point from the command-line flags to a loaded scene.
 
-Dataset types: llff, blender, LINEMOD, deepvoxels (as in the original) and
-demo, a small Blender-format scene this project renders itself on first use.
+Dataset types: llff, blender, LINEMOD, deepvoxels (as in the original),
+demo, a small Blender-format scene this project renders itself on first use,
+and nerfstudio, the transforms.json of capture tools (nerf/load_transforms.py:
+its own K, trained without NDC).
 """
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -10,12 +13,13 @@ from typing import Optional, Union
 import numpy as np
 
 from nerf.errors import DataError
+from nerf.load_transforms import camera_bounds, load_transforms_data, rescaled
 from load_blender import load_blender_data
 from load_deepvoxels import load_dv_data
 from load_LINEMOD import load_LINEMOD_data
 from load_llff import eight_bit_colours, load_llff_data
 
-DATASET_TYPES = ("llff", "blender", "LINEMOD", "deepvoxels", "demo")
+DATASET_TYPES = ("llff", "blender", "LINEMOD", "deepvoxels", "demo", "nerfstudio")
 
 
 class EightBitImages:
@@ -62,6 +66,11 @@ class Scene:
     def hwf(self):
         return [self.H, self.W, self.focal]
 
+    @property
+    def hwK(self):
+        """(H, W, K): what nerf.geometry's `hwf` arguments take for a general camera."""
+        return (self.H, self.W, self.K)
+
 
 def composite(images: np.ndarray, white_bkgd: bool) -> np.ndarray:
     """RGBA (N, H, W, 4) -> RGB: rgb * a + (1 - a) on white, else alpha dropped."""
@@ -105,6 +114,21 @@ def load_scene(args) -> Scene:
             scene=args.shape, basedir=args.datadir, testskip=args.testskip)
         hemi_R = np.mean(np.linalg.norm(poses[:, :3, -1], axis=-1))
         near, far = float(hemi_R - 1.0), float(hemi_R + 1.0)
+    elif args.dataset_type == "nerfstudio":
+        images, poses, render_poses, K, (i_train, i_val, i_test), (near, far) = load_transforms_data(
+            args.datadir, args.factor, args.testskip, args.llffhold)
+        if near is None:
+            near, far, _ = camera_bounds(poses)
+        poses, near, far, scale = rescaled(poses, near, far)
+        render_poses = poses                        # the capture's own path (see load_transforms_data)
+        if scale != 1.0:
+            logging.getLogger("nerf").info("transforms.json: camera positions and bounds scaled by %.4g (far = %g)",
+                                           scale, far)
+        hwf = [images.shape[1], images.shape[2], K[0][0]]
+        if images.dtype == np.uint8 and images.shape[-1] == 3:
+            images = EightBitImages(images)
+        else:
+            images = composite(eight_bit_colours(images) if images.dtype == np.uint8 else images, args.white_bkgd)
     else:
         raise DataError("--dataset_type", f"unknown '{args.dataset_type}' (one of {', '.join(DATASET_TYPES)})")
 

@@ -8,45 +8,51 @@ uses them for its depth maps, extract_mesh.py for meshes and point clouds).
 world coordinates, or for forward-facing scenes (LLFF without --no_ndc)
 normalised device coordinates, NDC, as `ndc_rays` defines them with near = 1:
 
-    x' = -f/(W/2) x/z,   y' = -f/(H/2) y/z,   z' = 1 + 2 near / z,
+    x' = -fx/(W/2) x/z + (2 cx/W - 1),   y' = -fy/(H/2) y/z + (1 - 2 cy/H),   z' = 1 + 2 near / z,
 
 z' = -1 on the plane z = -near and z' -> 1 as z -> -infinity (the NDC far
-plane is at infinity).
+plane is at infinity). `hwf` below is (H, W, focal) or (H, W, K): a focal
+means the original's centred camera (fx = fy = focal, cx = W/2, cy = H/2).
 """
 from typing import List, Tuple
 
 import numpy as np
 import torch
 
-from run_nerf_helpers import get_rays, ndc_rays
+from run_nerf_helpers import get_rays, ndc_intrinsics, ndc_rays
 
 NDC_NEAR = 1.0   # render() calls ndc_rays with near = 1
 
 
-def world_to_ndc(pts: torch.Tensor, H: int, W: int, focal: float, near: float = NDC_NEAR) -> torch.Tensor:
-    """World points (..., 3), z < 0, to NDC (..., 3): the mapping `ndc_rays` applies to every point of a ray."""
+def world_to_ndc(pts: torch.Tensor, H: int, W: int, focal, near: float = NDC_NEAR) -> torch.Tensor:
+    """World points (..., 3), z < 0, to NDC (..., 3): the mapping `ndc_rays` applies to every point of a ray.
+    focal: a number or the 3x3 K (see `ndc_rays`)."""
+    fx, fy, cx, cy = ndc_intrinsics(H, W, focal)
     x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
-    return torch.stack([-focal / (W / 2.0) * x / z, -focal / (H / 2.0) * y / z, 1.0 + 2.0 * near / z], -1)
+    return torch.stack([-fx / (W / 2.0) * x / z + (2.0 * cx / W - 1.0),
+                        -fy / (H / 2.0) * y / z + (1.0 - 2.0 * cy / H), 1.0 + 2.0 * near / z], -1)
 
 
-def ndc_to_world(pts: torch.Tensor, H: int, W: int, focal: float, near: float = NDC_NEAR) -> torch.Tensor:
+def ndc_to_world(pts: torch.Tensor, H: int, W: int, focal, near: float = NDC_NEAR) -> torch.Tensor:
     """NDC points (..., 3), z' < 1, back to world (..., 3), the inverse of `world_to_ndc`:
-    z = 2 near / (z' - 1), x = -x' z (W/2)/f, y = -y' z (H/2)/f."""
+    z = 2 near / (z' - 1), x = -(x' - 2 cx/W + 1) z (W/2)/fx, y = -(y' - 1 + 2 cy/H) z (H/2)/fy."""
+    fx, fy, cx, cy = ndc_intrinsics(H, W, focal)
     z = 2.0 * near / (pts[..., 2] - 1.0)
-    return torch.stack([-pts[..., 0] * z * (W / 2.0) / focal, -pts[..., 1] * z * (H / 2.0) / focal, z], -1)
+    return torch.stack([-(pts[..., 0] - (2.0 * cx / W - 1.0)) * z * (W / 2.0) / fx,
+                        -(pts[..., 1] - (1.0 - 2.0 * cy / H)) * z * (H / 2.0) / fy, z], -1)
 
 
 def to_world(pts: torch.Tensor, ndc: bool, hwf) -> torch.Tensor:
     """Render-space points (..., 3) in world coordinates (unchanged unless `ndc`)."""
     H, W, focal = hwf
-    return ndc_to_world(pts, int(H), int(W), float(focal)) if ndc else pts
+    return ndc_to_world(pts, int(H), int(W), focal) if ndc else pts
 
 
 def render_space_rays(rays_o: torch.Tensor, rays_d: torch.Tensor, ndc: bool,
                       hwf) -> Tuple[torch.Tensor, torch.Tensor]:
     """World rays (..., 3) as `render` samples them: through `ndc_rays` (near 1) when `ndc`."""
     H, W, focal = hwf
-    return ndc_rays(int(H), int(W), float(focal), NDC_NEAR, rays_o, rays_d) if ndc else (rays_o, rays_d)
+    return ndc_rays(int(H), int(W), focal, NDC_NEAR, rays_o, rays_d) if ndc else (rays_o, rays_d)
 
 
 def termination_points(disp: torch.Tensor, acc: torch.Tensor, rays_o: torch.Tensor,
@@ -72,10 +78,10 @@ def depth_map(disp: torch.Tensor, acc: torch.Tensor, c2w: torch.Tensor, K, ndc: 
     """A rendered view's depth (H, W) in world units along the viewing axis, from its
     disp and acc maps (H, W) rendered by `render` with intrinsics K from camera c2w (3, 4);
     NaN where acc < min_acc. For NDC scenes the mean NDC point goes back to world first
-    (with render's NDC mapping: this H, W and focal K[0][0]). Without NDC the pixel ray's
+    (with render's NDC mapping: this H, W and K). Without NDC the pixel ray's
     direction has viewing-axis component 1, so the depth is the mean ray depth t itself."""
     H, W = disp.shape
-    hwf = (H, W, float(K[0][0]))
+    hwf = (H, W, K)
     rays_o, rays_d = get_rays(H, W, K, c2w)
     pts = to_world(termination_points(disp, acc, *render_space_rays(rays_o, rays_d, ndc, hwf)), ndc, hwf)
     depth = view_depth(pts, c2w)

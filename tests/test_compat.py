@@ -464,6 +464,26 @@ def test_assigning_a_function_reaches_the_rendering_code(module, name, monkeypat
     assert getattr(rendering, name, original) is original and getattr(run_nerf_helpers, name, original) is original
 
 
+def test_a_forks_ndc_rays_of_the_original_signature_still_gets_a_focal_length(monkeypatch):
+    """A centred camera calls ndc_rays(H, W, focal, ...) with the focal length
+    as a number, as the original did, so a fork's edit written for a number
+    keeps working; an off-centre principal point passes K instead."""
+    kwargs = tiny_render_kwargs()
+    original, focals = run_nerf_helpers.ndc_rays, []
+
+    def fork_edit(H, W, focal, near, rays_o, rays_d):
+        focals.append(focal)
+        return original(H, W, focal, near, rays_o, rays_d)
+
+    monkeypatch.setattr(run_nerf, "ndc_rays", fork_edit)
+    c2w = torch.eye(4)[:3]
+    for K in (np.array([[2.0, 0, 2.0], [0, 2.0, 1.5], [0, 0, 1]]), np.array([[2.0, 0, 1.0], [0, 2.0, 1.5], [0, 0, 1]])):
+        with torch.no_grad():
+            run_nerf.render(3, 4, K, chunk=5, c2w=c2w, perturb=0.0, **{**kwargs, "ndc": True})
+    assert np.ndim(focals[0]) == 0 and focals[0] == 2.0
+    assert np.ndim(focals[1]) == 2 and focals[1][0][2] == 1.0
+
+
 def half_pixel(original):
     """A fork's edit of get_rays / get_rays_np: rays through the pixel centres (i + 0.5, j + 0.5)."""
     def edited(H, W, K, c2w):

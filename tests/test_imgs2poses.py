@@ -7,6 +7,7 @@ The pycolmap tests reconstruct real photos and are skipped without pycolmap.
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import struct
 import subprocess
@@ -180,7 +181,7 @@ class Scene:
     def write_binary(self, folder: Path) -> Path:
         """The same model in COLMAP's binary layout, packed here with struct."""
         folder.mkdir(parents=True, exist_ok=True)
-        ids = {"SIMPLE_PINHOLE": 0, "PINHOLE": 1, "SIMPLE_RADIAL": 2, "RADIAL": 3, "OPENCV": 4}
+        ids = {"SIMPLE_PINHOLE": 0, "PINHOLE": 1, "SIMPLE_RADIAL": 2, "RADIAL": 3, "OPENCV": 4, "FOV": 7}
         with open(folder / "cameras.bin", "wb") as f:
             f.write(struct.pack("<Q", len(self.cameras)))
             for cid, (model, w, h, params) in self.cameras.items():
@@ -309,18 +310,46 @@ def test_supported_camera_models_give_focal(model, params):
 
 def test_unsupported_camera_model_refused(tmp_path):
     scene = Scene()
-    scene.cameras[4] = ("OPENCV", 80, 60, [70.0, 71.0, 40.0, 30.0, 0.1, 0.01, 0, 0])
+    scene.cameras[4] = ("FOV", 80, 60, [70.0, 71.0, 40.0, 30.0, 0.9])
     for fmt, folder in (("txt", scene.write_text(tmp_path / "t")), ("bin", scene.write_binary(tmp_path / "b"))):
         model = cm.read_model(folder)
-        assert model.cameras[4].model == "OPENCV" and len(model.cameras[4].params) == 8
+        assert model.cameras[4].model == "FOV" and len(model.cameras[4].params) == 5
         with pytest.raises(cm.ColmapModelError) as err:
             cm.model_to_poses_bounds(model)
         assert err.value.path == str(folder / f"cameras.{fmt}")
-        assert "OPENCV" in err.value.message and "SIMPLE_RADIAL" in err.value.message
+        assert "FOV" in err.value.message and "OPENCV_FISHEYE" in err.value.message
     scene_dir = make_scene_dir(tmp_path / "scene", scene)
     proc = run_cli(scene_dir, "--sparse", tmp_path / "t")
-    assert_one_error_line(proc, "cameras.txt", "OPENCV", "PINHOLE")
-    assert not (scene_dir / "poses_bounds.npy").exists()
+    assert_one_error_line(proc, "cameras.txt", "FOV", "OPENCV")
+    assert not (scene_dir / "poses_bounds.npy").exists() and not (scene_dir / "transforms.json").exists()
+
+
+def test_transforms_json_cameras_see_the_points_where_colmap_does(tmp_path):
+    """transforms.json's OpenGL c2w and intrinsics, through the rays' convention (nerf.geometry.project),
+    put every observed 3D point on its COLMAP keypoint (u = fx x/z + cx in COLMAP's camera)."""
+    import torch
+    from nerf.geometry import project
+    scene = Scene(seed=4)
+    model = cm.read_model(scene.write_binary(tmp_path / "b"))
+    rows, names = cm.model_to_poses_bounds(model)
+    meta = cm.model_to_transforms(model, rows, names)
+    assert [f["file_path"] for f in meta["frames"]] == [f"images/{n}" for n in names]
+    assert meta["near"] == pytest.approx(0.9 * rows[:, 15].min()) and meta["far"] == rows[:, 16].max()
+    by_name = {im["name"]: im for im in scene.images}
+    checked = 0
+    for frame in meta["frames"]:
+        image = by_name[frame["file_path"][len("images/"):]]
+        K = np.array([[frame["fl_x"], 0, frame["cx"]], [0, frame["fl_y"], frame["cy"]], [0, 0, 1]])
+        c2w = torch.tensor(frame["transform_matrix"], dtype=torch.float64)[:3]
+        pids = [pid for _, _, pid in image["keypoints"] if pid >= 0]
+        uv = np.array([(u, v) for u, v, pid in image["keypoints"] if pid >= 0])
+        pts = torch.tensor(np.stack([scene.points[pid] for pid in pids]), dtype=torch.float64)
+        i, j, depth = project(pts, c2w, K)
+        np.testing.assert_allclose(np.stack([i.numpy(), j.numpy()], 1), uv, atol=1e-9)
+        assert (depth > 0).all()
+        checked += len(pids)
+    assert checked > 100
+    assert {f["camera_model"] for f in meta["frames"]} == {"OPENCV", "PINHOLE"}      # two cameras: per frame
 
 
 def test_truncated_binary_and_missing_model(tmp_path):
@@ -349,10 +378,13 @@ def test_cli_sparse_writes_rows_names_and_no_unregistered(tmp_path):
     scene.write_text(scene_dir / "sparse" / "0")
     proc = run_cli(scene_dir, "--sparse", scene_dir / "sparse")  # the folder above 0/ works too
     assert proc.returncode == 0, proc.stderr
-    # The only remark: the two cameras' focal lengths differ, and NeRF takes one.
-    assert proc.stderr.strip().splitlines() == [
-        "warning: focal lengths differ between images (50.0 to 70.0 px); "
-        "NeRF uses a single focal length (the first image's)"]
+    # The remarks: the two cameras' focal lengths differ, and NeRF takes one; the placeholder photos are not
+    # the cameras' size, so transforms.json is written but nothing is undistorted.
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("warning: images not undistorted: ") and "a.png: is 8x6 but" in lines[0]
+    assert lines[1:] == ["warning: focal lengths differ between images (50.0 to 70.0 px); "
+                         "NeRF uses a single focal length (the first image's)"]
+    assert json.loads((scene_dir / "transforms.json").read_text())["frames"][0]["file_path"] == "images/a.png"
     rows = np.load(scene_dir / "poses_bounds.npy")
     names = (scene_dir / "poses_names.txt").read_text().splitlines()
     want, want_names = scene.expected()
@@ -552,3 +584,45 @@ def test_fern_reconstruction_loads_and_trains(fern_reconstruction, tmp_path):
             "--i_print", "1000", "--i_img", "1000", "--i_testset", "1000", "--i_video", "1000"]
     assert run_nerf.main(argv) == 0
     assert (tmp_path / "own" / "000003.tar").exists()
+
+
+@pytest.fixture(scope="module")
+def fern_opencv(fern_dir, tmp_path_factory):
+    """imgs2poses.py --camera_model OPENCV on a copy of fern's images_8: (scene dir, process)."""
+    pytest.importorskip("pycolmap")
+    scene_dir = tmp_path_factory.mktemp("fern_opencv")
+    shutil.copytree(fern_dir / "images_8", scene_dir / "images")
+    return scene_dir, run_cli(scene_dir, "--num_threads", "2", "--camera_model", "OPENCV")
+
+
+@pytest.mark.slow
+def test_fern_opencv_writes_undistorted_images_and_a_transforms_json_that_loads(fern_opencv):
+    """The OPENCV camera's intrinsics reach transforms.json; the photos are undistorted once into
+    undistorted/; --dataset_type nerfstudio loads them with the pinhole camera; the transforms' OpenGL
+    cameras are poses_bounds.npy's LLFF cameras (columns down, right, back) re-ordered."""
+    from nerf.datasets import load_scene
+    from nerf.load_transforms import read_capture
+    from nerf.undistort import pinhole_for
+    import run_nerf
+    scene_dir, proc = fern_opencv
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((scene_dir / "transforms.json").read_text())
+    model = cm.read_model(scene_dir / "sparse" / "0")
+    (camera,) = model.cameras.values()
+    assert camera.model == "OPENCV" and meta["camera_model"] == "OPENCV"
+    assert [meta[k] for k in ("fl_x", "fl_y", "cx", "cy", "k1", "k2", "p1", "p2")] == list(camera.params)
+    assert (meta["w"], meta["h"]) == (504, 378) and len(meta["frames"]) == 20
+    undistorted = sorted((scene_dir / "undistorted").glob("*.png"))
+    assert len(undistorted) == 20 and "Undistorted 20 images (OPENCV)" in proc.stdout
+    rows = np.load(scene_dir / "poses_bounds.npy")[:, :15].reshape(-1, 3, 5)
+    c2w = np.array([f["transform_matrix"] for f in meta["frames"]])
+    np.testing.assert_allclose(c2w[:, :3, 3], rows[:, :, 3], atol=1e-9)
+    np.testing.assert_allclose(c2w[:, :3, 0], rows[:, :, 1], atol=1e-9)
+    np.testing.assert_allclose(c2w[:, :3, 1], -rows[:, :, 0], atol=1e-9)
+    np.testing.assert_allclose(c2w[:, :3, 2], rows[:, :, 2], atol=1e-9)
+    args = run_nerf.config_parser().parse_args(["--datadir", str(scene_dir), "--dataset_type", "nerfstudio",
+                                                "--factor", "1"])
+    scene = load_scene(args)
+    assert np.array_equal(scene.K, pinhole_for(read_capture(scene_dir).camera).K)
+    assert (scene.H, scene.W) == (378, 504) and len(scene.i_test) == 3
+    assert np.array_equal(scene.images.values[0], imageio.imread(undistorted[0]))

@@ -98,6 +98,9 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--render_test", action='store_true', help='render the test set instead of render_poses path')
     parser.add_argument("--render_factor", type=int, default=0,
                         help='downsampling factor to speed up rendering, set 4 or 8 for fast preview')
+    parser.add_argument("--depth_estimator", type=str, default='median', choices=['median', 'mean'],
+                        help="--render_only's depth/<k>.npy: where a ray's opacity reaches half its final value "
+                             "(median), or its weighted mean depth")
     parser.add_argument("--mixed_precision", action='store_true',
                         help='run the MLPs under bfloat16 autocast (meant for GPUs; off by default: other arithmetic)')
     parser.add_argument("--compile", action='store_true', help='torch.compile the MLPs (off by default)')
@@ -271,7 +274,7 @@ def render_frames(run: Run, poses: np.ndarray, savedir: Optional[Path] = None,
         return render_path(torch.as_tensor(selected, device=run.device), run.scene.hwf, run.scene.K, run.args.chunk,
                            run.render_kwargs, savedir=None if folder is None else str(folder),
                            render_factor=render_factor, memory=run.memory, progress=run.ranks.is_main,
-                           with_depth=with_depth)
+                           with_depth=with_depth, depth_estimator=run.args.depth_estimator)
 
     if not run.ranks.distributed:
         return render_some(poses, savedir)
@@ -309,7 +312,7 @@ def render_only(run: Run, step: int) -> Path:
     """Renders the spiral path (or the test views with --render_test, scored and
     compared with their ground truth) into renderonly_{path|test}_{step:06d}/
     with its frames and video.mp4, and depth/{k:03d}.npy (world units along the
-    viewing axis, NaN where opacity < 0.5) with depth.mp4; an earlier render
+    viewing axis, NaN where opacity < 0.5; --depth_estimator) with depth.mp4; an earlier render
     there is kept aside (`keep_earlier`)."""
     args, scene = run.args, run.scene
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses

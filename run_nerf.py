@@ -140,6 +140,8 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--i_weights", type=int, default=10000, help='frequency of weight ckpt saving')
     parser.add_argument("--i_testset", type=int, default=50000, help='frequency of testset saving')
     parser.add_argument("--i_video", type=int, default=50000, help='frequency of render_poses video saving')
+    parser.add_argument("--keep_checkpoints", type=int, default=0,
+                        help='keep only the newest K {step}.tar, deleting older ones after each save (0: keep all)')
     parser.add_argument("--debug", action='store_true', help='show tracebacks for input errors')
     parser.add_argument("--no_download", action='store_true',
                         help='never fetch the VGG16 weights LPIPS needs (as does env NERF_NO_DOWNLOAD=1)')
@@ -423,14 +425,15 @@ def train_step(batch_rays, target_s, scene: Scene, render_kwargs: dict, optimize
 
 
 class StopRequest:
-    """Turns SIGINT / SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGINT / SIGTERM / SIGHUP (a closed terminal, a dropped SSH
+    connection) into a flag the loop checks after each step."""
 
     def __init__(self):
         self.signum = None
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -568,6 +571,7 @@ def train(argv=None) -> int:
             except WriteError as err:
                 return f"{err}; step {step} is not saved, the newest good checkpoint is {newest or 'none'}"
             tqdm.write(f"Saved checkpoints at {path}")
+            run_folder.prune_checkpoints(expdir, args.keep_checkpoints)
         newest = path
         return None
 

@@ -340,3 +340,30 @@ def test_a_full_disk_anywhere_is_one_line_and_loses_no_earlier_file(tmp_path, de
     assert {"args.txt", "000030.tar", "000.png", "demo_spiral_000030_rgb.mp4"} <= names, failed
     ckpt_failures = [limit for limit, names in failed.items() if names[-1] == "000030.tar"]
     assert len(ckpt_failures) >= 10, failed
+
+
+def test_keep_checkpoints_deletes_older_ones_only_after_a_newer_save(tmp_path, demo48, monkeypatch):
+    """--keep_checkpoints 2 with a save every 2 steps: after each save only the
+    two newest {step}.tar remain; a save that fails (the disk full at step 10)
+    deletes nothing, so the newest good checkpoint it names is still there.
+    Other files (a renamed checkpoint) are never touched; 0 keeps all."""
+    real_save = torch.save
+
+    def full_disk_at_step_10(obj, f, *args, **kwargs):
+        if obj["global_step"] == 10:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_step_10)
+    basedir = tmp_path / "logs"
+    (basedir / "demo").mkdir(parents=True)
+    (basedir / "demo" / "000001.tar.earlier").write_bytes(b"kept aside by an earlier run")
+    assert run_nerf.main(demo_argv(demo48, basedir, "--N_iters", "10", "--i_weights", "2", "--keep_checkpoints", "2",
+                                   *NO_OUTPUTS)) == 1
+    assert sorted(p.name for p in (basedir / "demo").iterdir()) == [
+        "000001.tar.earlier", "000006.tar", "000008.tar", "args.txt", "config.txt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert run_nerf.main(demo_argv(demo48, basedir, "--N_iters", "14", "--i_weights", "2", "--keep_checkpoints", "0",
+                                   *NO_OUTPUTS)) == 0
+    assert sorted(p.name for p in (basedir / "demo").glob("*.tar")) == [
+        "000006.tar", "000008.tar", "000010.tar", "000012.tar", "000014.tar"]

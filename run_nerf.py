@@ -650,7 +650,8 @@ def main(argv=None) -> int:
     except DataError as err:
         if debug:
             raise
-        if ranks.is_main or parallel.started():     # before the ranks meet, they all see the same input
+        # Every rank parses the same flags, but a file (node-local data) may be wrong on one rank alone.
+        if ranks.is_main or parallel.started() or not err.where.startswith("--"):
             prefix = "" if ranks.is_main else f"rank {ranks.rank}: "
             print(f"{prefix}error: {err}", file=sys.stderr)
         return 2

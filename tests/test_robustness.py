@@ -575,3 +575,19 @@ def test_a_hang_up_saves_the_current_step_and_exits_129(tmp_path, blender_scene)
     assert step >= 2 and [p.name for p in (basedir / "run").glob("*.tar")] == [f"{step:06d}.tar"]
     assert checkpoints.read_checkpoint(basedir / "run" / f"{step:06d}.tar")["global_step"] == step
     assert "Traceback" not in err
+
+
+def test_an_input_error_on_another_rank_is_printed_with_its_rank(tmp_path, blender_scene, monkeypatch, capsys):
+    """Under torchrun, rank 1 finds its node-local data missing before the ranks
+    meet: one line, prefixed with the rank. A flag error, which every rank sees
+    alike, stays rank 0's to print."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "stdout", sys.stdout)   # main() silences a non-main rank's stdout
+    missing = tmp_path / "not_on_this_node"
+    assert run_nerf.main(blender_argv(missing, tmp_path / "logs", "--N_iters", "1")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rank 1: error: {missing}"), err
+    assert run_nerf.main(blender_argv(blender_scene, tmp_path / "logs", "--N_rand", "0")) == 2
+    assert capsys.readouterr().err == ""

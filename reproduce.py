@@ -318,6 +318,7 @@ def time_steps(args: argparse.Namespace, n_steps: int) -> Timing:
     import run_nerf
     from nerf.datasets import load_scene
     from nerf.rendering import render
+
     args = copy.copy(args)
     args.no_reload, args.ft_path = True, None
     args.testskip = max(args.testskip, 1000)   # the test images are not needed to time a step
@@ -464,8 +465,7 @@ def on_hang_up(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, on_hang_up)
+    previous = signal.signal(signal.SIGHUP, on_hang_up) if hasattr(signal, "SIGHUP") else None
     try:
         opts, run_nerf_args = parse_args(argv)
         scenes = load_scenes(opts.configs, run_nerf_args, opts.steps)
@@ -482,6 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted between scenes; run the same command again to go on", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
     print(f"Wrote {md_path} and {json_path} ({sum(finished)} of {len(scenes)} scenes finished)", flush=True)
     return 0 if all(finished) else 1
 

@@ -197,34 +197,31 @@ def median_termination(weights: torch.Tensor, z_vals: torch.Tensor) -> torch.Ten
     """The depth t (N,) at which each ray's accumulated opacity reaches half of its final value.
 
     weights (N, S) are `compositing_weights` at the sorted sample depths z_vals
-    (N, S): w_i = T_i alpha_i is the opacity the ray gains over [z_i, z_{i+1}],
-    where the density sampled at z_i is held constant (the last interval is
-    open-ended). With c_i = w_0 + ... + w_i and A = c_{S-1}, the median lies in
-    the first interval i with c_i >= A / 2, at the share p = (A/2 - c_{i-1}) / w_i
-    of its opacity. Inside it the accumulated opacity is
-    c_{i-1} + T_i (1 - (1 - alpha_i)^(s / delta_i)) at z_i + s, so
+    (N, S). As the mean depth sum_i w_i z_i / A does, each weight is placed at
+    its sample: the accumulated opacity reaches c_i = w_0 + ... + w_i at z_i,
+    and between two samples it is interpolated linearly. With A = c_{S-1}, the
+    first i with c_i >= A / 2 gives
 
-        t = z_i + (z_{i+1} - z_i) log(1 - p alpha_i) / log(1 - alpha_i),   alpha_i = w_i / (1 - c_{i-1}),
+        t = z_{i-1} + (z_i - z_{i-1}) (A/2 - c_{i-1}) / w_i      (z_{-1} = z_0, c_{-1} = 0).
 
-    which tends to z_i + p (z_{i+1} - z_i) as alpha_i -> 0. The median in the
-    last interval is taken at z_{S-1}; a ray without weight gets z_0. Unlike
-    the mean, sum w_i z_i / A, it is not pulled behind the surface by the soft
-    density inside a solid (an exponential fall-off of rate sigma moves the
-    mean 1 / sigma past where the density starts, the median ln 2 / sigma).
+    A surface lies between the last empty sample and the first opaque one,
+    and the interpolation spreads the first opaque sample's weight over that
+    gap, rather than starting it at the sample (which would put every surface
+    up to a sample spacing too deep). Unlike the mean, the median is not
+    pulled behind the surface by the soft density inside a solid: an
+    exponential fall-off of rate sigma puts the mean 1 / sigma past where the
+    density starts, the median ln 2 / sigma. A ray without weight gets z_0.
     """
     cum = torch.cumsum(weights, -1)
     half = 0.5 * cum[..., -1:]
     i = torch.searchsorted(cum.contiguous(), half.contiguous()).clamp(max=weights.shape[-1] - 1)
     w_i = torch.gather(weights, -1, i)
     before = torch.gather(cum, -1, i) - w_i
-    p = torch.where(w_i > 0, (half - before) / torch.where(w_i > 0, w_i, torch.ones_like(w_i)),
-                    torch.zeros_like(w_i)).clamp(0, 1)
-    below_one = 1 - torch.finfo(weights.dtype).eps / 2     # the largest float under 1
-    alpha = (w_i / (1 - before).clamp(min=1e-10)).clamp(0, below_one)
-    share = torch.where(alpha > 1e-6, torch.log1p(-p * alpha) / torch.log1p(-alpha.clamp(min=1e-6)), p)
+    share = torch.where(w_i > 0, (half - before) / torch.where(w_i > 0, w_i, torch.ones_like(w_i)),
+                        torch.zeros_like(w_i)).clamp(0, 1)
     z_i = torch.gather(z_vals, -1, i)
-    z_next = torch.gather(torch.cat([z_vals[..., 1:], z_vals[..., -1:]], -1), -1, i)
-    return (z_i + (z_next - z_i) * share)[..., 0]
+    z_before = torch.gather(torch.cat([z_vals[..., :1], z_vals[..., :-1]], -1), -1, i)
+    return (z_before + (z_i - z_before) * share)[..., 0]
 
 
 def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn: Callable,

@@ -15,6 +15,8 @@ at it along its inward normal. Point cloud: every training view's pixels
 (or every k-th) rendered, each ray's mean termination point in world
 coordinates with its colour, rays with accumulated opacity below 0.5 dropped.
 docs/geometry.md explains the defaults (level and box) and the limits.
+The file is written whole or not at all (nerf/outputs.py): a full disk is
+one line, `error: <file>: <reason>`, exit status 1.
 """
 import logging
 import math
@@ -27,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nerf import data_checks, flags, geometry, run_folder
+from nerf import data_checks, flags, geometry, outputs, run_folder
 import run_nerf
 from nerf.checkpoints import find_checkpoint
 from nerf.datasets import Scene, load_scene
-from nerf.errors import DataError
+from nerf.errors import DataError, WriteError
 from nerf.rendering import accepts_density_only, batchify_rays, render
 from run_nerf_helpers import get_rays, keep_freed_memory
 
@@ -118,15 +120,16 @@ def query_density(pts: torch.Tensor, render_kwargs: dict, netchunk: int, desc: O
 
 def density_grid(axes, render_kwargs: dict, netchunk: int, device) -> np.ndarray:
     """Densities (nx, ny, nz) at the lattice points (axes[0][i], axes[1][j], axes[2][k]),
-    with a progress bar; the points are made chunk by chunk from their flat index."""
+    with a progress bar; the points are made chunk by chunk from their flat index
+    (only a chunk's indices are ever held: all of them would take 8.6 GB at 1024^3)."""
     axes_t = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in axes]
     nx, ny, nz = (len(a) for a in axes)
-    flat = torch.arange(nx * ny * nz, device=device)
-    sigma = torch.empty(nx * ny * nz, dtype=torch.float32)
+    total = nx * ny * nz
+    sigma = torch.empty(total, dtype=torch.float32)
     step = netchunk
-    with tqdm(total=nx * ny * nz, desc="density", unit="pt", unit_scale=True, dynamic_ncols=True) as bar:
-        for i in range(0, flat.shape[0], step):
-            idx = flat[i:i + step]
+    with tqdm(total=total, desc="density", unit="pt", unit_scale=True, dynamic_ncols=True) as bar:
+        for i in range(0, total, step):
+            idx = torch.arange(i, min(i + step, total), device=device)
             pts = torch.stack([axes_t[0][idx // (ny * nz)], axes_t[1][(idx // nz) % ny], axes_t[2][idx % nz]], -1)
             sigma[i:i + step] = query_density(pts, render_kwargs, netchunk).cpu()
             bar.update(idx.shape[0])
@@ -274,8 +277,7 @@ def extract(argv=None) -> int:
     torch.manual_seed(args.seed)
     device = flags.choose_device(args.device)
     scene, render_kwargs, ndc, step = load_trained(args, device)
-    expdir = Path(args.basedir) / str(args.expname)
-    expdir.mkdir(parents=True, exist_ok=True)
+    expdir = outputs.make_folder(Path(args.basedir) / str(args.expname))
 
     if args.pointcloud:
         pts, colours = render_surface(scene, scene.poses[scene.i_train], render_kwargs, ndc,
@@ -284,7 +286,7 @@ def extract(argv=None) -> int:
         rgba = np.concatenate([np.round(colours.cpu().numpy() * 255), np.full((len(world), 1), 255)], 1)
         cloud = trimesh.PointCloud(world, colors=rgba.astype(np.uint8))
         path = run_folder.keep_earlier(expdir / f"pointcloud_{step:06d}.ply")
-        cloud.export(str(path))
+        write_geometry(path, cloud)
         log.info("%d points from %d training views", len(world), len(scene.i_train))
     else:
         needs_probe = args.mesh_threshold is None or (args.mesh_bbox is None and ndc)
@@ -306,10 +308,17 @@ def extract(argv=None) -> int:
         mesh = extract_mesh(trimesh, measure, scene, render_kwargs, ndc, lo, hi, level, args.mesh_resolution,
                             args.keep_largest_component, args.netchunk, args.chunk, device)
         path = run_folder.keep_earlier(expdir / f"mesh_{step:06d}.{args.mesh_format}")
-        mesh.export(str(path))
+        write_geometry(path, mesh)
         log.info("%d vertices, %d faces", len(mesh.vertices), len(mesh.faces))
     print(path)
     return 0
+
+
+def write_geometry(path: Path, geometry_) -> None:
+    """A trimesh mesh or point cloud, its format from the extension, encoded in
+    memory and written whole or not at all (WriteError when the OS refuses)."""
+    data = geometry_.export(file_type=path.suffix[1:])
+    outputs.write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def main(argv=None) -> int:
@@ -323,6 +332,11 @@ def main(argv=None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WriteError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

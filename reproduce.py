@@ -12,12 +12,19 @@ step but not scored is rendered with `--render_only --render_test`.
 
 Every scene is a `run_nerf.py` subprocess. On one device they run one after
 another, showing the training's own progress bar. With several CUDA GPUs
-they run one scene per GPU at a time (`CUDA_VISIBLE_DEVICES`), each
-scene's output going to `<basedir>/<expname>/reproduce.log`.
+they run one scene per GPU at a time: the n-th GPU this process sees, so
+under `CUDA_VISIBLE_DEVICES=2,3` the scenes go to GPUs 2 and 3. Each scene's
+output goes to the terminal and to `<basedir>/<expname>/reproduce.log`, which
+keeps it when the terminal goes away: after a hang-up (SIGHUP, an SSH
+connection dropped) the scene in training saves its step and stops, as on
+SIGTERM, no further scene starts, and the table so far is written. The
+training keeps its newest `--keep_checkpoints 2` checkpoints (pass another
+value to change it).
 
     --steps N    N training steps instead of each config's N_iters (a quick pass)
     --dry_run    print the plan and, per scene, the time it would take,
                  from a few training steps and one rendered batch timed here
+                 (on --device, when given)
 
 Any other flag is passed to every `run_nerf.py` call (for example
 `--chunk 8192` or `--no_download`). Ctrl-C stops the scene in training at
@@ -31,6 +38,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +61,9 @@ TABLE_FORMAT = "nerf-pytorch-paper-table/1"
 # Flags that set how much one training step costs (the data does not).
 _STEP_COST_FLAGS = ("N_rand", "N_samples", "N_importance", "netdepth", "netwidth", "netdepth_fine",
                     "netwidth_fine", "use_viewdirs", "i_embed", "multires", "multires_views", "no_batching",
-                    "chunk", "netchunk", "mixed_precision", "compile")
+                    "chunk", "netchunk", "mixed_precision", "compile", "device")
+KEEP_CHECKPOINTS = 2   # a paper config's checkpoints add up to ~20 GB when all are kept
+STOPPED = (129, 130, 143)   # run_nerf.py's status after SIGHUP, Ctrl-C, SIGTERM (its step saved)
 log = logging.getLogger("nerf")
 
 
@@ -112,6 +122,8 @@ def train_command(scene: Scene, run_nerf_args: Sequence[str]) -> list[str]:
            "--N_iters", str(scene.steps), "--i_testset", str(scene.steps)]
     if scene.steps % scene.args.i_weights:
         cmd += ["--i_weights", str(scene.steps)]
+    if not any(arg.startswith("--keep_checkpoints") for arg in run_nerf_args):
+        cmd += ["--keep_checkpoints", str(KEEP_CHECKPOINTS)]
     return cmd
 
 
@@ -121,10 +133,41 @@ def render_command(scene: Scene, run_nerf_args: Sequence[str]) -> list[str]:
             "--render_only", "--render_test"]
 
 
+def visible_device(gpu: int, environ=os.environ) -> str:
+    """CUDA_VISIBLE_DEVICES for a child on the `gpu`-th GPU this process sees:
+    that entry of this process's own CUDA_VISIBLE_DEVICES (index 1 under
+    "2,3" is "3"; UUIDs too), else the index itself."""
+    parent = [entry.strip() for entry in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    return parent[gpu] if gpu < len(parent) else str(gpu)
+
+
+def _tee(source, log_file, terminal) -> None:
+    """Copies the child's output to its log file and, while it can be
+    written (not after a hang-up), to the terminal."""
+    while True:
+        try:
+            data = os.read(source.fileno(), 65536)
+        except KeyboardInterrupt:   # the child got it too and is saving
+            continue
+        if not data:
+            return
+        log_file.write(data)
+        log_file.flush()
+        try:
+            terminal().write(data)
+            terminal().flush()
+        except (OSError, ValueError, AttributeError):   # no terminal any more
+            pass
+
+
 def run_child(cmd: list[str], env: dict | None, output) -> int:
-    """Runs one run_nerf.py to its end. Ctrl-C reaches it too (same process
-    group) and it saves its step before exiting, so it is waited for, not killed."""
-    proc = subprocess.Popen(cmd, env=env, stdout=output, stderr=output)
+    """Runs one run_nerf.py to its end, its output (stdout and stderr) going
+    to the terminal and to `output` (a binary file). Ctrl-C and a hang-up
+    reach it too (same process group) and it saves its step before exiting,
+    so it is waited for, not killed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with proc.stdout:
+        _tee(proc.stdout, output, lambda: sys.stdout.buffer)
     while True:
         try:
             return proc.wait()
@@ -156,8 +199,9 @@ def reproduce_scene(scene: Scene, run_nerf_args: Sequence[str], env: dict | None
 
 def run_all(scenes: list[Scene], run_nerf_args: Sequence[str], n_gpus: int) -> list[bool]:
     """Each scene in turn on one device; with several GPUs, one scene per GPU
-    at a time. Prints a line per scene as it starts and ends; after a Ctrl-C
-    or SIGTERM (exit 130, 143) no further scene starts. Returns which finished."""
+    at a time. Prints a line per scene as it starts and ends; after a Ctrl-C,
+    SIGTERM or a hang-up (the scene's exit status 130, 143, 129) no further
+    scene starts. Returns which finished."""
     total = len(scenes)
     stop = threading.Event()
 
@@ -167,18 +211,12 @@ def run_all(scenes: list[Scene], run_nerf_args: Sequence[str], n_gpus: int) -> l
         where = f" on GPU {gpu}" if gpu is not None else ""
         print(f"[{k + 1}/{total}] {scene.name} ({scene.config}): step {scene.steps_trained()} of "
               f"{scene.steps}{where}", flush=True)
-        env, output = None, None
-        if gpu is not None:
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
-            scene.expdir.mkdir(parents=True, exist_ok=True)
-            output = open(scene.expdir / "reproduce.log", "a")
-        try:
+        env = None if gpu is None else dict(os.environ, CUDA_VISIBLE_DEVICES=visible_device(gpu))
+        scene.expdir.mkdir(parents=True, exist_ok=True)
+        with open(scene.expdir / "reproduce.log", "ab") as output:
             status, what = reproduce_scene(scene, run_nerf_args, env, output)
-        finally:
-            if output is not None:
-                output.close()
         print(f"[{k + 1}/{total}] {scene.name}: {what}", flush=True)
-        if status in (130, 143):
+        if status in STOPPED:
             stop.set()
         return status == 0
 
@@ -280,7 +318,6 @@ def time_steps(args: argparse.Namespace, n_steps: int) -> Timing:
     import run_nerf
     from nerf.datasets import load_scene
     from nerf.rendering import render
-    from run_nerf_helpers import default_device
 
     args = copy.copy(args)
     args.no_reload, args.ft_path = True, None
@@ -293,7 +330,7 @@ def time_steps(args: argparse.Namespace, n_steps: int) -> Timing:
             measured_on = f"the demo scene ({args.datadir} not found)"
             args.dataset_type, args.datadir, args.half_res = "demo", str(Path(tmp) / "demo"), False
             ensure_demo_scene(args.datadir, verbose=False, n_train=10, n_val=1, n_test=1)   # 64,000 rays
-        device = default_device()
+        device = flags.choose_device(args.device)
         scene = load_scene(args)
         kw_train, kw_test, _, _, optimizer = run_nerf.create_nerf(args, device)
         for kw in (kw_train, kw_test):
@@ -348,12 +385,11 @@ def _duration(seconds: float) -> str:
 
 def dry_run(scenes: list[Scene], n_steps: int, n_gpus: int) -> None:
     """Prints each scene's state and estimated time; timings are measured once
-    per set of step-cost settings."""
-    from run_nerf_helpers import default_device
-
+    per set of step-cost settings, on --device (the default device without)."""
+    device = flags.choose_device(scenes[0].args.device)
     timings: dict[tuple, Timing] = {}
     total = 0.0
-    print(f"Plan: {len(scenes)} scenes on {default_device()}"
+    print(f"Plan: {len(scenes)} scenes on {device}"
           f"{f', one per GPU on {n_gpus} GPUs' if n_gpus > 1 else ', one after another'}; "
           f"timing {n_steps} training steps per setting", flush=True)
     for k, scene in enumerate(scenes):
@@ -384,7 +420,7 @@ def dry_run(scenes: list[Scene], n_steps: int, n_gpus: int) -> None:
         print(f"{head} {trained} of {scene.steps} steps done; {left} steps x {timing.step_s:.3f} s/step + "
               f"{render} = ~{_duration(seconds)} (timed on {timing.measured_on})", flush=True)
     spread = f" (~{_duration(total / n_gpus)} on {n_gpus} GPUs)" if n_gpus > 1 else ""
-    print(f"Total: ~{_duration(total)} on one {default_device().type} device{spread}; an estimate "
+    print(f"Total: ~{_duration(total)} on one {device.type} device{spread}; an estimate "
           "from the steps timed here", flush=True)
 
 
@@ -423,8 +459,16 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def on_hang_up(signum, frame) -> None:
+    """The terminal is gone: what would be printed is dropped (each scene's
+    log keeps its output); the scene in training got the hang-up too, saves
+    and stops, and no further scene starts."""
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    previous = signal.signal(signal.SIGHUP, on_hang_up) if hasattr(signal, "SIGHUP") else None
     try:
         opts, run_nerf_args = parse_args(argv)
         scenes = load_scenes(opts.configs, run_nerf_args, opts.steps)
@@ -441,6 +485,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted between scenes; run the same command again to go on", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
     print(f"Wrote {md_path} and {json_path} ({sum(finished)} of {len(scenes)} scenes finished)", flush=True)
     return 0 if all(finished) else 1
 

@@ -119,6 +119,9 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--render_test", action='store_true', help='render the test set instead of render_poses path')
     parser.add_argument("--render_factor", type=int, default=0,
                         help='downsampling factor to speed up rendering, set 4 or 8 for fast preview')
+    parser.add_argument("--depth_estimator", type=str, default='median', choices=['median', 'mean'],
+                        help="--render_only's depth/<k>.npy: where a ray's opacity reaches half its final value "
+                             "(median), or its weighted mean depth")
     parser.add_argument("--mixed_precision", action='store_true',
                         help='run the MLPs under bfloat16 autocast (meant for GPUs; off by default: other arithmetic)')
     parser.add_argument("--compile", action='store_true', help='torch.compile the MLPs (off by default)')
@@ -158,6 +161,8 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--i_weights", type=int, default=10000, help='frequency of weight ckpt saving')
     parser.add_argument("--i_testset", type=int, default=50000, help='frequency of testset saving')
     parser.add_argument("--i_video", type=int, default=50000, help='frequency of render_poses video saving')
+    parser.add_argument("--keep_checkpoints", type=int, default=0,
+                        help='keep only the newest K {step}.tar, deleting older ones after each save (0: keep all)')
     parser.add_argument("--debug", action='store_true', help='show tracebacks for input errors')
     parser.add_argument("--no_download", action='store_true',
                         help='never fetch the VGG16 weights LPIPS needs (as does env NERF_NO_DOWNLOAD=1)')
@@ -293,7 +298,7 @@ def render_frames(run: Run, poses: np.ndarray, savedir: Optional[Path] = None,
         return render_path(torch.as_tensor(selected, device=run.device), run.scene.hwf, run.scene.K, run.args.chunk,
                            run.render_kwargs, savedir=None if folder is None else str(folder),
                            render_factor=render_factor, memory=run.memory, progress=run.ranks.is_main,
-                           with_depth=with_depth)
+                           with_depth=with_depth, depth_estimator=run.args.depth_estimator)
 
     if not run.ranks.distributed:
         return render_some(poses, savedir)
@@ -332,7 +337,7 @@ def render_only(run: Run, step: int) -> Path:
     """Renders the spiral path (or the test views with --render_test, scored and
     compared with their ground truth) into renderonly_{path|test}_{step:06d}/
     with its frames and video.mp4, and depth/{k:03d}.npy (world units along the
-    viewing axis, NaN where opacity < 0.5) with depth.mp4; an earlier render
+    viewing axis, NaN where opacity < 0.5; --depth_estimator) with depth.mp4; an earlier render
     there is kept aside (`keep_earlier`)."""
     args, scene = run.args, run.scene
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
@@ -444,14 +449,15 @@ def train_step(batch_rays, target_s, scene: Scene, render_kwargs: dict, optimize
 
 
 class StopRequest:
-    """Turns SIGINT / SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGINT / SIGTERM / SIGHUP (a closed terminal, a dropped SSH
+    connection) into a flag the loop checks after each step."""
 
     def __init__(self):
         self.signum = None
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -599,6 +605,7 @@ def train(argv=None) -> int:
             except WriteError as err:
                 return f"{err}; step {step} is not saved, the newest good checkpoint is {newest or 'none'}"
             tqdm.write(f"Saved checkpoints at {path}")
+            run_folder.prune_checkpoints(expdir, args.keep_checkpoints)
         newest = path
         return None
 
@@ -677,7 +684,8 @@ def main(argv=None) -> int:
     except DataError as err:
         if debug:
             raise
-        if ranks.is_main or parallel.started():     # before the ranks meet, they all see the same input
+        # Every rank parses the same flags, but a file (node-local data) may be wrong on one rank alone.
+        if ranks.is_main or parallel.started() or not err.where.startswith("--"):
             prefix = "" if ranks.is_main else f"rank {ranks.rank}: "
             print(f"{prefix}error: {err}", file=sys.stderr)
         return 2

@@ -58,7 +58,7 @@ class Switch(argparse.Action):
 _AT_LEAST_1 = ("N_rand", "N_samples", "chunk", "netchunk", "factor", "netdepth", "netwidth", "netdepth_fine",
                "netwidth_fine", "lrate_decay", "i_print", "i_img", "i_weights", "i_testset", "i_video")
 _AT_LEAST_0 = ("N_importance", "N_iters", "llffhold", "precrop_iters", "testskip", "render_factor", "multires",
-               "multires_views")
+               "multires_views", "keep_checkpoints")
 _FLOATS_AT_LEAST_0 = ("lrate", "perturb", "raw_noise_std")
 
 

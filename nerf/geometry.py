@@ -14,7 +14,7 @@ z' = -1 on the plane z = -near and z' -> 1 as z -> -infinity (the NDC far
 plane is at infinity). `hwf` below is (H, W, focal) or (H, W, K): a focal
 means the original's centred camera (fx = fy = focal, cx = W/2, cy = H/2).
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,14 +56,16 @@ def render_space_rays(rays_o: torch.Tensor, rays_d: torch.Tensor, ndc: bool,
 
 
 def termination_points(disp: torch.Tensor, acc: torch.Tensor, rays_o: torch.Tensor,
-                       rays_d: torch.Tensor) -> torch.Tensor:
-    """Where render-space rays (rays_o, rays_d (..., 3)) stop on average: o + t d,
-    t = sum_i w_i t_i / sum_i w_i, the ray's weighted mean sample depth.
+                       rays_d: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Where render-space rays (rays_o, rays_d (..., 3)) stop: o + t d, by default
+    at t = sum_i w_i t_i / sum_i w_i, the ray's weighted mean sample depth, or
+    at the given ray parameters t (...) (e.g. `rendering.median_termination`).
 
-    raw2outputs gives disp = 1 / max(1e-10, t) (..., ) and acc = sum_i w_i, so
-    t = 1 / disp. Returns (..., 3), NaN where acc is 0 (the ray hit nothing).
+    raw2outputs gives disp = 1 / max(1e-10, mean t) (..., ) and acc = sum_i w_i,
+    so the mean t = 1 / disp. Returns (..., 3), NaN where acc is 0 (the ray hit nothing).
     """
-    t = torch.where(acc > 0, 1.0 / disp, torch.full_like(disp, float('nan')))
+    t = 1.0 / disp if t is None else t
+    t = torch.where(acc > 0, t, torch.full_like(disp, float('nan')))
     return rays_o + t[..., None] * rays_d
 
 
@@ -74,16 +76,19 @@ def view_depth(pts: torch.Tensor, c2w: torch.Tensor) -> torch.Tensor:
 
 
 def depth_map(disp: torch.Tensor, acc: torch.Tensor, c2w: torch.Tensor, K, ndc: bool,
-              min_acc: float = 0.5) -> torch.Tensor:
+              min_acc: float = 0.5, t: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A rendered view's depth (H, W) in world units along the viewing axis, from its
     disp and acc maps (H, W) rendered by `render` with intrinsics K from camera c2w (3, 4);
-    NaN where acc < min_acc. For NDC scenes the mean NDC point goes back to world first
-    (with render's NDC mapping: this H, W and K). Without NDC the pixel ray's
-    direction has viewing-axis component 1, so the depth is the mean ray depth t itself."""
+    NaN where acc < min_acc. The point taken on each ray is its mean termination point,
+    or the one at the render-space ray parameters t (H, W) when given (the median:
+    quantiles, unlike the mean, keep their meaning through NDC's monotone depth mapping).
+    For NDC scenes the NDC point goes back to world first (with render's NDC mapping:
+    this H, W and K). Without NDC the pixel ray's direction has viewing-axis
+    component 1, so the depth is the ray depth t itself."""
     H, W = disp.shape
     hwf = (H, W, K)
     rays_o, rays_d = get_rays(H, W, K, c2w)
-    pts = to_world(termination_points(disp, acc, *render_space_rays(rays_o, rays_d, ndc, hwf)), ndc, hwf)
+    pts = to_world(termination_points(disp, acc, *render_space_rays(rays_o, rays_d, ndc, hwf), t), ndc, hwf)
     depth = view_depth(pts, c2w)
     return torch.where(acc >= min_acc, depth, torch.full_like(depth, float('nan')))
 

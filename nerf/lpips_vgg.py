@@ -6,6 +6,9 @@ use, as torchvision's model zoo would, saying so in one line, unless
 downloads are off (``--no_download``, ``$NERF_NO_DOWNLOAD``). When anything
 is missing, the scorer says LPIPS is unavailable and why; no value is made up.
 Images are fed to the network in [-1, 1] (``lpips`` package, ``net='vgg'``).
+Building and running the network leaves the training's random generators as
+they were (its layers initialise from torch's global generator): a run
+resumed from a test-set step's checkpoint goes on as the uninterrupted run.
 """
 from __future__ import annotations
 
@@ -41,6 +44,21 @@ def _downloads_blocked() -> Iterator[None]:
         yield
     finally:
         torch.hub.download_url_to_file = saved
+
+
+@contextlib.contextmanager
+def _generators_untouched() -> Iterator[None]:
+    """Restores torch's global (CPU) generator and NumPy's when the block ends,
+    whatever it drew. The network is built on the CPU; its VGG forward pass
+    draws nothing on any device."""
+    import torch
+
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
 
 
 @contextlib.contextmanager
@@ -162,7 +180,7 @@ class LPIPSScorer:
             import torch
 
             lpips = importlib.import_module("lpips")
-            with _hub_dir(self.hub_dir), _downloads_blocked():
+            with _hub_dir(self.hub_dir), _downloads_blocked(), _generators_untouched():
                 model = lpips.LPIPS(net=self.net_name, verbose=False)
             if self.device is None:
                 self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -196,7 +214,7 @@ class LPIPSScorer:
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
             return (t.permute(2, 0, 1)[None] * 2.0 - 1.0).to(self.device)
 
-        with torch.no_grad():
+        with torch.no_grad(), _generators_untouched():
             dist = self._model(to_tensor(a), to_tensor(b))
         return float(dist.reshape(-1)[0])
 

@@ -7,7 +7,9 @@ written under a temporary name beside its target, `.{stem}.partial{suffix}`
 to disk and renamed into place. The target is therefore either complete or
 absent (or the earlier file, untouched). When the operating system refuses (a full disk, a quota or
 file-size limit, a read-only or vanished folder), the temporary file is
-removed and the OSError becomes `WriteError(path, reason)`; the caller turns it
+removed and the OSError becomes `WriteError(path, reason)` (so does the
+RuntimeError that torch.save's zip writer raises after a failed write, whose
+context is that OSError: `failed_write`); the caller turns it
 into one line: a warning where the run can go on (`warn_on_write_error`),
 `error: <path>: <reason>` and exit status 1 where it cannot.
 
@@ -24,7 +26,7 @@ import shutil
 import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import imageio.v2 as imageio
 import imageio.v3 as iio
@@ -43,13 +45,35 @@ def partial_path(path: PathLike) -> Path:
     return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
+def failed_write(exc: BaseException) -> Optional[OSError]:
+    """The OSError that `exc` is, or that it was raised while handling: torch.save
+    into a file object turns a write that failed (EFBIG, ENOSPC) into
+    `RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...`
+    from its `__exit__`, with the OSError as its `__context__`. None for any
+    other error (a RuntimeError of anything but a write is not a write fault)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        if not isinstance(exc, RuntimeError):
+            return None
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextmanager
 def reported(path: PathLike) -> Iterator[None]:
-    """Turns an OSError raised inside into `WriteError(path, the operating system's reason)`."""
+    """Turns a failed write raised inside (`failed_write`: an OSError, or a
+    RuntimeError raised because of one) into `WriteError(path, the operating
+    system's reason)`; any other exception passes unchanged."""
     try:
         yield
-    except OSError as exc:
-        raise WriteError(path, exc.strerror or str(exc) or exc.__class__.__name__) from None
+    except (OSError, RuntimeError) as exc:
+        cause = failed_write(exc)
+        if cause is None:
+            raise
+        raise WriteError(path, cause.strerror or str(cause) or cause.__class__.__name__) from None
 
 
 @contextmanager
@@ -196,10 +220,10 @@ class EventLog:
         if self._writer is None:
             return
         try:
-            getattr(self._writer, method)(*args, **kwargs)
-        except OSError as exc:
-            log.warning("warning: %s: %s; TensorBoard logging stops here, training goes on",
-                        self.logdir, exc.strerror or exc)
+            with reported(self.logdir):
+                getattr(self._writer, method)(*args, **kwargs)
+        except WriteError as err:
+            log.warning("warning: %s; TensorBoard logging stops here, training goes on", err)
             writer, self._writer = self._writer, None
             with suppress(OSError):
                 writer.close()

@@ -194,11 +194,42 @@ def raw2outputs(raw: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
     return rgb_map, disp_map, acc_map, weights, depth_map
 
 
+def median_termination(weights: torch.Tensor, z_vals: torch.Tensor) -> torch.Tensor:
+    """The depth t (N,) at which each ray's accumulated opacity reaches half of its final value.
+
+    weights (N, S) are `compositing_weights` at the sorted sample depths z_vals
+    (N, S). As the mean depth sum_i w_i z_i / A does, each weight is placed at
+    its sample: the accumulated opacity reaches c_i = w_0 + ... + w_i at z_i,
+    and between two samples it is interpolated linearly. With A = c_{S-1}, the
+    first i with c_i >= A / 2 gives
+
+        t = z_{i-1} + (z_i - z_{i-1}) (A/2 - c_{i-1}) / w_i      (z_{-1} = z_0, c_{-1} = 0).
+
+    A surface lies between the last empty sample and the first opaque one,
+    and the interpolation spreads the first opaque sample's weight over that
+    gap, rather than starting it at the sample (which would put every surface
+    up to a sample spacing too deep). Unlike the mean, the median is not
+    pulled behind the surface by the soft density inside a solid: an
+    exponential fall-off of rate sigma puts the mean 1 / sigma past where the
+    density starts, the median ln 2 / sigma. A ray without weight gets z_0.
+    """
+    cum = torch.cumsum(weights, -1)
+    half = 0.5 * cum[..., -1:]
+    i = torch.searchsorted(cum.contiguous(), half.contiguous()).clamp(max=weights.shape[-1] - 1)
+    w_i = torch.gather(weights, -1, i)
+    before = torch.gather(cum, -1, i) - w_i
+    share = torch.where(w_i > 0, (half - before) / torch.where(w_i > 0, w_i, torch.ones_like(w_i)),
+                        torch.zeros_like(w_i)).clamp(0, 1)
+    z_i = torch.gather(z_vals, -1, i)
+    z_before = torch.gather(torch.cat([z_vals[..., :1], z_vals[..., :-1]], -1), -1, i)
+    return (z_before + (z_i - z_before) * share)[..., 0]
+
+
 def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn: Callable,
                 N_samples: int, retraw: bool = False, lindisp: bool = False,
                 perturb: float = 0.0, N_importance: int = 0, network_fine: Optional[Callable] = None,
                 white_bkgd: bool = False, raw_noise_std: float = 0.0, verbose: bool = False,
-                pytest: bool = False, coarse_maps: bool = True) -> Dict[str, torch.Tensor]:
+                pytest: bool = False, coarse_maps: bool = True, median_depth: bool = False) -> Dict[str, torch.Tensor]:
     """Renders a ray batch (N, 8 or 11): coarse samples, then with
     `N_importance` > 0 as many more drawn from the coarse weights, all of them
     evaluated by the fine network (the coarse one when there is none).
@@ -207,7 +238,9 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
     `retraw`, and with fine sampling the coarse rgb0, disp0, acc0 (unless
     `coarse_maps` is False: then the coarse pass asks the network for
     densities only, as the fine samples need no more) and z_std (N,), the
-    population std of the fine samples' depths.
+    population std of the fine samples' depths. `median_depth` adds t_median (N,),
+    the depth where the last pass's accumulated opacity reaches half of its
+    final value (`median_termination`).
 
     `verbose` is the original's keyword, which it never read either; `pytest` replaces every random draw (jitter, density noise, fine
     samples) by the original's fixed ones (`pytest_uniform`).
@@ -225,6 +258,8 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
     else:
         raw = network_query_fn(pts, viewdirs, network_fn)
         rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd, pytest)
+        if median_depth and N_importance == 0:
+            ret["t_median"] = median_termination(weights, z_vals)
         if N_importance > 0:
             ret.update(rgb0=rgb_map, disp0=disp_map, acc0=acc_map)
 
@@ -235,7 +270,9 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
         z_vals, _ = torch.sort(torch.cat([z_vals, z_samples], -1), -1)
         pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
         raw = network_query_fn(pts, viewdirs, network_fn if network_fine is None else network_fine)
-        rgb_map, disp_map, acc_map, _, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd, pytest)
+        rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd, pytest)
+        if median_depth:
+            ret["t_median"] = median_termination(weights, z_vals)
         ret["z_std"] = torch.std(z_samples, dim=-1, unbiased=False)
 
     ret.update(rgb_map=rgb_map, disp_map=disp_map, acc_map=acc_map)
@@ -355,7 +392,7 @@ def save_frame(savedir, k: int, rgb: np.ndarray) -> None:
 
 def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=None,
                 savedir: Optional[str] = None, render_factor: int = 0, memory: Optional[RenderMemory] = None,
-                progress: bool = True, with_depth: bool = False) -> Tuple:
+                progress: bool = True, with_depth: bool = False, depth_estimator: str = "median") -> Tuple:
     """Renders every pose in `render_poses` ((P, 3 or 4, 4)) with one progress bar
     (with `progress`; where stderr is no terminal, one line when done).
 
@@ -366,24 +403,28 @@ def render_path(render_poses, hwf, K, chunk: int, render_kwargs: dict, gt_imgs=N
     `RenderMemory`; by default one starting at `chunk`). Returns rgbs
     (P, H, W, 3) and disps (P, H, W) as float32 arrays, and with `with_depth` also
     depths (P, H, W): world units along each camera's viewing axis, NaN where the
-    accumulated opacity is below 0.5 (`geometry.depth_map`).
+    accumulated opacity is below 0.5 (`geometry.depth_map`), of the point where
+    the ray's opacity reaches half of its final value (`depth_estimator`
+    "median", `median_termination`) or of its mean termination point ("mean").
     """
     H, W, focal = hwf
     if render_factor:
         H, W = H // render_factor, W // render_factor
     K = scaled_intrinsics(K, render_factor)
     coarse_maps = not accepts_density_only(render_kwargs["network_query_fn"])    # the frames need no rgb0
+    median_depth = with_depth and depth_estimator == "median"
     memory = memory or RenderMemory(chunk, render_kwargs["network_query_fn"])
     rgbs, disps, depths = [], [], []
     bar = tqdm(render_poses, desc="render", leave=False, dynamic_ncols=True, disable=None if progress else True)
     for k, c2w in enumerate(bar):      # tqdm turns the bar off where stderr is not a terminal
         c2w = torch.as_tensor(c2w, dtype=torch.float32)[:3, :4]
         with torch.no_grad():
-            rgb, disp, acc, _ = memory.run(lambda chunk: render(int(H), int(W), K, chunk=chunk, c2w=c2w,
-                                                                coarse_maps=coarse_maps, **render_kwargs))
+            rgb, disp, acc, extras = memory.run(lambda chunk: render(
+                int(H), int(W), K, chunk=chunk, c2w=c2w, coarse_maps=coarse_maps,
+                **({"median_depth": True} if median_depth else {}), **render_kwargs))
             if with_depth:
                 ndc = render_kwargs.get("ndc", True)   # render's default
-                depths.append(geometry.depth_map(disp, acc, c2w, K, ndc).cpu().numpy())
+                depths.append(geometry.depth_map(disp, acc, c2w, K, ndc, t=extras.get("t_median")).cpu().numpy())
         rgbs.append(rgb.cpu().numpy())
         disps.append(disp.cpu().numpy())
         if savedir is not None:

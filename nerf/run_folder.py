@@ -60,6 +60,22 @@ def checkpoint_step(path: Path) -> Optional[int]:
     return int(stem) if stem.isdigit() else None
 
 
+def prune_checkpoints(expdir: Path, keep: int) -> None:
+    """Deletes all but the newest `keep` `{step:06d}.tar` files of `expdir`
+    (`--keep_checkpoints`; 0 keeps all). Called after a save succeeded, so the
+    newest good checkpoint is never among them; other files (`.earlier`,
+    `.corrupt`, renamed ones) are left alone. A file that cannot be deleted
+    is one warning."""
+    if keep <= 0:
+        return
+    steps = sorted((checkpoint_step(p), p) for p in list_checkpoints(expdir) if checkpoint_step(p) is not None)
+    for _, path in steps[:-keep]:
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.warning("warning: %s: %s; --keep_checkpoints could not delete it", path, exc.strerror or exc)
+
+
 def render_only_dir(expdir: Path, render_test: bool, step: int) -> Path:
     return Path(expdir) / f"renderonly_{'test' if render_test else 'path'}_{step:06d}"
 

@@ -1,7 +1,12 @@
 """extract_mesh.py and --render_only's depth maps end to end, on a checkpoint
 trained for a few steps on a tiny demo scene: files, formats, the printed
 path and the one-line errors."""
+import errno
 import json
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +14,10 @@ import pytest
 
 import extract_mesh
 import run_nerf
+from conftest import REPO
 from nerf.demo_scene import ensure_demo_scene
 from test_cli import QUIET, TINY
+from test_robustness import SUBPROCESS_ENV
 
 trimesh = pytest.importorskip("trimesh", reason="mesh extraction needs requirements-mesh.txt")
 
@@ -85,3 +92,54 @@ def test_bad_input_is_one_line_and_exit_2(trained, capsys, extra, where):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and where in err[0]
     assert sorted(p.name for p in expdir.iterdir()) == before
+
+
+@pytest.mark.parametrize("what", [["--mesh_resolution", "16"], ["--pointcloud", "--pointcloud_stride", "3"]])
+def test_a_full_disk_is_one_line_and_leaves_no_file(trained, tmp_path, what):
+    """A file-size limit below the .ply's size (found by writing it without one):
+    one line naming the file, exit 1, no truncated or partial file."""
+    args, expdir = trained
+    first = subprocess.run([sys.executable, str(REPO / "extract_mesh.py"), *args, *what],
+                           capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert first.returncode == 0, first.stderr
+    path = Path(first.stdout.strip().splitlines()[-1])
+    size = path.stat().st_size
+    path.unlink()
+    limit = size // 2
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.run([sys.executable, str(REPO / "extract_mesh.py"), *args, *what], preexec_fn=set_limit,
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {path}: {os.strerror(errno.EFBIG)}"
+    assert "Traceback" not in proc.stderr
+    assert not path.exists() and not [p for p in expdir.iterdir() if ".partial" in p.name]
+
+
+def test_the_density_lattice_is_built_chunk_by_chunk_in_x_y_z_order(monkeypatch):
+    """No index tensor of the whole lattice: every torch.arange is at most
+    netchunk long, and the points come in flat order x-major, z fastest."""
+    import torch
+
+    real_arange, lengths = torch.arange, []
+
+    def counting_arange(*a, **kw):
+        out = real_arange(*a, **kw)
+        lengths.append(out.numel())
+        return out
+
+    seen = []
+
+    def query(pts, render_kwargs, netchunk, desc=None):
+        seen.append(pts.clone())
+        return pts[:, 0] * 100 + pts[:, 1] * 10 + pts[:, 2]
+
+    monkeypatch.setattr(torch, "arange", counting_arange)
+    monkeypatch.setattr(extract_mesh, "query_density", query)
+    axes = [np.arange(5.0), np.arange(3.0), np.arange(7.0)]
+    sigma = extract_mesh.density_grid(axes, {}, 16, "cpu")
+    assert max(lengths) <= 16 and sum(lengths) == 5 * 3 * 7
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    assert np.array_equal(sigma, (x * 100 + y * 10 + z).astype(np.float32))

@@ -22,7 +22,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nerf import checkpoints
+from nerf import checkpoints, outputs
+from nerf.errors import WriteError
 import run_nerf
 from conftest import REPO
 from nerf.demo_scene import ensure_demo_scene
@@ -263,3 +264,106 @@ def test_base_directory_under_proc_is_refused_before_loading(demo48, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"error: {basedir / 'demo'}: cannot be made or written (--basedir): {basedir}: ")
     assert not basedir.exists()
+
+
+def test_only_a_runtime_error_caused_by_a_failed_write_is_a_write_error(tmp_path):
+    """torch.save into a file whose writes fail raises RuntimeError ("unexpected
+    pos"), its context the OSError: that is a WriteError with the OS's reason;
+    a RuntimeError of anything else passes unchanged."""
+    class FullDisk:
+        """A file that takes 700 bytes, then fails as a full disk does."""
+        written = 0
+
+        def write(self, data):
+            if self.written + len(data) > 700:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return len(data)
+
+        def flush(self):
+            pass
+
+    with pytest.raises(RuntimeError) as raw:
+        torch.save({"w": torch.zeros(1000)}, FullDisk())
+    assert isinstance(raw.value.__context__, OSError)
+    with pytest.raises(WriteError) as err:
+        with outputs.reported(tmp_path / "x.tar"):
+            raise raw.value
+    assert (err.value.path, err.value.reason) == (str(tmp_path / "x.tar"), os.strerror(errno.ENOSPC))
+    other = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    other.__context__ = KeyError("unrelated")
+    with pytest.raises(RuntimeError) as passed:
+        with outputs.reported(tmp_path / "x.tar"):
+            raise other
+    assert passed.value is other
+
+
+def fsize_limits(sizes: dict) -> list:
+    """Limits from below args.txt (the first file a run writes) across the
+    checkpoint's size: twelve geometric steps from 1 KB to one byte under the
+    checkpoint, and two under args.txt."""
+    ckpt = min(sizes_of(sizes, "*.tar"))
+    args_txt = sizes["demo/args.txt"]
+    sweep = {int(round(1024 * ((ckpt - 1) / 1024) ** (k / 11))) for k in range(12)}
+    return sorted(sweep | {args_txt // 2, args_txt - 1})
+
+
+@pytest.mark.slow
+def test_a_full_disk_anywhere_is_one_line_and_loses_no_earlier_file(tmp_path, demo48, reference):
+    """The reference run, resumed to step 30 (a save, test renders and videos
+    at step 30) under file-size limits swept from below args.txt to one byte
+    under the checkpoint: each write fails somewhere else (args.txt,
+    inside torch.save, a test frame, a video), and every run ends
+    with one error line and status 1, no traceback, no partial file, and every
+    earlier file as it was (args.txt and config.txt, rewritten by each run,
+    complete)."""
+    ref_basedir, sizes = reference
+    failed = {}
+    for limit in fsize_limits(sizes):
+        basedir = tmp_path / str(limit)
+        shutil.copytree(ref_basedir, basedir)
+        before = {p: p.read_bytes() for p in basedir.rglob("*") if p.is_file() and "summaries" not in p.parts}
+        proc = run_limited(demo_argv(demo48, basedir, "--N_iters", "30", "--i_weights", "10", "--i_video", "10",
+                                     "--i_testset", "10"), limit)
+        assert proc.returncode == 1, (limit, proc.stderr)
+        assert_no_traceback_or_partial_file(proc, basedir)
+        lines = messages(proc)
+        errors = [line for line in lines if line.startswith("error:")]
+        assert errors == lines[-1:] and proc.stderr.rstrip().endswith(errors[0]), (limit, proc.stderr)
+        failed[limit] = [Path(line.split(": ")[1]).name for line in lines]
+        for path, data in before.items():
+            if path.name == "args.txt" and path.read_bytes() != data:   # rewritten whole by this run
+                assert "N_iters = 30\n" in path.read_text() and path.read_text().count("\n") == data.count(b"\n")
+            else:
+                assert path.read_bytes() == data, (limit, path)
+    names = {name for names in failed.values() for name in names}
+    assert {"args.txt", "000030.tar", "000.png", "demo_spiral_000030_rgb.mp4"} <= names, failed
+    ckpt_failures = [limit for limit, names in failed.items() if names[-1] == "000030.tar"]
+    assert len(ckpt_failures) >= 10, failed
+
+
+def test_keep_checkpoints_deletes_older_ones_only_after_a_newer_save(tmp_path, demo48, monkeypatch):
+    """--keep_checkpoints 2 with a save every 2 steps: after each save only the
+    two newest {step}.tar remain; a save that fails (the disk full at step 10)
+    deletes nothing, so the newest good checkpoint it names is still there.
+    Other files (a renamed checkpoint) are never touched; 0 keeps all."""
+    real_save = torch.save
+
+    def full_disk_at_step_10(obj, f, *args, **kwargs):
+        if obj["global_step"] == 10:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_step_10)
+    basedir = tmp_path / "logs"
+    (basedir / "demo").mkdir(parents=True)
+    (basedir / "demo" / "000001.tar.earlier").write_bytes(b"kept aside by an earlier run")
+    assert run_nerf.main(demo_argv(demo48, basedir, "--N_iters", "10", "--i_weights", "2", "--keep_checkpoints", "2",
+                                   *NO_OUTPUTS)) == 1
+    assert sorted(p.name for p in (basedir / "demo").iterdir()) == [
+        "000001.tar.earlier", "000006.tar", "000008.tar", "args.txt", "config.txt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert run_nerf.main(demo_argv(demo48, basedir, "--N_iters", "14", "--i_weights", "2", "--keep_checkpoints", "0",
+                                   *NO_OUTPUTS)) == 0
+    assert sorted(p.name for p in (basedir / "demo").glob("*.tar")) == [
+        "000006.tar", "000008.tar", "000010.tar", "000012.tar", "000014.tar"]

@@ -223,3 +223,63 @@ def test_missing_mesh_libraries_name_the_requirements_file(monkeypatch):
     with pytest.raises(DataError) as err:
         extract_mesh.import_mesh_libraries()
     assert err.value.where == "requirements-mesh.txt" and "trimesh" in err.value.what
+
+
+class SoftField(torch.nn.Module):
+    """A trained demo network's geometry: density `sigma` inside the solids (a step
+    at the exact surface), 0 outside, and the solids' albedo."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.sigma = sigma
+
+    def density(self, pts: np.ndarray) -> np.ndarray:
+        return self.sigma * (demo_scene.signed_distance(pts)[0] < 0)
+
+    def forward(self, pts: torch.Tensor) -> torch.Tensor:
+        world = pts.double().cpu().numpy()
+        albedo = np.array([s.albedo for s in demo_scene.SCENE])[demo_scene.signed_distance(world)[1]]
+        raw = np.concatenate([np.log(albedo / (1 - albedo)), self.density(world)[..., None]], -1)
+        return torch.as_tensor(raw, dtype=torch.float32, device=pts.device)
+
+
+def dense_termination(field: SoftField, o: np.ndarray, d: np.ndarray, near: float, far: float, n: int = 4000):
+    """Each ray's (..., 3) median and mean termination depth, integrated in float64 on
+    n steps: opacity O(t) = 1 - exp(-integral sigma |d| dt); the median is where O
+    first reaches O(far) / 2, the mean integral t dO / O(far)."""
+    dt = (far - near) / n
+    t = near + dt * (np.arange(n) + 0.5)
+    sigma = field.density(o[..., None, :] + t[:, None] * d[..., None, :])
+    opacity = 1 - np.exp(-np.cumsum(sigma * np.linalg.norm(d, axis=-1)[..., None] * dt, -1))
+    final = opacity[..., -1:]
+    median = near + dt * np.argmax(opacity >= final / 2, -1)
+    gained = np.diff(opacity, prepend=0, axis=-1)
+    mean = np.sum(gained * (t - dt / 2), -1) / np.maximum(final[..., 0], 1e-12)
+    return median, mean
+
+
+def test_depth_maps_are_the_median_termination_depth_and_mean_on_request(demo):
+    """The default depth map is where each ray's opacity reaches half its final
+    value, depth_estimator="mean" the weighted mean depth, both against a float64
+    integration along the pixel rays of a soft solid (density 13 inside, as the
+    trained demo's network has), and the median lies closer to the exact surface.
+    Both estimators are off the integration by the render's sampling (32 + 32
+    samples over 4 units across a density step): at the median pixel, measured,
+    0.003 to 0.006 for the median, 0.005 to 0.008 for the mean."""
+    scene, _ = demo
+    field = SoftField(13.0)
+    kwargs = kwargs_for(field, ndc=False, near=2.0, far=6.0)
+    poses = scene.poses[scene.i_test]
+    depths = {estimator: render_path(torch.as_tensor(poses), scene.hwf, scene.K, 4096, kwargs, with_depth=True,
+                                     depth_estimator=estimator, progress=False)[2]
+              for estimator in ("median", "mean")}
+    for k, c2w in enumerate(poses):
+        o, d = demo_scene.pixel_rays(H, W, scene.focal, c2w)
+        t, _, idx = demo_scene.cast_rays(o, d)
+        both = (idx >= 0) & ~np.isnan(depths["median"][k])
+        assert both.sum() > 50
+        median, mean = dense_termination(field, o[both], d[both], 2.0, 6.0)
+        assert np.median(np.abs(depths["median"][k][both] - median)) < 0.02
+        assert np.median(np.abs(depths["mean"][k][both] - mean)) < 0.02
+        assert np.median(mean - median) > 0.01     # what the estimators differ by is well above that
+        assert np.median(np.abs(depths["median"][k] - t)[both]) < np.median(np.abs(depths["mean"][k] - t)[both])

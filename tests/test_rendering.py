@@ -366,3 +366,38 @@ def test_render_path_frames_with_the_originals_three_argument_query():
     for a, b in zip(original, lean):
         assert a.shape[:3] == (2, H, W)
         np.testing.assert_array_equal(a, b)
+
+
+def test_median_termination_by_hand():
+    """Samples at z = 1, 2, 3, 4; the accumulated opacity reaches c_i at z_i and
+    is linear in between. Ray a: w = (0, 0.75, 0.125, 0.125), A = 1: half is
+    reached between z = 1 (c = 0) and z = 2 (c = 0.75) at 1 + 0.5 / 0.75.
+    Ray b: w = (0.1, 0.1, 0.2, 0), A = 0.4, half 0.2 at z = 2 exactly. Ray c:
+    w = (0.2, 0, 0, 0): the first sample already holds half: z_0. Ray d: no
+    weight at all: z_0. Ray e: all of it at the last sample, reached from
+    z = 3: 3 + 0.45 / 0.9 = 3.5."""
+    z = torch.tensor([[1.0, 2, 3, 4]] * 5)
+    weights = torch.tensor([[0, 0.75, 0.125, 0.125], [0.1, 0.1, 0.2, 0], [0.2, 0, 0, 0], [0, 0, 0, 0],
+                            [0, 0, 0, 0.9]])
+    t = rendering.median_termination(weights, z)
+    expected = torch.tensor([1 + 0.5 / 0.75, 2.0, 1.0, 1.0, 3.5], dtype=torch.float32)
+    assert torch.allclose(t, expected, rtol=0, atol=1e-6), t
+
+
+@pytest.mark.parametrize("sigma", [2.0, 13.0, 100.0])
+def test_median_termination_of_a_uniform_slab_is_ln2_over_sigma_past_its_start(sigma):
+    """A density sigma from t0 on and 0 before, t0 anywhere between two samples:
+    the opacity reaches half of its final value ln 2 / sigma past t0
+    (1 - exp(-sigma s) = 1/2). The interpolated median is within one sample
+    spacing of it, and converges to it as the samples get denser. Weights from
+    compositing_weights at the samples, as in a render; 8 rays of random spacing."""
+    t0 = 3.0 + torch.rand(8, 1, generator=torch.Generator().manual_seed(2)) * 0.5 / sigma
+    for spacing_sigma, bound in ((0.5, 0.5), (0.05, 0.05)):   # spacing up to this / sigma
+        spacing = torch.rand(8, 600, generator=torch.Generator().manual_seed(1)) * spacing_sigma / sigma
+        z = 3.0 - 1 / sigma + torch.cumsum(spacing, -1)
+        density = torch.where(z >= t0, torch.full_like(z, sigma), torch.zeros_like(z))
+        weights = rendering.compositing_weights(density, z, torch.tensor([[0.0, 0.0, 1.0]] * 8))
+        assert float(weights.sum(-1).min()) > 0.99
+        t = rendering.median_termination(weights, z)
+        error = (t - (t0[:, 0] + np.log(2) / sigma)).abs().max()
+        assert error < bound / sigma, (error, bound / sigma)

@@ -1,8 +1,12 @@
 """reproduce.py end to end on a small demo scene: two configs, one of them
 interrupted and resumed, the table in Markdown and JSON, finished scenes
 skipped, and the dry run's plan."""
+import errno
+import io
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -160,7 +164,8 @@ def test_reproduce_rejects_a_bad_config_in_one_line(tmp_path, capsys):
 
 def test_several_gpus_run_one_scene_per_gpu_at_a_time(tmp_path, monkeypatch, capsys):
     """The scheduler alone (no GPU here): each scene sees one GPU in
-    CUDA_VISIBLE_DEVICES, never two scenes on one GPU at once, both GPUs used."""
+    CUDA_VISIBLE_DEVICES, one of the two this process was given (2 and 3),
+    never two scenes on one GPU at once, both GPUs used."""
     import argparse
     import threading
 
@@ -168,20 +173,71 @@ def test_several_gpus_run_one_scene_per_gpu_at_a_time(tmp_path, monkeypatch, cap
 
     def timed_scene(scene, run_nerf_args, env=None, output=None):
         start = time.perf_counter()
-        output.write("training output\n")
+        output.write(b"training output\n")
         time.sleep(0.05)
         with lock:
             spans.append((env["CUDA_VISIBLE_DEVICES"], start, time.perf_counter(), scene.name))
         return 0, "done"
 
     monkeypatch.setattr(reproduce, "reproduce_scene", timed_scene)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     scenes = [reproduce.Scene(Path(f"{k}.txt"), argparse.Namespace(expname=f"s{k}", basedir=str(tmp_path)), 10)
               for k in range(5)]
     assert reproduce.run_all(scenes, [], n_gpus=2) == [True] * 5
     assert sorted(name for *_, name in spans) == [f"s{k}" for k in range(5)]
-    assert {gpu for gpu, *_ in spans} == {"0", "1"}
-    for gpu in ("0", "1"):
+    assert {gpu for gpu, *_ in spans} == {"2", "3"}
+    for gpu in ("2", "3"):
         mine = sorted((s, e) for g, s, e, _ in spans if g == gpu)
         assert all(end <= next_start for (_, end), (next_start, _) in zip(mine, mine[1:]))
     assert (tmp_path / "s0" / "reproduce.log").read_text() == "training output\n"
     assert capsys.readouterr().out.count(" on GPU ") == 5
+
+
+@pytest.mark.parametrize("parent, expected", [(None, ["0", "1"]), ("", ["0", "1"]), ("2,3", ["2", "3"]),
+                                              ("3, 1", ["3", "1"]), ("GPU-a1,GPU-b2", ["GPU-a1", "GPU-b2"])])
+def test_a_child_gets_the_parents_gpu_not_its_index(parent, expected):
+    environ = {} if parent is None else {"CUDA_VISIBLE_DEVICES": parent}
+    assert [reproduce.visible_device(gpu, environ) for gpu in (0, 1)] == expected
+
+
+def test_a_scenes_output_goes_to_its_log_and_the_terminal_until_the_terminal_goes(tmp_path, monkeypatch, capsys):
+    """stdout and stderr of the child reach both; once writing to the terminal
+    fails (a hang-up), the log still gets everything and the child is waited for."""
+    child = [sys.executable, "-c", "import sys, time\nprint('step 1', flush=True)\ntime.sleep(0.3)\n"
+             "print('step 2', flush=True)\nprint('error: x', file=sys.stderr)\nsys.exit(3)"]
+    with open(tmp_path / "reproduce.log", "ab") as log:
+        assert reproduce.run_child(child, None, log) == 3
+    assert (tmp_path / "reproduce.log").read_text() == "step 1\nstep 2\nerror: x\n"
+    assert capsys.readouterr().out == "step 1\nstep 2\nerror: x\n"
+
+    class HungUp(io.TextIOWrapper):
+        def write(self, data):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(sys, "stdout", HungUp(io.BytesIO()))
+    monkeypatch.setattr(HungUp, "buffer", property(lambda self: self))
+    with open(tmp_path / "reproduce.log", "ab") as log:
+        assert reproduce.run_child(child, None, log) == 3
+    assert (tmp_path / "reproduce.log").read_text() == "step 1\nstep 2\nerror: x\n" * 2
+
+
+def test_the_training_keeps_a_few_checkpoints_unless_told_otherwise(tmp_path):
+    import argparse
+
+    scene = reproduce.Scene(Path("a.txt"), argparse.Namespace(expname="a", basedir=str(tmp_path), i_weights=5), 10)
+    cmd = reproduce.train_command(scene, ["--chunk", "64"])
+    assert cmd[cmd.index("--keep_checkpoints") + 1] == str(reproduce.KEEP_CHECKPOINTS) == "2"
+    cmd = reproduce.train_command(scene, ["--keep_checkpoints", "0"])
+    assert cmd.count("--keep_checkpoints") == 1 and cmd[cmd.index("--keep_checkpoints") + 1] == "0"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_dry_run_times_on_the_device_asked_for(demo_dir, tmp_path, capsys):
+    """--device reaches the dry run: on a machine without CUDA, --device cuda is
+    the one-line error a training run gives, not a plan timed on the CPU."""
+    config = write_config(tmp_path / "a.txt", "a", demo_dir, tmp_path / "logs")
+    assert reproduce.main(["--configs", str(config), "--dry_run", "--dry_run_steps", "1", "--device", "cuda"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --device: cuda: CUDA is not available") and "Plan:" not in captured.out
+    assert reproduce.main(["--configs", str(config), "--dry_run", "--dry_run_steps", "1", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("Plan: 1 scenes on cpu")

@@ -548,3 +548,49 @@ def test_sigint_mid_run_saves_current_step_and_resume_matches_uninterrupted(tmp_
     assert f"reloading from {interrupted / 'run' / f'{step:06d}.tar'}" in resumed_err
     name = f"{step + 3:06d}.tar"
     assert_same_weights(weights(interrupted / "run" / name), weights(tmp_path / "straight" / "run" / name))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_hang_up_saves_the_current_step_and_exits_129(tmp_path, blender_scene):
+    """A dropped SSH connection (SIGHUP) mid-training: as SIGTERM, the step is
+    saved, printed, and the exit status is 128 + 1; no traceback."""
+    basedir = tmp_path / "logs"
+    stderr_file = open(tmp_path / "stderr.txt", "w+")   # a file: the progress bar must never fill a pipe
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_nerf.py"),
+                             *blender_argv(blender_scene, basedir, "--N_iters", "100000", "--i_weights", "1000000",
+                                           "--i_print", "1")],
+                            stdout=subprocess.PIPE, stderr=stderr_file, text=True, env=SUBPROCESS_ENV)
+    deadline = time.time() + 90
+    for line in proc.stdout:   # wait until training is under way
+        if line.startswith("[TRAIN] Iter: 2 ") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGHUP)
+    out, _ = proc.communicate(timeout=60)
+    stderr_file.seek(0)
+    err = stderr_file.read()
+    stderr_file.close()
+    assert line.startswith("[TRAIN] Iter: 2 "), "training never got under way"
+    assert proc.returncode == 128 + signal.SIGHUP == 129, err
+    saved = re.search(r"Interrupted: saved step (\d+) to (\S+)", out)
+    assert saved, out
+    step = int(saved.group(1))
+    assert step >= 2 and [p.name for p in (basedir / "run").glob("*.tar")] == [f"{step:06d}.tar"]
+    assert checkpoints.read_checkpoint(basedir / "run" / f"{step:06d}.tar")["global_step"] == step
+    assert "Traceback" not in err
+
+
+def test_an_input_error_on_another_rank_is_printed_with_its_rank(tmp_path, blender_scene, monkeypatch, capsys):
+    """Under torchrun, rank 1 finds its node-local data missing before the ranks
+    meet: one line, prefixed with the rank. A flag error, which every rank sees
+    alike, stays rank 0's to print."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "stdout", sys.stdout)   # main() silences a non-main rank's stdout
+    missing = tmp_path / "not_on_this_node"
+    assert run_nerf.main(blender_argv(missing, tmp_path / "logs", "--N_iters", "1")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rank 1: error: {missing}"), err
+    assert run_nerf.main(blender_argv(blender_scene, tmp_path / "logs", "--N_rand", "0")) == 2
+    assert capsys.readouterr().err == ""

@@ -138,13 +138,14 @@ def set_rng_state(state: dict, device: Optional[torch.device] = None) -> bool:
 
 
 def save_checkpoint(path: Path, step: int, network_fn, network_fine, optimizer, sampler_state: dict,
-                    rng_states: List[dict]) -> None:
+                    rng_states: List[dict], extra: Optional[dict] = None) -> None:
     """Writes `path` whole or not at all (outputs.atomic_path); WriteError
     when the OS refuses (a full disk, ...), any earlier file left as it was.
 
     `rng_states` holds every process's `rng_state` (one for a single-process
     run): `rng_state` is the first, as in single-process files, `rng_states`
-    all of them, and `world_size` their number."""
+    all of them, and `world_size` their number. `extra` adds keys of other
+    modules' states (`collapse_guard`: nerf/collapse.py)."""
     ckpt = {
         "global_step": step,
         STEP_KEY: True,
@@ -155,6 +156,7 @@ def save_checkpoint(path: Path, step: int, network_fn, network_fine, optimizer, 
         "rng_states": rng_states,
         "world_size": len(rng_states),
         "sampler_state": sampler_state,
+        **(extra or {}),
     }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(ckpt, f)

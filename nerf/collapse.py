@@ -18,9 +18,12 @@ every rank sees the same numbers), a network whose density-layer gradient is
 exactly zero adds one to its streak, any other step resets it. All of it
 stays on the device; the streaks are read only on the steps where the loop
 reads its numbers anyway (i_print, i_weights, ... steps). A streak of at
-least `patience` steps restarts both networks and Adam from the next seed
-(seed + number of restarts so far); after `max_restarts` restarts the run
-ends with one error line. With softplus densities (`--density_activation
+least `patience` steps restarts that network (new weights, its Adam state
+cleared) from the next seed (seed + number of restarts so far); after
+`max_restarts` restarts the run ends with one error line. Only the collapsed
+network starts again: about half of the demo's initial networks are born
+dead (docs/robustness.md), so drawing both again would often trade a
+living network for a dead one. With softplus densities (`--density_activation
 softplus`) the gradient is never exactly zero and the guard never fires.
 
 A healthy run is untouched: the guard reads gradients and never writes
@@ -69,7 +72,7 @@ class CollapseGuard:
 
     def __init__(self, networks: Dict[str, nn.Module], optimizer: torch.optim.Optimizer, seed: int,
                  device: torch.device, ranks: parallel.Ranks = parallel.Ranks(), patience: int = 20,
-                 max_restarts: int = 3, enabled: bool = True):
+                 max_restarts: int = 5, enabled: bool = True):
         self.networks, self.optimizer, self.seed = networks, optimizer, seed
         self.device, self.ranks = device, ranks
         self.patience, self.max_restarts, self.enabled = patience, max_restarts, enabled
@@ -103,7 +106,8 @@ class CollapseGuard:
         dead = [name for name, n in zip(self.networks, streaks) if n >= self.patience]
         if not dead:
             return None
-        what = (f"the {' and '.join(dead)} network{'s' if len(dead) > 1 else ''}' density had a gradient of "
+        whose = "networks'" if len(dead) > 1 else "network's"
+        what = (f"the {' and '.join(dead)} {whose} density had a gradient of "
                 f"exactly zero (no sample above zero density) for {max(streaks)} steps")
         if len(self.restarts) >= self.max_restarts:
             return (f"collapse guard: step {step}: {what}, after {len(self.restarts)} restart(s) "
@@ -113,25 +117,31 @@ class CollapseGuard:
             log.warning("warning: collapse guard: step %d: %s; no steps are left to start again", step, what)
             return None
         seed = self.seed + len(self.restarts) + 1
-        self.restart(seed)
+        self.restart(seed, dead)
         self.restarts.append({"step": step, "networks": ",".join(dead), "steps": max(streaks), "seed": seed})
-        log.warning("collapse guard: step %d: %s; restarted both networks and Adam from seed %d "
-                    "(restart %d of at most %d)", step, what, seed, len(self.restarts), self.max_restarts)
+        again = "both networks" if len(dead) > 1 else f"the {dead[0]} network"
+        log.warning("collapse guard: step %d: %s; restarted %s (new weights, Adam state cleared) from seed %d "
+                    "(restart %d of at most %d)", step, what, again, seed, len(self.restarts), self.max_restarts)
         return None
 
-    def restart(self, seed: int) -> None:
-        """Fresh networks (as create_nerf draws them after torch.manual_seed(seed)),
-        a fresh Adam state, streaks at 0; ranks 1.. draw their sampling noise
-        from their own seeds again, as at the start of a run."""
+    def restart(self, seed: int, names: List[str]) -> None:
+        """The networks `names` drawn afresh (in the order create_nerf draws
+        them) after torch.manual_seed(seed), their Adam state cleared and
+        streaks set to 0; a network still learning keeps its weights and
+        state. Ranks 1.. then draw their sampling noise from their own seeds
+        again, as at the start of a run."""
         torch.manual_seed(seed)
-        for network in self.networks.values():
-            reinitialise(network)
-        params = [p for network in self.networks.values() for p in network.parameters()]
+        params = []
+        for name in self.networks:
+            if name in names:
+                reinitialise(self.networks[name])
+                params += list(self.networks[name].parameters())
         parallel.broadcast_parameters(params, self.device)
         for p in params:
             p.grad = None
-        self.optimizer.state.clear()
-        self.streak.zero_()
+            self.optimizer.state.pop(p, None)
+        keep = torch.tensor([name not in names for name in self.networks], device=self.device)
+        self.streak.mul_(keep)
         if self.ranks.rank > 0:
             torch.manual_seed(parallel.noise_seed(seed, self.ranks.rank))
 
@@ -139,7 +149,7 @@ class CollapseGuard:
         """One line per restart, for args.txt (as comments, so that the file
         still reads as a config file)."""
         return [f"collapse guard: step {r['step']}: {r['networks']} network(s) collapsed for {r['steps']} steps; "
-                f"restarted from seed {r['seed']}" for r in self.restarts]
+                f"restarted {'them' if ',' in r['networks'] else 'it'} from seed {r['seed']}" for r in self.restarts]
 
     def state_dict(self) -> dict:
         """{CHECKPOINT_KEY: {...}} to add to a checkpoint; {} when off."""

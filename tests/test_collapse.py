@@ -248,4 +248,6 @@ def test_two_processes_restart_together_and_take_the_steps_of_one(demo_dir, tmp_
     assert two.stderr.count("collapse guard: step 5:") == 1          # rank 0 says it, for both
     one, two = (tmp_path / name / "000016.tar" for name in ("one", "two"))
     assert checkpoint(one)["collapse_guard"]["restarts"] == checkpoint(two)["collapse_guard"]["restarts"] != []
-    assert_close_weights(one, two, atol=1e-5)
+    # Measured: 4e-7 (coarse), 1.3e-4 (fine: Adam's first steps turn rounding-size gradients of another
+    # summation order into steps up to lrate = 2e-3). Ranks that disagreed would differ by the init's scale, 0.1.
+    assert_close_weights(one, two, atol=5e-4)

@@ -42,15 +42,18 @@ log = logging.getLogger("nerf")
 CHECKPOINT_KEY = "collapse_guard"
 
 
-def density_gradients(network: nn.Module) -> List[Optional[torch.Tensor]]:
+def density_gradients(network: nn.Module) -> List[torch.Tensor]:
     """The gradients of the layer that outputs raw sigma: `alpha_linear`
     (weight (1, W), bias (1,)) with view directions, else row 3 of
-    `output_linear` (weight (W,), bias ()). None where there is no gradient."""
-    if getattr(network, "use_viewdirs", False):
-        layer = network.alpha_linear
-        return [layer.weight.grad, layer.bias.grad]
-    layer = network.output_linear
-    return [None if p.grad is None else p.grad[3] for p in (layer.weight, layer.bias)]
+    `output_linear` (weight (W,), bias ()). Empty when there is none yet,
+    or for a network without these layers (a fork's own model: not watched)."""
+    if getattr(network, "use_viewdirs", False) and hasattr(network, "alpha_linear"):
+        params, row = [network.alpha_linear.weight, network.alpha_linear.bias], None
+    elif hasattr(network, "output_linear") and network.output_linear.out_features > 3:
+        params, row = [network.output_linear.weight, network.output_linear.bias], 3
+    else:
+        return []
+    return [p.grad if row is None else p.grad[row] for p in params if p.grad is not None]
 
 
 def reinitialise(network: nn.Module) -> None:
@@ -81,14 +84,14 @@ class CollapseGuard:
 
     def observe(self) -> None:
         """streak_n <- (streak_n + 1) if network n's density gradient is all
-        zeros (or absent) this step, else 0. Device operations only: no host
+        zeros this step, else 0 (also when it has none). Device operations only: no host
         synchronisation."""
         if not self.enabled:
             return
         dead = []
         for network in self.networks.values():
-            grads = [g for g in density_gradients(network) if g is not None]
-            zero = torch.ones((), dtype=torch.bool, device=self.device)
+            grads = density_gradients(network)
+            zero = torch.full((), bool(grads), dtype=torch.bool, device=self.device)   # a fill, not a copy
             for g in grads:
                 zero = zero & g.eq(0).all()
             dead.append(zero)

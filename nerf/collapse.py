@@ -1,4 +1,4 @@
-"""The collapse guard: catches a network whose densities all fell to zero (the render is the background) and starts again.
+"""The collapse guard: a network whose densities all fell to zero (a background render) is caught and started again.
 
 NeRF's density is relu(raw sigma). When every sample a network sees has a
 raw sigma <= 0, every alpha is 0, the render is the background, and the

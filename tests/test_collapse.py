@@ -40,15 +40,16 @@ def max_change(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("batching", [[], ["--no_batching"]], ids=["batching", "no_batching"])
-def test_dead_start_is_caught_within_the_first_steps_and_the_restarted_run_trains(demo_dir, tmp_path, caplog,  # noqa: F811
-                                                                                   batching):
+def test_dead_start_is_caught_within_the_first_steps_and_the_restarted_run_trains(
+        demo_dir, tmp_path, caplog, batching):  # noqa: F811
     argv = demo_run(demo_dir, tmp_path, "--seed", "3", "--N_iters", "20", "--i_weights", "10", *batching)
     assert run_nerf.main(argv) == 0
     lines = [r.getMessage() for r in caplog.records if "collapse guard" in r.getMessage()]
     assert len(lines) == 1, lines
     assert lines[0].startswith("collapse guard: step 5: the coarse and fine networks' density had a gradient of "
-                               "exactly zero") and lines[0].endswith("for 5 steps; restarted both networks (new weights, Adam state cleared) from seed 4 "
-                                            "(restart 1 of at most 5)")
+                               "exactly zero")
+    assert lines[0].endswith("for 5 steps; restarted both networks (new weights, Adam state cleared) from seed 4 "
+                             "(restart 1 of at most 5)")
     at_restart, later = checkpoint(tmp_path / "run" / "000010.tar"), checkpoint(tmp_path / "run" / "000020.tar")
     assert at_restart["collapse_guard"]["restarts"] == [{"step": 5, "networks": "coarse,fine", "steps": 5, "seed": 4}]
     # After the restart the networks learn: every 10 steps move the weights of both.
@@ -56,7 +57,8 @@ def test_dead_start_is_caught_within_the_first_steps_and_the_restarted_run_train
         assert max_change(at_restart[part], later[part]) > 1e-3, part
     assert later["collapse_guard"]["streak"].tolist() == [0, 0]
     notes = [line for line in (tmp_path / "run" / "args.txt").read_text().splitlines() if line.startswith("#")]
-    assert notes == ["# collapse guard: step 5: coarse,fine network(s) collapsed for 5 steps; restarted them from seed 4"]
+    assert notes == ["# collapse guard: step 5: coarse,fine network(s) collapsed for 5 steps; "
+                     "restarted them from seed 4"]
 
 
 def test_without_the_guard_the_dead_start_never_moves(demo_dir, tmp_path):  # noqa: F811

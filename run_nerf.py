@@ -84,7 +84,7 @@ def config_parser() -> configargparse.ArgumentParser:
                              '(nerf/collapse.py); off: the original\'s behaviour')
     parser.add_argument("--collapse_patience", type=int, default=20,
                         help='steps in a row without a density gradient that count as a collapse')
-    parser.add_argument("--collapse_restarts", type=int, default=5, help='restarts before the run gives up')
+    parser.add_argument("--collapse_restarts", type=int, default=10, help='restarts before the run gives up')
 
     # rendering options
     parser.add_argument("--N_samples", type=int, default=64, help='number of coarse samples per ray')

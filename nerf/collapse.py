@@ -75,7 +75,7 @@ class CollapseGuard:
 
     def __init__(self, networks: Dict[str, nn.Module], optimizer: torch.optim.Optimizer, seed: int,
                  device: torch.device, ranks: parallel.Ranks = parallel.Ranks(), patience: int = 20,
-                 max_restarts: int = 5, enabled: bool = True):
+                 max_restarts: int = 10, enabled: bool = True):
         self.networks, self.optimizer, self.seed = networks, optimizer, seed
         self.device, self.ranks = device, ranks
         self.patience, self.max_restarts, self.enabled = patience, max_restarts, enabled

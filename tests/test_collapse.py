@@ -49,7 +49,7 @@ def test_dead_start_is_caught_within_the_first_steps_and_the_restarted_run_train
     assert lines[0].startswith("collapse guard: step 5: the coarse and fine networks' density had a gradient of "
                                "exactly zero")
     assert lines[0].endswith("for 5 steps; restarted both networks (new weights, Adam state cleared) from seed 4 "
-                             "(restart 1 of at most 5)")
+                             "(restart 1 of at most 10)")
     at_restart, later = checkpoint(tmp_path / "run" / "000010.tar"), checkpoint(tmp_path / "run" / "000020.tar")
     assert at_restart["collapse_guard"]["restarts"] == [{"step": 5, "networks": "coarse,fine", "steps": 5, "seed": 4}]
     # After the restart the networks learn: every 10 steps move the weights of both.

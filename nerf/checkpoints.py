@@ -2,7 +2,9 @@
 
 The four keys of the original (`global_step`, `network_fn_state_dict`,
 `network_fine_state_dict`, `optimizer_state_dict`) plus what exact resumption
-needs: the random generators' states and the ray batcher's position. Files
+needs: the random generators' states, the ray batcher's position and the
+collapse guard's state (`collapse_guard`, nerf/collapse.py; absent in older
+files and with `--collapse_guard off`). Files
 are written to a temporary name and renamed into place, and read with
 `weights_only=True` (no pickled code runs) onto the CPU, whatever device
 wrote them: the caller moves parameters and optimizer state to its own

@@ -115,7 +115,7 @@ class CollapseGuard:
         if len(self.restarts) >= self.max_restarts:
             return (f"collapse guard: step {step}: {what}, after {len(self.restarts)} restart(s) "
                     f"(seeds {', '.join(str(r['seed']) for r in self.restarts) or 'none'}); giving up "
-                    f"(try --density_activation softplus, another --seed or a higher --lrate)")
+                    f"(try another --seed, or --density_activation softplus)")
         if last:
             log.warning("warning: collapse guard: step %d: %s; no steps are left to start again", step, what)
             return None

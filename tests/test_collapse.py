@@ -122,7 +122,7 @@ def test_no_restarts_left_is_one_error_line_and_status_1(demo_dir, tmp_path, cap
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert err == ["error: collapse guard: step 5: the coarse and fine networks' density had a gradient of exactly "
                    "zero (no sample above zero density) for 5 steps, after 0 restart(s) (seeds none); giving up "
-                   "(try --density_activation softplus, another --seed or a higher --lrate)"]
+                   "(try another --seed, or --density_activation softplus)"]
     assert not (tmp_path / "run" / "000020.tar").exists()
 
 

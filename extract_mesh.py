@@ -7,9 +7,9 @@ Reloads the newest checkpoint of basedir/expname (or --ft_path) exactly as
 `run_nerf.py --render_only` does, with the training config's flags, on
 `--device` (default: CUDA, else MPS, else the CPU).
 
-Mesh: the density sigma = relu(raw sigma) of the fine network (the coarse one
-when there is none) on a regular lattice over a box in render space (NDC for
-forward-facing scenes), marching cubes at a density level, vertices mapped to
+Mesh: the density sigma = relu(raw sigma) (softplus with --density_activation
+softplus) of the fine network (the coarse one when there is none) on a regular
+lattice over a box in render space (NDC for forward-facing scenes), marching cubes at a density level, vertices mapped to
 world coordinates, each vertex coloured by rendering a short ray that looks
 at it along its inward normal. Point cloud: every training view's pixels
 (or every k-th) rendered, each ray's mean termination point in world
@@ -26,7 +26,6 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from nerf import data_checks, flags, geometry, outputs, run_folder
@@ -34,7 +33,7 @@ import run_nerf
 from nerf.checkpoints import find_checkpoint
 from nerf.datasets import Scene, load_scene
 from nerf.errors import DataError, WriteError
-from nerf.rendering import accepts_density_only, batchify_rays, render
+from nerf.rendering import accepts_density_only, batchify_rays, density, render
 from run_nerf_helpers import get_rays, keep_freed_memory
 
 log = logging.getLogger("nerf")
@@ -100,7 +99,7 @@ def import_mesh_libraries():
 # --- Densities and rays ---------------------------------------------------------
 
 def query_density(pts: torch.Tensor, render_kwargs: dict, netchunk: int, desc: Optional[str] = None) -> torch.Tensor:
-    """sigma = relu(raw sigma) (P,) of the fine network (else the coarse one) at render-space
+    """sigma = relu(raw sigma) (P,) (or the run's --density_activation) of the fine network (else the coarse one) at render-space
     points (P, 3), `netchunk` points at a time. Density does not depend on the view
     direction, so networks with view directions get a fixed one."""
     network = render_kwargs["network_fine"] or render_kwargs["network_fn"]
@@ -114,7 +113,8 @@ def query_density(pts: torch.Tensor, render_kwargs: dict, netchunk: int, desc: O
             chunk = pts[i:i + netchunk]
             viewdirs = viewdir.expand(chunk.shape[0], 3) if render_kwargs.get("use_viewdirs") else None
             raw = query(chunk[:, None, :], viewdirs, network, **only_sigma)
-            out.append(F.relu(raw[:, 0, 3 if raw.shape[-1] > 1 else 0]))
+            out.append(density(raw[:, 0, 3 if raw.shape[-1] > 1 else 0],
+                               render_kwargs.get("density_activation", "relu")))
     return torch.cat(out, 0)
 
 

@@ -12,7 +12,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import configargparse
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from nerf import data_checks, flags, geometry, lpips_vgg, outputs, parallel, run_folder, scoring
+from nerf import collapse, data_checks, flags, geometry, lpips_vgg, outputs, parallel, run_folder, scoring
 from nerf.checkpoints import find_checkpoint, load_network_state, rng_state, save_checkpoint, set_rng_state, steps_done
 from nerf.datasets import Scene, load_scene
 from nerf.errors import DataError, WriteError
@@ -100,6 +100,12 @@ def config_parser() -> configargparse.ArgumentParser:
                         help='specific weights npy file to reload for coarse network')
     parser.add_argument("--N_iters", type=int, default=200000, help='number of training steps')
     parser.add_argument("--seed", type=int, default=0, help='seed of the NumPy and torch generators')
+    parser.add_argument("--collapse_guard", type=str, default='on', choices=['on', 'off'],
+                        help='on: restart from the next seed when a network\'s densities all fell to zero '
+                             '(nerf/collapse.py); off: the original\'s behaviour')
+    parser.add_argument("--collapse_patience", type=int, default=20,
+                        help='steps in a row without a density gradient that count as a collapse')
+    parser.add_argument("--collapse_restarts", type=int, default=10, help='restarts before the run gives up')
 
     # rendering options
     parser.add_argument("--N_samples", type=int, default=64, help='number of coarse samples per ray')
@@ -112,6 +118,8 @@ def config_parser() -> configargparse.ArgumentParser:
                         help='log2 of max freq for positional encoding (3D location)')
     parser.add_argument("--multires_views", type=int, default=4,
                         help='log2 of max freq for positional encoding (2D direction)')
+    parser.add_argument("--density_activation", type=str, default='relu', choices=['relu', 'softplus'],
+                        help='relu (the original) or softplus: log(1 + exp(sigma - 1)), as mip-NeRF')
     parser.add_argument("--raw_noise_std", type=float, default=0.,
                         help='std dev of noise added to regularize sigma_a output, 1e0 recommended')
     parser.add_argument("--render_only", action='store_true',
@@ -238,6 +246,8 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
         'white_bkgd': args.white_bkgd,
         'raw_noise_std': args.raw_noise_std,
     }
+    if getattr(args, 'density_activation', 'relu') != 'relu':
+        render_kwargs_train['density_activation'] = args.density_activation
     if args.dataset_type != 'llff' or args.no_ndc:
         render_kwargs_train['ndc'] = False
         render_kwargs_train['lindisp'] = args.lindisp
@@ -266,12 +276,14 @@ class Run:
     lpips_reason_told: bool = False
 
 
-def write_run_files(args, expdir: Path) -> None:
-    """args.txt (every flag, sorted) and config.txt (a copy of the config file,
-    read first: it may be this folder's own args.txt or config.txt)."""
+def write_run_files(args, expdir: Path, notes: Sequence[str] = ()) -> None:
+    """args.txt (every flag, sorted, then `notes` as `# ` comment lines) and
+    config.txt (a copy of the config file, read first: it may be this
+    folder's own args.txt or config.txt)."""
     config = Path(args.config).read_bytes() if args.config is not None else None
     outputs.make_folder(expdir)
-    outputs.write_text(expdir / 'args.txt', ''.join(f'{arg} = {getattr(args, arg)}\n' for arg in sorted(vars(args))))
+    outputs.write_text(expdir / 'args.txt', ''.join(f'{arg} = {getattr(args, arg)}\n' for arg in sorted(vars(args)))
+                       + ''.join(f'# {note}\n' for note in notes))
     if config is not None:
         outputs.write_bytes(expdir / 'config.txt', config)
 
@@ -586,10 +598,11 @@ def train(argv=None) -> int:
 
     sampler = make_sampler(args, scene, device, ranks, pinned)
     restore_sampling_state(ckpt, ckpt_path, sampler, run, start)
-    if ranks.is_main:
-        write_run_files(args, expdir)
-        run.writer = outputs.EventLog(Path(args.basedir) / 'summaries' / str(args.expname))
     network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
+    guard = collapse.guard_from_args(args, network_fn, network_fine, optimizer, device, ranks, ckpt)
+    if ranks.is_main:
+        write_run_files(args, expdir, guard.notes())
+        run.writer = outputs.EventLog(Path(args.basedir) / 'summaries' / str(args.expname))
     gradient_average = parallel.GradientAverage(grad_vars) if ranks.distributed else None
     newest = ckpt_path   # the newest good checkpoint: named when a save fails or the loss is not finite
 
@@ -601,7 +614,7 @@ def train(argv=None) -> int:
         if ranks.is_main:
             try:
                 save_checkpoint(run_folder.keep_earlier(path), step, network_fn, network_fine, optimizer,
-                                sampler.state_dict(), states)
+                                sampler.state_dict(), states, guard.state_dict())
             except WriteError as err:
                 return f"{err}; step {step} is not saved, the newest good checkpoint is {newest or 'none'}"
             tqdm.write(f"Saved checkpoints at {path}")
@@ -624,6 +637,7 @@ def train(argv=None) -> int:
                 if not is_out_of_memory(exc):
                     raise
                 raise out_of_memory_error(exc, args, device) from None
+            guard.observe()
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(stats['loss']),
                                          torch.full_like(first_bad_step, i), first_bad_step)
             for param_group in optimizer.param_groups:
@@ -641,6 +655,14 @@ def train(argv=None) -> int:
                         tqdm.write(run_folder.nonfinite_message(bad, newest), file=sys.stderr)
                     status = 1
                     break
+                collapsed = guard.check(i, i == args.N_iters)
+                if collapsed:
+                    if ranks.is_main:
+                        tqdm.write(f"error: {collapsed}", file=sys.stderr)
+                    status = 1
+                    break
+                if guard.restarts and guard.restarts[-1]['step'] == i and ranks.is_main:
+                    write_run_files(args, expdir, guard.notes())
             if due['print'] and ranks.is_main:
                 log_progress(run.writer, bar, stats, optimizer.param_groups[0]['lr'], i)
             if due['img'] and ranks.is_main:

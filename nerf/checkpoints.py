@@ -2,7 +2,9 @@
 
 The four keys of the original (`global_step`, `network_fn_state_dict`,
 `network_fine_state_dict`, `optimizer_state_dict`) plus what exact resumption
-needs: the random generators' states and the ray batcher's position. Files
+needs: the random generators' states, the ray batcher's position and the
+collapse guard's state (`collapse_guard`, nerf/collapse.py; absent in older
+files and with `--collapse_guard off`). Files
 are written to a temporary name and renamed into place, and read with
 `weights_only=True` (no pickled code runs) onto the CPU, whatever device
 wrote them: the caller moves parameters and optimizer state to its own
@@ -138,13 +140,14 @@ def set_rng_state(state: dict, device: Optional[torch.device] = None) -> bool:
 
 
 def save_checkpoint(path: Path, step: int, network_fn, network_fine, optimizer, sampler_state: dict,
-                    rng_states: List[dict]) -> None:
+                    rng_states: List[dict], extra: Optional[dict] = None) -> None:
     """Writes `path` whole or not at all (outputs.atomic_path); WriteError
     when the OS refuses (a full disk, ...), any earlier file left as it was.
 
     `rng_states` holds every process's `rng_state` (one for a single-process
     run): `rng_state` is the first, as in single-process files, `rng_states`
-    all of them, and `world_size` their number."""
+    all of them, and `world_size` their number. `extra` adds keys of other
+    modules' states (`collapse_guard`: nerf/collapse.py)."""
     ckpt = {
         "global_step": step,
         STEP_KEY: True,
@@ -155,6 +158,7 @@ def save_checkpoint(path: Path, step: int, network_fn, network_fine, optimizer, 
         "rng_states": rng_states,
         "world_size": len(rng_states),
         "sampler_state": sampler_state,
+        **(extra or {}),
     }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(ckpt, f)

@@ -56,9 +56,10 @@ class Switch(argparse.Action):
 
 # (flag, test, what the value must be); checked in this order.
 _AT_LEAST_1 = ("N_rand", "N_samples", "chunk", "netchunk", "factor", "netdepth", "netwidth", "netdepth_fine",
-               "netwidth_fine", "lrate_decay", "i_print", "i_img", "i_weights", "i_testset", "i_video")
+               "netwidth_fine", "lrate_decay", "i_print", "i_img", "i_weights", "i_testset", "i_video",
+               "collapse_patience")
 _AT_LEAST_0 = ("N_importance", "N_iters", "llffhold", "precrop_iters", "testskip", "render_factor", "multires",
-               "multires_views", "keep_checkpoints")
+               "multires_views", "keep_checkpoints", "collapse_restarts")
 _FLOATS_AT_LEAST_0 = ("lrate", "perturb", "raw_noise_std")
 
 

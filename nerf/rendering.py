@@ -147,14 +147,25 @@ def sample_along_rays(near: torch.Tensor, far: torch.Tensor, N_samples: int,
     return z_vals
 
 
+def density(sigma: torch.Tensor, activation: str = "relu") -> torch.Tensor:
+    """Volume density from raw sigma: relu(sigma) (the original), or with
+    `activation` "softplus" mip-NeRF's shifted softplus log(1 + exp(sigma - 1)),
+    whose gradient is never zero (no network can die of all-negative densities)."""
+    if activation == "softplus":
+        return F.softplus(sigma - 1.0)
+    return F.relu(sigma)
+
+
 def compositing_weights(sigma: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
-                        raw_noise_std: float = 0, pytest: bool = False) -> torch.Tensor:
+                        raw_noise_std: float = 0, pytest: bool = False,
+                        density_activation: str = "relu") -> torch.Tensor:
     """Each sample's weight w (N, S) in the ray's colour, from densities sigma (N, S).
 
     delta_i = (z_{i+1} - z_i) |d| (1e10 after the last sample),
     alpha_i = 1 - exp(-relu(sigma_i + noise) delta_i), noise ~ N(0, raw_noise_std^2)
     (with `pytest`, the original's fixed uniform draws times raw_noise_std),
-    w_i = alpha_i prod_{j<i} (1 - alpha_j + 1e-10).
+    w_i = alpha_i prod_{j<i} (1 - alpha_j + 1e-10). With `density_activation`
+    "softplus", log(1 + exp(sigma_i + noise - 1)) replaces the relu (`density`).
     """
     dists = z_vals[..., 1:] - z_vals[..., :-1]
     dists = torch.cat([dists, torch.full_like(dists[..., :1], 1e10)], -1)
@@ -162,14 +173,15 @@ def compositing_weights(sigma: torch.Tensor, z_vals: torch.Tensor, rays_d: torch
     if raw_noise_std > 0.0:
         noise = pytest_uniform(sigma.shape, sigma) if pytest else torch.randn_like(sigma)
         sigma = sigma + noise * raw_noise_std
-    alpha = 1.0 - torch.exp(-F.relu(sigma) * dists)
+    alpha = 1.0 - torch.exp(-density(sigma, density_activation) * dists)
     transmittance = torch.cumprod(
         torch.cat([torch.ones_like(alpha[..., :1]), 1.0 - alpha + 1e-10], -1), -1)[..., :-1]
     return alpha * transmittance
 
 
 def raw2outputs(raw: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
-                raw_noise_std: float = 0, white_bkgd: bool = False, pytest: bool = False
+                raw_noise_std: float = 0, white_bkgd: bool = False, pytest: bool = False,
+                density_activation: str = "relu"
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alpha-composites network outputs along each ray.
 
@@ -178,9 +190,12 @@ def raw2outputs(raw: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
     sum w sigmoid(logits) (+ 1 - acc on white), disp_map (N,) =
     1 / max(1e-10, depth / acc) (0 where acc is 0), acc_map (N,) = sum w,
     weights (N, S), depth_map (N,) = sum w z.
+
+    Density: relu(sigma), or with `density_activation` "softplus"
+    log(1 + exp(sigma - 1)) (mip-NeRF's shifted softplus; see `density`).
     """
     rgb = torch.sigmoid(raw[..., :3])
-    weights = compositing_weights(raw[..., 3], z_vals, rays_d, raw_noise_std, pytest)
+    weights = compositing_weights(raw[..., 3], z_vals, rays_d, raw_noise_std, pytest, density_activation)
 
     rgb_map = torch.sum(weights[..., None] * rgb, -2)
     depth_map = torch.sum(weights * z_vals, -1)
@@ -229,7 +244,8 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
                 N_samples: int, retraw: bool = False, lindisp: bool = False,
                 perturb: float = 0.0, N_importance: int = 0, network_fine: Optional[Callable] = None,
                 white_bkgd: bool = False, raw_noise_std: float = 0.0, verbose: bool = False,
-                pytest: bool = False, coarse_maps: bool = True, median_depth: bool = False) -> Dict[str, torch.Tensor]:
+                pytest: bool = False, coarse_maps: bool = True, median_depth: bool = False,
+                density_activation: str = "relu") -> Dict[str, torch.Tensor]:
     """Renders a ray batch (N, 8 or 11): coarse samples, then with
     `N_importance` > 0 as many more drawn from the coarse weights, all of them
     evaluated by the fine network (the coarse one when there is none).
@@ -243,7 +259,8 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
     final value (`median_termination`).
 
     `verbose` is the original's keyword, which it never read either; `pytest` replaces every random draw (jitter, density noise, fine
-    samples) by the original's fixed ones (`pytest_uniform`).
+    samples) by the original's fixed ones (`pytest_uniform`). `density_activation`:
+    relu (the original) or softplus, see `raw2outputs`.
     """
     rays_o, rays_d = ray_batch[:, 0:3], ray_batch[:, 3:6]
     viewdirs = ray_batch[:, -3:] if ray_batch.shape[-1] > 8 else None
@@ -252,12 +269,15 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
     z_vals = sample_along_rays(near, far, N_samples, lindisp, perturb, pytest)
     pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
     ret = {}
+    # relu is raw2outputs' default: not passing it keeps a fork's raw2outputs of the original's signature working
+    activation = {} if density_activation == "relu" else {"density_activation": density_activation}
     if N_importance > 0 and not coarse_maps:
         sigma = network_query_fn(pts, viewdirs, network_fn, density_only=True)[..., 0]
-        weights = compositing_weights(sigma, z_vals, rays_d, raw_noise_std, pytest)
+        weights = compositing_weights(sigma, z_vals, rays_d, raw_noise_std, pytest, density_activation)
     else:
         raw = network_query_fn(pts, viewdirs, network_fn)
-        rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd, pytest)
+        rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd, pytest,
+                                                             **activation)
         if median_depth and N_importance == 0:
             ret["t_median"] = median_termination(weights, z_vals)
         if N_importance > 0:
@@ -270,7 +290,8 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
         z_vals, _ = torch.sort(torch.cat([z_vals, z_samples], -1), -1)
         pts = rays_o[..., None, :] + rays_d[..., None, :] * z_vals[..., :, None]
         raw = network_query_fn(pts, viewdirs, network_fn if network_fine is None else network_fine)
-        rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd, pytest)
+        rgb_map, disp_map, acc_map, weights, _ = raw2outputs(raw, z_vals, rays_d, raw_noise_std, white_bkgd, pytest,
+                                                             **activation)
         if median_depth:
             ret["t_median"] = median_termination(weights, z_vals)
         ret["z_std"] = torch.std(z_samples, dim=-1, unbiased=False)

@@ -1,0 +1,274 @@
+"""The collapse guard (nerf/collapse.py) and --density_activation softplus.
+
+The demo networks (configs/demo.txt: 4 x 64, view directions) at --seed 3
+start with no positive density anywhere in the demo scene's box: the render
+is the white background and no gradient ever flows. The guard must catch
+that, per network, without touching a healthy run.
+"""
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import run_nerf
+from nerf import collapse
+from nerf.rendering import compositing_weights, density, raw2outputs
+from test_demo_run import demo_dir  # noqa: F401 (fixture)
+from test_robustness import assert_same_weights, weights
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["--i_img", "1000000", "--i_video", "1000000", "--i_testset", "1000000"]
+
+
+def demo_run(demo_dir: Path, basedir: Path, *extra: str):  # noqa: F811
+    """configs/demo.txt's networks on the small demo scene, 128 rays a step;
+    the guard's streaks are read every 5 steps (i_print) and 5 in a row count."""
+    return ["--config", str(REPO / "configs" / "demo.txt"), "--datadir", str(demo_dir), "--basedir", str(basedir),
+            "--expname", "run", "--N_rand", "128", "--i_print", "5", "--collapse_patience", "5", *QUIET, *extra]
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def max_change(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("batching", [[], ["--no_batching"]], ids=["batching", "no_batching"])
+def test_dead_start_is_caught_within_the_first_steps_and_the_restarted_run_trains(
+        demo_dir, tmp_path, caplog, batching):  # noqa: F811
+    argv = demo_run(demo_dir, tmp_path, "--seed", "3", "--N_iters", "20", "--i_weights", "10", *batching)
+    assert run_nerf.main(argv) == 0
+    lines = [r.getMessage() for r in caplog.records if "collapse guard" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("collapse guard: step 5: the coarse and fine networks' density had a gradient of "
+                               "exactly zero")
+    assert lines[0].endswith("for 5 steps; restarted both networks (new weights, Adam state cleared) from seed 4 "
+                             "(restart 1 of at most 10)")
+    at_restart, later = checkpoint(tmp_path / "run" / "000010.tar"), checkpoint(tmp_path / "run" / "000020.tar")
+    assert at_restart["collapse_guard"]["restarts"] == [{"step": 5, "networks": "coarse,fine", "steps": 5, "seed": 4}]
+    # After the restart the networks learn: every 10 steps move the weights of both.
+    for part in ("network_fn_state_dict", "network_fine_state_dict"):
+        assert max_change(at_restart[part], later[part]) > 1e-3, part
+    assert later["collapse_guard"]["streak"].tolist() == [0, 0]
+    notes = [line for line in (tmp_path / "run" / "args.txt").read_text().splitlines() if line.startswith("#")]
+    assert notes == ["# collapse guard: step 5: coarse,fine network(s) collapsed for 5 steps; "
+                     "restarted them from seed 4"]
+
+
+def test_without_the_guard_the_dead_start_never_moves(demo_dir, tmp_path):  # noqa: F811
+    """The failure the guard exists for: --collapse_guard off, seed 3, the weights stay the initial ones."""
+    argv = demo_run(demo_dir, tmp_path, "--seed", "3", "--collapse_guard", "off", "--i_weights", "1")
+    assert run_nerf.main([*argv, "--N_iters", "1"]) == 0
+    assert run_nerf.main([*argv, "--N_iters", "8"]) == 0
+    first, last = checkpoint(tmp_path / "run" / "000001.tar"), checkpoint(tmp_path / "run" / "000008.tar")
+    assert "collapse_guard" not in last
+    for part in ("network_fn_state_dict", "network_fine_state_dict"):
+        assert max_change(first[part], last[part]) == 0, part
+
+
+def test_a_coarse_network_dying_alone_is_caught(demo_dir, tmp_path, capsys):  # noqa: F811
+    """Seed 0 trains; its coarse network's density bias pushed to -1000 after step 2 kills it alone
+    (the fine one goes on learning): the guard names the coarse network."""
+    argv = demo_run(demo_dir, tmp_path, "--seed", "0", "--i_weights", "2", "--collapse_patience", "3",
+                    "--collapse_restarts", "0")
+    assert run_nerf.main([*argv, "--N_iters", "2"]) == 0
+    path = tmp_path / "run" / "000002.tar"
+    ckpt = checkpoint(path)
+    ckpt["network_fn_state_dict"]["alpha_linear.bias"] = torch.full((1,), -1000.0)
+    torch.save(ckpt, path)
+    assert run_nerf.main([*argv, "--N_iters", "14", "--i_weights", "14"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and err[0].startswith("error: collapse guard: step 5: the coarse network's density"), err
+
+
+def test_a_healthy_run_is_bit_identical_with_and_without_the_guard(demo_dir, tmp_path):  # noqa: F811
+    """Seed 4: both networks get a density gradient at every step, so even the strictest guard (patience 1,
+    read every step) leaves it alone: checkpoints, generators and ray order equal to the unguarded run's."""
+    for guard in ("on", "off"):
+        argv = demo_run(demo_dir, tmp_path, "--seed", "4", "--expname", guard, "--collapse_guard", guard,
+                        "--i_print", "1", "--collapse_patience", "1", "--N_iters", "12", "--i_weights", "6")
+        assert run_nerf.main(argv) == 0
+    for step in (6, 12):
+        on, off = (checkpoint(tmp_path / name / f"{step:06d}.tar") for name in ("on", "off"))
+        assert on.pop("collapse_guard")["restarts"] == [] and "collapse_guard" not in off
+        assert_same_weights(weights(tmp_path / "on" / f"{step:06d}.tar"), weights(tmp_path / "off" / f"{step:06d}.tar"))
+        assert torch.equal(on["rng_state"]["torch"], off["rng_state"]["torch"])
+        assert torch.equal(on["sampler_state"]["perm"], off["sampler_state"]["perm"])
+
+
+def test_resuming_after_a_restart_continues_exactly(demo_dir, tmp_path):  # noqa: F811
+    common = demo_run(demo_dir, tmp_path, "--seed", "3")
+    assert run_nerf.main([*common, "--expname", "straight", "--N_iters", "16", "--i_weights", "16"]) == 0
+    assert run_nerf.main([*common, "--expname", "resumed", "--N_iters", "8", "--i_weights", "8"]) == 0
+    assert run_nerf.main([*common, "--expname", "resumed", "--N_iters", "16", "--i_weights", "8"]) == 0
+    straight, resumed = (tmp_path / name / "000016.tar" for name in ("straight", "resumed"))
+    assert_same_weights(weights(straight), weights(resumed))
+    assert checkpoint(resumed)["collapse_guard"]["restarts"] == checkpoint(straight)["collapse_guard"]["restarts"]
+    assert "# collapse guard: step 5:" in (tmp_path / "resumed" / "args.txt").read_text()
+    assert max_change(checkpoint(tmp_path / "resumed" / "000008.tar")["network_fn_state_dict"],
+                      checkpoint(resumed)["network_fn_state_dict"]) > 1e-3
+
+
+def test_no_restarts_left_is_one_error_line_and_status_1(demo_dir, tmp_path, capsys):  # noqa: F811
+    argv = demo_run(demo_dir, tmp_path, "--seed", "3", "--collapse_restarts", "0", "--N_iters", "20",
+                    "--i_weights", "20")
+    assert run_nerf.main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert err == ["error: collapse guard: step 5: the coarse and fine networks' density had a gradient of exactly "
+                   "zero (no sample above zero density) for 5 steps, after 0 restart(s) (seeds none); giving up "
+                   "(try another --seed, or --density_activation softplus)"]
+    assert not (tmp_path / "run" / "000020.tar").exists()
+
+
+@pytest.mark.parametrize("flag, value, what", [("--collapse_guard", "maybe", "invalid choice"),
+                                               ("--collapse_patience", "0", "must be at least 1"),
+                                               ("--collapse_restarts", "-1", "must be 0 or more"),
+                                               ("--density_activation", "elu", "invalid choice")])
+def test_bad_guard_flags_are_one_line(demo_dir, tmp_path, capsys, flag, value, what):  # noqa: F811
+    assert run_nerf.main(demo_run(demo_dir, tmp_path, flag, value)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {flag}: ") and what in err[0], err
+
+
+# --- No host synchronisation per step -------------------------------------------
+
+READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "to"}
+
+
+class CountReads(TorchFunctionMode):
+    """Counts the tensor methods that copy a value to the host (or may: `to`, `cpu`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_observing_a_step_reads_nothing_back_to_the_host():
+    from run_nerf_helpers import NeRF
+    torch.manual_seed(3)
+    nets = {"coarse": NeRF(D=2, W=16, input_ch=6, input_ch_views=3, use_viewdirs=True),
+            "fine": NeRF(D=2, W=16, input_ch=6, input_ch_views=3, output_ch=5)}
+    optimizer = torch.optim.Adam([p for n in nets.values() for p in n.parameters()])
+    guard = collapse.CollapseGuard(nets, optimizer, 3, torch.device("cpu"), patience=2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        x = torch.randn(64, 9)
+        sum(net(x)[:, 3].relu().sum() for net in nets.values()).backward()
+        with CountReads() as mode:
+            guard.observe()
+        assert mode.reads == []
+    # The counter sees reads: check() reads the streaks (it runs only on steps that read numbers anyway).
+    with CountReads() as mode:
+        guard.check(3, last=False)
+    assert "tolist" in mode.reads
+
+
+def test_zero_density_gradient_is_what_counts():
+    """A network with relu(sigma) = 0 at every point gets a zero density gradient, one positive point makes it alive."""
+    from run_nerf_helpers import NeRF
+    torch.manual_seed(0)
+    for use_viewdirs in (True, False):
+        net = NeRF(D=2, W=16, input_ch=6, input_ch_views=3, use_viewdirs=use_viewdirs)
+        guard = collapse.CollapseGuard({"coarse": net}, torch.optim.Adam(net.parameters()), 0, torch.device("cpu"))
+        x = torch.randn(256, 9)
+        layer = net.alpha_linear if use_viewdirs else net.output_linear
+        for shift, dead in ((-1000.0, 1), (None, 0)):
+            with torch.no_grad():
+                sigma = net(x)[:, 3]
+                layer.bias[-1 if use_viewdirs else 3] += (shift if shift is not None else 1e-3 - float(sigma.max()))
+            net.zero_grad()
+            (net(x)[:, 3].relu() * torch.rand(256)).sum().backward()
+            guard.observe()
+            assert guard.streak.tolist() == [dead], (use_viewdirs, shift)
+
+
+# --- Softplus density ------------------------------------------------------------
+
+def test_softplus_density_is_the_shifted_softplus():
+    sigma = torch.tensor([-30.0, -2.0, 0.0, 1.0, 3.0])
+    by_hand = [math.log1p(math.exp(s - 1)) for s in sigma.tolist()]   # 9.4e-14, 0.0486, 0.3133, 0.6931, 2.1269
+    assert density(sigma, "softplus").tolist() == pytest.approx(by_hand, rel=1e-6)
+    assert density(sigma, "softplus")[3].item() == pytest.approx(math.log(2.0), rel=1e-7)
+    assert torch.equal(density(sigma), F.relu(sigma))
+
+
+def test_raw2outputs_with_softplus_composites_the_softplus_densities():
+    """Two rays of three samples, recomputed in float64 from the formulas."""
+    raw = torch.tensor([[[0.0, 0.0, 0.0, -2.0], [1.0, 0.0, 0.0, 0.5], [0.0, 2.0, 0.0, 3.0]],
+                        [[0.0, 0.0, 1.0, -5.0], [0.0, 0.0, 0.0, -5.0], [3.0, 0.0, 0.0, -5.0]]])
+    z_vals = torch.tensor([[2.0, 2.5, 3.5], [2.0, 3.0, 4.0]])
+    rays_d = torch.tensor([[0.0, 0.0, 2.0], [0.6, 0.8, 0.0]])
+    rgb, disp, acc, w, depth = raw2outputs(raw, z_vals, rays_d, white_bkgd=True, density_activation="softplus")
+    for n in range(2):
+        deltas = [(z_vals[n, i + 1] - z_vals[n, i]).item() * rays_d[n].norm().item() for i in range(2)] + [1e10]
+        T, weights_ = 1.0, []
+        for i in range(3):
+            alpha = 1 - math.exp(-math.log1p(math.exp(raw[n, i, 3].item() - 1)) * deltas[i])
+            weights_.append(alpha * T)
+            T *= 1 - alpha + 1e-10
+        assert w[n].tolist() == pytest.approx(weights_, rel=1e-5, abs=1e-7)
+        colour = [sum(weights_[i] / (1 + math.exp(-raw[n, i, c].item())) for i in range(3)) + 1 - sum(weights_)
+                  for c in range(3)]
+        assert rgb[n].tolist() == pytest.approx(colour, rel=1e-5)
+        assert acc[n].item() == pytest.approx(sum(weights_), rel=1e-6)
+    # relu would have given the second ray no density at all; softplus gives every sample some.
+    assert raw2outputs(raw, z_vals, rays_d)[2][1].item() == 0 and acc[1].item() > 0
+    assert compositing_weights(raw[..., 3], z_vals, rays_d, density_activation="softplus").equal(w)
+
+
+def test_softplus_runs_train_without_a_dead_start(demo_dir, tmp_path, caplog):  # noqa: F811
+    """Seed 3 with softplus densities: the weights move from step 1, and the guard never fires."""
+    argv = demo_run(demo_dir, tmp_path, "--seed", "3", "--density_activation", "softplus", "--i_weights", "1")
+    assert run_nerf.main([*argv, "--N_iters", "1"]) == 0
+    assert run_nerf.main([*argv, "--N_iters", "6"]) == 0
+    first, last = checkpoint(tmp_path / "run" / "000001.tar"), checkpoint(tmp_path / "run" / "000006.tar")
+    assert max_change(first["network_fn_state_dict"], last["network_fn_state_dict"]) > 1e-4
+    assert not any("collapse guard" in r.getMessage() for r in caplog.records)
+    assert re.search(r"^density_activation = softplus$", (tmp_path / "run" / "args.txt").read_text(), re.M)
+
+
+@pytest.mark.slow
+def test_two_processes_restart_together_and_take_the_steps_of_one(demo_dir, tmp_path):  # noqa: F811
+    """Seed 3 under torchrun (gloo, 2 processes, no sampling noise): both ranks read the same averaged
+    gradients, restart at the same step from the same seed, and end with one process's weights."""
+    from test_distributed import assert_close_weights, torchrun
+    argv = demo_run(demo_dir, tmp_path, "--seed", "3", "--perturb", "0", "--N_iters", "16", "--i_weights", "16")
+    assert run_nerf.main([*argv, "--expname", "one"]) == 0
+    two = torchrun([*argv, "--expname", "two"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("collapse guard: step 5:") == 1          # rank 0 says it, for both
+    one, two = (tmp_path / name / "000016.tar" for name in ("one", "two"))
+    assert checkpoint(one)["collapse_guard"]["restarts"] == checkpoint(two)["collapse_guard"]["restarts"] != []
+    # Measured: 4e-7 (coarse), 1.3e-4 (fine: Adam's first steps turn rounding-size gradients of another
+    # summation order into steps up to lrate = 2e-3). Ranks that disagreed would differ by the init's scale, 0.1.
+    assert_close_weights(one, two, atol=5e-4)
+
+
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def test_meshes_take_the_runs_density_activation(activation):
+    """extract_mesh's densities are the ones the run rendered with: relu(s) or log(1 + exp(s - 1))."""
+    import extract_mesh
+
+    raw_sigma = torch.linspace(-3.0, 3.0, 7, dtype=torch.float64)
+
+    def query(pts, viewdirs, network, density_only=False):      # raw sigma = the point's x coordinate
+        return pts[..., :1]
+
+    kwargs = {"network_fn": None, "network_fine": None, "network_query_fn": query, "use_viewdirs": False}
+    if activation != "relu":
+        kwargs["density_activation"] = activation
+    pts = torch.stack([raw_sigma, torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)], -1)
+    got = extract_mesh.query_density(pts, kwargs, netchunk=3)
+    expected = [max(s, 0.0) if activation == "relu" else math.log1p(math.exp(s - 1.0)) for s in raw_sigma.tolist()]
+    assert got.tolist() == pytest.approx(expected, rel=1e-12, abs=0)

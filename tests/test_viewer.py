@@ -1,0 +1,236 @@
+"""The web viewer in a real browser (headless Chromium driven by Playwright):
+view.py serving a trained demo shows its coloured solids; a camera moved through
+viser's API changes the picture, which then sharpens. Also the viewer's camera
+conversions and its errors. Skipped, with the reason, without
+requirements-viewer.txt or the system's chromium (CI installs both)."""
+import importlib.util
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from nerf import camera_path
+from test_camera_path import demo_args, trained_demo  # noqa: F401 (the fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+
+needs_viser = pytest.mark.skipif(importlib.util.find_spec("viser") is None,
+                                 reason="viser is not installed (pip install -r requirements-viewer.txt)")
+needs_browser = pytest.mark.skipif(
+    importlib.util.find_spec("playwright") is None or CHROMIUM is None,
+    reason="needs playwright (requirements-viewer.txt) and the system's chromium (apt-get install chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def solid_fractions(png: bytes) -> dict:
+    """Fractions of the screenshot's pixels in the demo's red and green (its sphere and box)."""
+    img = iio.imread(png)[..., :3].astype(int)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    return {"red": float(np.mean((r > 150) & (g < 110) & (b < 110))),
+            "green": float(np.mean((g > 110) & (r < 110) & (b < 110)))}
+
+
+def sharpness(png: bytes, box) -> float:
+    """Mean absolute difference between neighbouring pixels inside box (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    img = iio.imread(png)[y0:y1, x0:x1, :3].astype(float)
+    return float(np.abs(np.diff(img, axis=0)).mean() + np.abs(np.diff(img, axis=1)).mean())
+
+
+def wait_for(condition, timeout: float, what: str, period: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(period)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture()
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium.new_page(viewport={"width": 640, "height": 480})
+        chromium.close()
+
+
+@pytest.mark.slow
+@needs_viser
+@needs_browser
+def test_view_py_shows_the_demo_solids_in_chromium(trained_demo, browser, tmp_path):  # noqa: F811
+    demo_dir, basedir = trained_demo
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "view.py"), *demo_args(demo_dir, basedir),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        lines = [server.stdout.readline()]
+        while lines[-1] and not lines[-1].startswith("Viewing"):
+            lines.append(server.stdout.readline())
+        assert f"127.0.0.1:{port}" in lines[-1] and "000300.tar" in lines[-1], lines
+        browser.goto(f"http://127.0.0.1:{port}")
+        blank = solid_fractions(browser.screenshot())
+        assert blank["red"] < 0.002 and blank["green"] < 0.002     # the page before any picture
+        shown = wait_for(lambda: (lambda f: f if f["red"] > 0.01 and f["green"] > 0.01 else None)(
+            solid_fractions(browser.screenshot())), 30, "the red sphere and the green box")
+        assert shown["red"] > 10 * blank["red"] and shown["green"] > 10 * blank["green"]
+        (tmp_path / "view.png").write_bytes(browser.screenshot())
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture()
+def live_viewer(trained_demo, monkeypatch):  # noqa: F811
+    """A Viewer of the trained demo serving from a thread of this process, with
+    tiny previews and a long rest so that the preview stays on screen a while."""
+    import run_nerf
+    from nerf import flags, viewer
+    from nerf.datasets import load_scene
+
+    monkeypatch.setattr(viewer, "PREVIEW_SECONDS", 0.001)
+    monkeypatch.setattr(viewer, "REST_SECONDS", 2.0)
+    demo_dir, basedir = trained_demo
+    args = flags.parse_args(run_nerf.config_parser(), demo_args(demo_dir, basedir))
+    scene = load_scene(args)
+    _, render_kwargs, _, _, _ = run_nerf.create_nerf(args)
+    render_kwargs.update(near=scene.near, far=scene.far)
+    port = free_port()
+    live = viewer.Viewer(scene, render_kwargs, flags.choose_device(None), basedir / "demo", port=port)
+    thread = threading.Thread(target=live.serve_forever, daemon=True)
+    thread.start()
+    yield live, port
+    live.stop()
+    thread.join(10)
+
+
+@pytest.mark.slow
+@needs_viser
+@needs_browser
+def test_moving_the_camera_changes_the_picture_then_sharpens(live_viewer, browser):
+    live, port = live_viewer
+    browser.goto(f"http://127.0.0.1:{port}")
+    wait_for(lambda: any(full for _, full in live.shown.values()), 30, "the first full-resolution picture")
+    box = (0, 140, 300, 480)   # left of the panel, below the notice of software WebGL
+    before = browser.screenshot()
+    (client,) = live.server.get_clients().values()
+    version = live.cameras[client.client_id].version
+    camera = client.camera
+    target = camera.look_at
+    offset = camera.position - target
+    turn = math.radians(40)      # orbit 40 degrees about the up direction (world z for the demo)
+    rotation = np.array([[math.cos(turn), -math.sin(turn), 0], [math.sin(turn), math.cos(turn), 0], [0, 0, 1]])
+    camera.position = target + rotation @ offset
+    preview = wait_for(lambda: live.shown.get(client.client_id, (0, True))[0] > version
+                       and not live.shown[client.client_id][1] and browser.screenshot(), 10, "the preview")
+    time.sleep(0.3)
+    preview = browser.screenshot()
+    assert np.abs(iio.imread(preview).astype(int) - iio.imread(before).astype(int)).mean() > 2   # it changed
+    assert not live.shown[client.client_id][1]          # still the preview
+    wait_for(lambda: live.shown[client.client_id][1], 20, "the full-resolution picture")
+    time.sleep(0.5)
+    sharp = browser.screenshot()
+    assert sharpness(sharp, box) > 1.3 * sharpness(preview, box)
+    assert solid_fractions(sharp)["red"] + solid_fractions(sharp)["green"] > 0.005
+
+
+@pytest.mark.slow
+@needs_viser
+def test_view_py_errors_are_one_line_and_exit_2(trained_demo, tmp_path):  # noqa: F811
+    demo_dir, basedir = trained_demo
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = {"--port": demo_args(demo_dir, basedir) + ["--port", str(port)],
+                 str(tmp_path / "empty" / "demo"): demo_args(demo_dir, tmp_path / "empty") + ["--port", str(free_port())]}
+        for where, argv in cases.items():
+            done = subprocess.run([sys.executable, str(ROOT / "view.py"), *argv], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 2, done.stderr
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"error: {where}: "), done.stderr
+
+
+@needs_viser
+@pytest.mark.parametrize("seed", range(4))
+def test_browser_camera_round_trip(seed):
+    from nerf import viewer
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=4)
+    q = q / np.linalg.norm(q) * np.sign(q[0])
+    R = viewer.matrix_from_wxyz(q)
+    np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(viewer.wxyz_from_matrix(R), q, atol=1e-12)
+    pose = viewer.browser_pose(q, rng.normal(size=3))
+    wxyz, position = viewer.viser_camera(pose)
+    np.testing.assert_allclose(wxyz, q, atol=1e-12)
+    np.testing.assert_allclose(position, pose[:3, 3])
+    # The browser camera looks along its OpenCV +z, which is the NeRF pose's -z.
+    np.testing.assert_allclose(R[:, 2], -pose[:3, 2], atol=1e-12)
+
+
+def test_quaternion_by_hand():
+    from nerf import viewer
+    half = math.sqrt(0.5)
+    # 90 degrees about x: (cos 45, sin 45, 0, 0); about z by 180 degrees: (0, 0, 0, 1).
+    np.testing.assert_allclose(viewer.matrix_from_wxyz([half, half, 0, 0]), [[1, 0, 0], [0, 0, -1], [0, 1, 0]],
+                               atol=1e-12)
+    np.testing.assert_allclose(viewer.wxyz_from_matrix(np.diag([-1.0, -1, 1])), [0, 0, 0, 1], atol=1e-12)
+
+
+def test_look_at_point_of_cameras_facing_a_point():
+    from nerf import viewer
+    rng = np.random.default_rng(0)
+    target = np.array([0.3, -0.2, 0.5])
+    poses = []
+    for _ in range(12):
+        centre = target + 4 * rng.normal(size=3) / 1.7
+        back = (centre - target) / np.linalg.norm(centre - target)     # OpenGL: the camera looks along -z
+        right = np.cross([0, 0, 1], back)
+        right /= np.linalg.norm(right)
+        poses.append(np.stack([right, np.cross(back, right), back, centre], 1))
+    np.testing.assert_allclose(viewer.look_at_point(np.stack(poses)), target, atol=1e-9)
+
+
+def test_picture_size_keeps_the_aspect():
+    from nerf import viewer
+    for h, w, pixels in [(480, 640, 1000), (600, 800, 10 ** 9), (100, 300, 1), (720, 1280, 50000)]:
+        ph, pw = viewer.picture_size(h, w, pixels)
+        assert 1 <= ph <= h and 1 <= pw <= w
+        assert ph * pw <= max(pixels, 1) * 1.1 + pw + ph
+        assert pw / ph == pytest.approx(w / h, rel=0.1 if ph > 10 else 1.0)
+
+
+@needs_viser
+def test_keyframes_saved_as_a_camera_path(live_viewer):
+    live, _ = live_viewer
+    a, b = np.eye(4), np.eye(4)
+    a[:3, 3], b[:3, 3] = [0, -4, 1], [4, 0, 1]
+    first = live.save_camera_path([(a, 30.0), (b, 50.0)], seconds=2, fps=5)
+    assert first == live.expdir / "camera_path.json"
+    path = camera_path.load_camera_path(first)
+    assert len(path.poses) == 10 and path.fps == 5 and (path.H, path.W) == (live.scene.H, live.scene.W)
+    np.testing.assert_allclose(path.poses[0], a)
+    np.testing.assert_allclose(path.poses[-1], b)
+    np.testing.assert_allclose(path.fovs[[0, -1]], [30, 50])      # the demo is not NDC: the keyframes' fov
+    live.save_camera_path([(b, 40.0)], seconds=1, fps=3)
+    assert len(camera_path.load_camera_path(first).poses) == 3
+    assert len(camera_path.load_camera_path(live.expdir / "camera_path.json.earlier").poses) == 10

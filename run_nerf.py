@@ -26,6 +26,7 @@ from nerf.errors import DataError, WriteError
 from nerf.rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
 from nerf.rendering import RenderMemory, is_out_of_memory, make_network_query_fn, save_frame
 from nerf.ray_batches import ImageRaySampler, RayBatcher, default_device_budget
+from nerf.viewer import training_viewer
 from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b  # noqa: F401 (public API)
 from run_nerf_helpers import Embedder, get_rays, get_rays_np, ndc_rays, sample_pdf  # noqa: F401 (public API)
 
@@ -142,6 +143,11 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--debug", action='store_true', help='show tracebacks for input errors')
     parser.add_argument("--no_download", action='store_true',
                         help='never fetch the VGG16 weights LPIPS needs (as does env NERF_NO_DOWNLOAD=1)')
+
+    # live web viewer (requirements-viewer.txt)
+    parser.add_argument("--viewer", action='store_true', help='serve the model in the browser while it trains')
+    parser.add_argument("--viewer_host", type=str, default='127.0.0.1', help='address the --viewer serves on')
+    parser.add_argument("--viewer_port", type=int, default=8080, help='port the --viewer serves on')
 
     # devices
     parser.add_argument("--device", type=optional_str, default=None,
@@ -584,6 +590,7 @@ def train(argv=None) -> int:
     network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
     gradient_average = parallel.GradientAverage(grad_vars) if ranks.distributed else None
     newest = ckpt_path   # the newest good checkpoint: named when a save fails or the loss is not finite
+    live = training_viewer(args, scene, render_kwargs_test, device, expdir) if ranks.is_main else None
 
     def save(step: int) -> Optional[str]:
         """Saves `step`; None, or (rank 0) the one line that says why it could not (earlier files stay as they are)."""
@@ -615,6 +622,8 @@ def train(argv=None) -> int:
                 if not is_out_of_memory(exc):
                     raise
                 raise out_of_memory_error(exc, args, device) from None
+            if live is not None:
+                live.training_step(i, stats)
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(stats['loss']),
                                          torch.full_like(first_bad_step, i), first_bad_step)
             for param_group in optimizer.param_groups:
@@ -655,6 +664,8 @@ def train(argv=None) -> int:
                 break
     if run.writer is not None:
         run.writer.close()
+    if live is not None:
+        live.stop()
     parallel.barrier()      # no rank leaves (and has torchrun end the others) while rank 0 still writes
     if unsaved:
         tqdm.write(f"error: {unsaved}", file=sys.stderr)

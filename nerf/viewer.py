@@ -21,6 +21,7 @@ rays from the browser's camera are mapped with the training camera's NDC.
 Keyframes added in the panel are saved as `camera_path.json` (nerfstudio's
 format) in the run folder, to render with `run_nerf.py --render_only --camera_path`.
 """
+import importlib.util
 import logging
 import math
 import socket
@@ -169,6 +170,7 @@ class Viewer:
         self.train_seconds = self.render_seconds = 0.0
         self.last_stats_at = 0.0
         self.failed = False
+        self.last_call: Optional[float] = None
         self.stopped = threading.Event()
 
         self.server = viser.ViserServer(host=host, port=port, verbose=False)
@@ -422,15 +424,17 @@ class Viewer:
 
     # --- training ---
 
-    def training_step(self, step: int, stats: dict, step_seconds: float) -> None:
-        """After training step `step` (which took `step_seconds`): shows the step's
-        numbers (at most twice a second, and only to a browser) and renders
-        for the share of time the slider leaves to the viewer. Never raises: a
-        failing viewer is switched off with a warning and training goes on."""
+    def training_step(self, step: int, stats: dict) -> None:
+        """Called after each training step: shows the step's numbers (at most
+        twice a second, and only to a browser) and renders for the share of
+        time the slider leaves to the viewer, counting as training time what
+        passed since the previous call. Never raises: a failing viewer is
+        switched off with a warning and training goes on."""
+        now = time.perf_counter()
+        step_seconds, self.last_call = now - (self.last_call or now), now
         if self.failed or not self.cameras:
             return
         try:
-            now = time.perf_counter()
             if now - self.last_stats_at > 0.5:
                 self.last_stats_at = now
                 self.stats.content = (f"**Step** {step}  \n**Loss** {float(stats['loss']):.5f}  \n"
@@ -439,15 +443,28 @@ class Viewer:
             self.train_seconds += step_seconds
             allowed = self.train_seconds * (1.0 - share) / share - self.render_seconds
             if allowed > 0:
-                start = time.perf_counter()
                 self.work(allowed)
-                self.render_seconds += time.perf_counter() - start
+                self.render_seconds += time.perf_counter() - now
             if self.train_seconds > 2.0:    # the account covers the last few seconds
                 self.train_seconds, self.render_seconds = self.train_seconds / 2, self.render_seconds / 2
         except Exception as exc:
             self.failed = True
             log.warning("warning: the viewer stopped (%s: %s); training goes on", type(exc).__name__, exc)
+        self.last_call = time.perf_counter()     # rendering is not training time
 
     def stop(self) -> None:
+        """Stops rendering and the server."""
         self.stopped.set()
         self.server.stop()
+
+
+def training_viewer(args, scene, render_kwargs: dict, device: torch.device, expdir: Path) -> Optional[Viewer]:
+    """The viewer `run_nerf.py --viewer` trains with (on --viewer_host:--viewer_port), or None without --viewer."""
+    if not getattr(args, "viewer", False):
+        return None
+    if importlib.util.find_spec("viser") is None:
+        raise DataError("--viewer", "needs viser: pip install -r requirements-viewer.txt")
+    viewer = Viewer(scene, render_kwargs, device, expdir, args.viewer_host, args.viewer_port, training=True,
+                    port_flag="--viewer_port")
+    log.info("viewer: http://%s:%d", args.viewer_host, args.viewer_port)
+    return viewer

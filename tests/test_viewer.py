@@ -234,3 +234,48 @@ def test_keyframes_saved_as_a_camera_path(live_viewer):
     live.save_camera_path([(b, 40.0)], seconds=1, fps=3)
     assert len(camera_path.load_camera_path(first).poses) == 3
     assert len(camera_path.load_camera_path(live.expdir / "camera_path.json.earlier").poses) == 10
+
+
+@needs_viser
+def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo, tmp_path, monkeypatch):  # noqa: F811
+    """The viewer renders between training steps (deterministic renders: no
+    random numbers drawn), so the weights come out bit for bit the same."""
+    import torch
+    import run_nerf
+    from nerf import viewer
+
+    demo_dir, _ = trained_demo
+    rendered = []
+
+    def watched(*args, **kwargs):
+        live = viewer.training_viewer(*args, **kwargs)
+        if live is not None:   # a browser that never receives its pictures keeps the viewer rendering
+            live.cameras[-1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov,
+                                                    24, 32, 1, 0.0)
+            real_work = live.work
+            live.work = lambda seconds: rendered.append(seconds) or real_work(seconds)
+        return live
+
+    monkeypatch.setattr(run_nerf, "training_viewer", watched)
+    for name, extra in (("plain", []), ("watched", ["--viewer", "--viewer_port", str(free_port())])):
+        assert run_nerf.main(demo_args(demo_dir, tmp_path, "--expname", name, "--N_iters", "20",
+                                       "--i_weights", "20", *extra)) == 0
+    assert len(rendered) > 3
+    plain, watched_ckpt = (torch.load(tmp_path / name / "000020.tar", weights_only=True) for name in ("plain", "watched"))
+    for key in ("network_fn_state_dict", "network_fine_state_dict"):
+        for param, value in plain[key].items():
+            assert torch.equal(value, watched_ckpt[key][param]), param
+
+
+@needs_viser
+def test_training_viewer_port_in_use_is_one_line(trained_demo, tmp_path, capsys):  # noqa: F811
+    import run_nerf
+    demo_dir, _ = trained_demo
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run_nerf.main(demo_args(demo_dir, tmp_path, "--N_iters", "2", "--viewer",
+                                       "--viewer_port", str(port))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --viewer_port: ")

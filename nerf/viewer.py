@@ -41,7 +41,7 @@ from run_nerf_helpers import get_rays
 
 log = logging.getLogger("nerf")
 
-PREVIEW_SECONDS = 0.1     # a moving camera's picture takes about this long to render
+PREVIEW_SECONDS = 0.06    # a moving camera's picture takes about this long to render
 REST_SECONDS = 0.2        # a camera still for this long gets its full-resolution picture
 SLICE_SECONDS = 0.02      # rays rendered between checks of the clock and the camera
 DEFAULT_TRAINING_SHARE = 0.85
@@ -118,6 +118,26 @@ def picture_size(canvas_h: int, canvas_w: int, pixels: float) -> tuple:
     """(h, w) with the canvas' aspect and about `pixels` pixels, never above the canvas, at least 1x1."""
     scale = min(1.0, math.sqrt(max(pixels, 1.0) / (canvas_h * canvas_w)))
     return max(1, round(canvas_h * scale)), max(1, round(canvas_w * scale))
+
+
+def browser_rays(pose: np.ndarray, fov: float, h: int, w: int, device) -> tuple:
+    """The rays of a camera (OpenGL pose (4, 4), vertical fov in radians) at
+    h x w pixels, principal point at the centre: rays_o, rays_d, each (h w, 3)."""
+    f = 0.5 * h / math.tan(0.5 * fov)
+    K = np.array([[f, 0, 0.5 * w], [0, f, 0.5 * h], [0, 0, 1]])
+    c2w = torch.as_tensor(np.asarray(pose)[:3, :4], dtype=torch.float32, device=device)
+    rays_o, rays_d = get_rays(h, w, K, c2w)
+    return rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
+
+
+def render_world_rays(scene, render_kwargs: dict, rays_o: torch.Tensor, rays_d: torch.Tensor) -> tuple:
+    """rgb (n, 3), disp (n,), acc (n,) of world-space rays (n, 3) each; forward-facing
+    scenes through the training camera's NDC (render's H, W, focal are the
+    scene's), whatever camera the rays come from."""
+    with torch.no_grad():
+        rgb, disp, acc, _ = render(scene.H, scene.W, scene.K, chunk=len(rays_o), rays=(rays_o, rays_d),
+                                   **render_kwargs)
+    return rgb, disp, acc
 
 
 @dataclass
@@ -201,14 +221,16 @@ class Viewer:
         initial.position, initial.look_at, initial.up, initial.fov = self.home, target, self.up, self.fov
         extent = distances.mean()
         size = max(1, max(scene.H, scene.W) // 64)
+        self.frustums = []
         for i in scene.i_train:
             wxyz, position = viser_camera(scene.poses[i])
             thumbnail = (np.asarray(scene.images[i])[::size, ::size, :3] * 255).round().astype(np.uint8)
             frustum = self.server.scene.add_camera_frustum(
-                f"/training_cameras/{int(i)}", fov=self.fov, aspect=scene.W / scene.H, scale=0.08 * extent,
+                f"/training_cameras/{int(i)}", fov=self.fov, aspect=scene.W / scene.H, scale=0.04 * extent,
                 image=thumbnail, format="jpeg", wxyz=wxyz, position=position, color=(40, 40, 200),
                 thickness=1.5, thickness_units="screen")
             frustum.on_click(lambda event, i=int(i): self._go_to(event.client, self.scene.poses[i]))
+            self.frustums.append(frustum)
 
     def _set_up_panel(self, training: bool) -> None:
         gui = self.server.gui
@@ -218,6 +240,8 @@ class Viewer:
                                              initial_value=max(256, longest))
         for handle in (self.output, self.max_resolution):
             handle.on_update(lambda _: self._redraw_all())
+        self.show_cameras = gui.add_checkbox("Training cameras", initial_value=True)
+        self.show_cameras.on_update(lambda _: self._show_frustums(self.show_cameras.value))
         self.training_share = None
         if training:
             self.stats = gui.add_markdown("Training: starting")
@@ -230,6 +254,10 @@ class Viewer:
             gui.add_button("Add keyframe").on_click(lambda event: self._add_keyframe(event.client))
             gui.add_button("Clear keyframes").on_click(lambda _: self._clear_keyframes())
             gui.add_button("Save camera_path.json").on_click(lambda _: self._save_camera_path())
+
+    def _show_frustums(self, visible: bool) -> None:
+        for frustum in self.frustums:
+            frustum.visible = visible
 
     def _go_to(self, client, pose: np.ndarray) -> None:
         if client is None:
@@ -308,21 +336,10 @@ class Viewer:
     # --- rendering ---
 
     def _rays(self, camera: BrowserCamera, h: int, w: int):
-        """The browser camera's rays at h x w, flattened to (h w, 3) each."""
-        f = 0.5 * h / math.tan(0.5 * camera.fov)
-        K = np.array([[f, 0, 0.5 * w], [0, f, 0.5 * h], [0, 0, 1]])
-        c2w = torch.as_tensor(camera.pose[:3, :4], dtype=torch.float32, device=self.device)
-        rays_o, rays_d = get_rays(h, w, K, c2w)
-        return rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
+        return browser_rays(camera.pose, camera.fov, h, w, self.device)
 
     def _render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> tuple:
-        """rgb (n, 3), disp (n,), acc (n,) for rays in world space; NDC scenes
-        through the training camera's NDC, as in training."""
-        scene = self.scene
-        with torch.no_grad():
-            rgb, disp, acc, _ = render(scene.H, scene.W, scene.K, chunk=len(rays_o), rays=(rays_o, rays_d),
-                                       **self.render_kwargs)
-        return rgb, disp, acc
+        return render_world_rays(self.scene, self.render_kwargs, rays_o, rays_d)
 
     def _measure_speed(self) -> None:
         """Rays a second, from one small render (which also warms the networks up)."""

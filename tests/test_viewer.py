@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from nerf import camera_path
-from test_camera_path import demo_args, trained_demo  # noqa: F401 (the fixture)
+import test_camera_path
+from test_camera_path import demo_args
 
+trained_demo = test_camera_path.trained_demo     # the fixture, shared
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
@@ -74,7 +76,7 @@ def browser():
 @pytest.mark.slow
 @needs_viser
 @needs_browser
-def test_view_py_shows_the_demo_solids_in_chromium(trained_demo, browser, tmp_path):  # noqa: F811
+def test_view_py_shows_the_demo_solids_in_chromium(trained_demo, browser, tmp_path):
     demo_dir, basedir = trained_demo
     port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "view.py"), *demo_args(demo_dir, basedir),
@@ -98,7 +100,7 @@ def test_view_py_shows_the_demo_solids_in_chromium(trained_demo, browser, tmp_pa
 
 
 @pytest.fixture()
-def live_viewer(trained_demo, monkeypatch):  # noqa: F811
+def live_viewer(trained_demo, monkeypatch):
     """A Viewer of the trained demo serving from a thread of this process, with
     tiny previews and a long rest so that the preview stays on screen a while."""
     import run_nerf
@@ -153,7 +155,7 @@ def test_moving_the_camera_changes_the_picture_then_sharpens(live_viewer, browse
 
 @pytest.mark.slow
 @needs_viser
-def test_view_py_errors_are_one_line_and_exit_2(trained_demo, tmp_path):  # noqa: F811
+def test_view_py_errors_are_one_line_and_exit_2(trained_demo, tmp_path):
     demo_dir, basedir = trained_demo
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -237,7 +239,7 @@ def test_keyframes_saved_as_a_camera_path(live_viewer):
 
 
 @needs_viser
-def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo, tmp_path, monkeypatch):  # noqa: F811
+def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo, tmp_path, monkeypatch):
     """The viewer renders between training steps (deterministic renders: no
     random numbers drawn), so the weights come out bit for bit the same."""
     import torch
@@ -268,7 +270,7 @@ def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo,
 
 
 @needs_viser
-def test_training_viewer_port_in_use_is_one_line(trained_demo, tmp_path, capsys):  # noqa: F811
+def test_training_viewer_port_in_use_is_one_line(trained_demo, tmp_path, capsys):
     import run_nerf
     demo_dir, _ = trained_demo
     with socket.socket() as taken:
@@ -279,3 +281,31 @@ def test_training_viewer_port_in_use_is_one_line(trained_demo, tmp_path, capsys)
                                        "--viewer_port", str(port))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --viewer_port: ")
+
+
+@pytest.mark.parametrize("ndc", [False, True])
+def test_browser_rays_render_as_training_does(trained_demo, ndc):
+    """From a training camera at its own size the viewer's picture is render()'s;
+    on a wider canvas at the same vertical field of view the middle columns are
+    the same pixels (forward-facing scenes keep the training camera's NDC)."""
+    import torch
+    import run_nerf
+    from nerf import viewer
+    from nerf.datasets import load_scene
+
+    demo_dir, basedir = trained_demo
+    args = run_nerf.config_parser().parse_args(demo_args(demo_dir, basedir))
+    scene = load_scene(args)
+    _, kwargs, _, _, _ = run_nerf.create_nerf(args, torch.device("cpu"))
+    kwargs.update(near=0.0, far=1.0, ndc=True) if ndc else kwargs.update(near=scene.near, far=scene.far)
+    pose = scene.poses[scene.i_test[1]]
+    fov = 2 * math.atan(0.5 * scene.H / scene.focal)
+    with torch.no_grad():
+        expected, _, _, _ = run_nerf.render(scene.H, scene.W, scene.K, chunk=4096, c2w=torch.as_tensor(pose), **kwargs)
+    rgb, _, _ = viewer.render_world_rays(scene, kwargs, *viewer.browser_rays(pose, fov, scene.H, scene.W, "cpu"))
+    torch.testing.assert_close(rgb.reshape(expected.shape), expected, atol=1e-5, rtol=0)
+    for margin in (4, 10):
+        rgb, _, _ = viewer.render_world_rays(scene, kwargs, *viewer.browser_rays(pose, fov, scene.H,
+                                                                                 scene.W + 2 * margin, "cpu"))
+        middle = rgb.reshape(scene.H, scene.W + 2 * margin, 3)[:, margin:margin + scene.W]
+        torch.testing.assert_close(middle, expected, atol=1e-5, rtol=0)

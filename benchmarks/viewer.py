@@ -1,0 +1,213 @@
+"""The live viewer's speed on this machine, with a trained run (the demo by default).
+
+    python benchmarks/viewer.py --config logs/demo_test/args.txt            # after run_nerf.py --config configs/demo.txt
+    python benchmarks/viewer.py --config logs/demo_test/args.txt --screenshot docs/viewer.png
+
+1. Pictures: a Viewer of the run's newest checkpoint serves headless Chromium
+   (the system's, driven by Playwright). Reported: the time from the page's
+   connection to its first picture, then pictures a second while the camera
+   orbits (moved through viser's API 30 times a second for `--move_seconds`).
+2. Training: steps a second of `--steps` training steps of the same config
+   (fresh weights in a temporary folder), in three settings that alternate
+   `--repeats` times: without --viewer, with --viewer and no browser, with a
+   browser connected whose camera keeps orbiting (the viewer then renders for
+   the default share of the time). Ratios are against the plain runs of the same
+   round; the best round counts, as other load only ever slows a run down.
+"""
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import run_nerf  # noqa: E402
+from nerf import flags, viewer  # noqa: E402
+from nerf.checkpoints import find_checkpoint  # noqa: E402
+from nerf.datasets import load_scene  # noqa: E402
+
+CHROMIUM_ARGS = ["--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+QUIET = ["--i_print", "1000000", "--i_img", "1000000", "--i_video", "1000000", "--i_testset", "1000000",
+         "--i_weights", "1000000"]
+
+
+def open_page(playwright, port: int, size=(800, 500)):
+    browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+    page.goto(f"http://127.0.0.1:{port}")
+    return browser, page
+
+
+class Orbit:
+    """Turns every client's camera about the up direction through the look-at point, `rate` times a second."""
+
+    def __init__(self, live: viewer.Viewer, degrees_per_second: float = 30.0, rate: float = 30.0):
+        self.live, self.step, self.period = live, math.radians(degrees_per_second / rate), 1.0 / rate
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        up = self.live.up
+        while not self.stop.is_set():
+            for client in list(self.live.server.get_clients().values()):
+                try:
+                    camera = client.camera
+                    offset = camera.position - camera.look_at
+                except AssertionError:      # no camera message from this client yet
+                    continue
+                c, s = math.cos(self.step), math.sin(self.step)
+                turned = offset * c + np.cross(up, offset) * s + up * np.dot(up, offset) * (1 - c)   # Rodrigues
+                camera.position = camera.look_at + turned
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def count_pictures(cls):
+    """Patches Viewer._show to log (time, full) of every picture sent."""
+    shown = []
+    real = cls._show
+
+    def timed(self, job):
+        real(self, job)
+        shown.append((time.perf_counter(), job.full))
+    cls._show = timed
+    return shown
+
+
+def measure_pictures(args, argv) -> None:
+    from playwright.sync_api import sync_playwright
+
+    run_args = flags.parse_args(run_nerf.config_parser(), argv)
+    scene = load_scene(run_args)
+    expdir = Path(run_args.basedir) / str(run_args.expname)
+    ckpt_path, ckpt = find_checkpoint(expdir, run_args.ft_path, False)
+    _, render_kwargs, step, _, _ = run_nerf.create_nerf(run_args, None, ckpt, ckpt_path)
+    render_kwargs.update(near=scene.near, far=scene.far)
+    connected = []
+    real_connect = viewer.Viewer._connect
+    viewer.Viewer._connect = lambda self, client: connected.append(time.perf_counter()) or real_connect(self, client)
+    shown = count_pictures(viewer.Viewer)
+    live = viewer.Viewer(scene, render_kwargs, flags.choose_device(None), expdir, port=args.port)
+    thread = threading.Thread(target=live.serve_forever, daemon=True)
+    thread.start()
+    print(f"checkpoint {ckpt_path} (step {step}); scene {scene.H}x{scene.W}; "
+          f"{live.rays_per_second:.0f} rays/s measured at start")
+    with sync_playwright() as playwright:
+        browser, page = open_page(playwright, args.port, (1100, 520) if args.screenshot else (800, 500))
+        deadline = time.time() + 30
+        while not shown and time.time() < deadline:
+            time.sleep(0.01)
+        print(f"first picture {shown[0][0] - connected[0]:.3f} s after the page connected "
+              f"({'full' if shown[0][1] else 'preview'})")
+        time.sleep(2.0)
+        if args.screenshot:
+            (client,) = live.server.get_clients().values()
+            pose = scene.poses[scene.i_test[args.screenshot_view]]
+            live.show_cameras.value = False
+            live._show_frustums(False)
+            time.sleep(1.0)
+            live._go_to(client, pose)
+            time.sleep(1.0)
+            n_shown = len(shown)
+            while time.time() < deadline + 90 and not any(full for _, full in shown[n_shown:]):
+                time.sleep(0.1)
+            time.sleep(0.5)
+            page.evaluate("for (const el of document.querySelectorAll('[class*=Notification-root]')) el.remove()")
+            page.screenshot(path=args.screenshot)
+            print(f"screenshot: {args.screenshot}")
+        start = len(shown)
+        t0 = time.perf_counter()
+        with Orbit(live):
+            time.sleep(args.move_seconds)
+        moving = [t for t, _ in shown[start:] if t <= t0 + args.move_seconds]
+        print(f"while the camera orbits: {len(moving) / args.move_seconds:.1f} pictures/s "
+              f"over {args.move_seconds:.0f} s ({live.rays_per_second:.0f} rays/s now)")
+        browser.close()
+    live.stop()
+    viewer.Viewer._connect = real_connect
+
+
+def measure_training(args, argv) -> None:
+    from playwright.sync_api import sync_playwright
+
+    step_times = []
+    real_step = run_nerf.train_step
+
+    def timed_step(*a, **kw):
+        out = real_step(*a, **kw)
+        step_times.append(time.perf_counter())
+        return out
+
+    run_nerf.train_step = timed_step
+    watchers = {}
+    real_viewer = run_nerf.training_viewer
+
+    def with_browser(*a, **kw):
+        live = real_viewer(*a, **kw)
+        if live is not None and watchers.get("browser"):
+            watchers["page"] = open_page(watchers["playwright"], live.server.get_port())
+            deadline = time.time() + 30
+            while not live.cameras and time.time() < deadline:
+                time.sleep(0.05)
+            watchers["orbit"] = Orbit(live).__enter__()
+        return live
+
+    run_nerf.training_viewer = with_browser
+    rates = {"plain": [], "viewer, no browser": [], "viewer, browser orbiting": []}
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as tmp:
+        watchers["playwright"] = playwright
+        for r in range(args.repeats):
+            for k, name in enumerate(rates):
+                extra = [] if k == 0 else ["--viewer", "--viewer_port", str(args.port + 1 + k)]
+                watchers["browser"] = k == 2
+                step_times.clear()
+                code = run_nerf.main(argv + ["--basedir", tmp, "--expname", f"r{r}_{k}", "--no_reload",
+                                             "--N_iters", str(args.steps), *QUIET, *extra])
+                assert code == 0, code
+                if "orbit" in watchers:
+                    watchers.pop("orbit").__exit__()
+                    watchers.pop("page")[0].close()
+                warm = step_times[args.steps // 5:]          # skip the first steps (warm-up)
+                rates[name].append((len(warm) - 1) / (warm[-1] - warm[0]))
+                print(f"round {r + 1}: {name}: {rates[name][-1]:.2f} steps/s", flush=True)
+    plain = np.array(rates["plain"])
+    for name, values in rates.items():
+        ratio = np.array(values) / plain
+        print(f"{name:26s} best {max(values):.2f} steps/s; ratio to plain in the same round: "
+              f"{', '.join(f'{x:.3f}' for x in ratio)} (best {ratio.max():.3f}, median {np.median(ratio):.3f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the trained run's config (or its args.txt)")
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--move_seconds", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=100, help="training steps per run")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--screenshot", help="also save a screenshot of a test view here")
+    parser.add_argument("--screenshot_view", type=int, default=0)
+    parser.add_argument("--skip", choices=["pictures", "training"], help="leave out one part")
+    args, rest = parser.parse_known_args()
+    argv = ["--config", args.config, *rest]
+    if args.skip != "pictures":
+        measure_pictures(args, argv)
+    if args.skip != "training":
+        measure_training(args, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,12 +7,14 @@
    (the system's, driven by Playwright). Reported: the time from the page's
    connection to its first picture, then pictures a second while the camera
    orbits (moved through viser's API 30 times a second for `--move_seconds`).
-2. Training: steps a second of `--steps` training steps of the same config
-   (fresh weights in a temporary folder), in three settings that alternate
-   `--repeats` times: without --viewer, with --viewer and no browser, with a
-   browser connected whose camera keeps orbiting (the viewer then renders for
-   the default share of the time). Ratios are against the plain runs of the same
-   round; the best round counts, as other load only ever slows a run down.
+2. Training: `--steps` training steps of the same config (fresh weights in a
+   temporary folder) with --viewer and a browser connected whose camera keeps
+   orbiting. The viewer's hook after each step alternates, in blocks of
+   `--block` steps, between not being called (plain training), being called as
+   if no browser were connected, and being called normally (it then renders for
+   the default share of the time); steps/s per mode, and as a ratio to plain
+   training. Alternating within one run makes a shared machine's load hit the
+   three modes alike; the browser's own CPU use (software WebGL) slows all three.
 """
 import argparse
 import math
@@ -142,53 +144,67 @@ def measure_pictures(args, argv) -> None:
 
 
 def measure_training(args, argv) -> None:
+    """One --viewer training run with a browser connected and orbiting; the
+    viewer hook alternates, in blocks of `--block` steps, between three modes:
+    not called (plain training), called as if no browser were connected, and
+    called normally (rendering for the default share). Each step's time (from
+    the end of one training step to the end of the next, the hook included)
+    counts for the mode of the hook in between, so machine load hits all
+    three modes alike."""
     from playwright.sync_api import sync_playwright
 
-    step_times = []
+    modes = ("plain", "viewer, no browser", "viewer, browser orbiting")
+    times = {mode: [] for mode in modes}
+    state = {"last": None, "step": 0}
     real_step = run_nerf.train_step
 
     def timed_step(*a, **kw):
         out = real_step(*a, **kw)
-        step_times.append(time.perf_counter())
+        now = time.perf_counter()
+        if state["last"] is not None and state["step"] > args.warmup:
+            times[state["mode"]].append(now - state["last"])    # the mode of the hook in between
+        state["last"], state["step"] = now, state["step"] + 1
         return out
 
-    run_nerf.train_step = timed_step
-    watchers = {}
-    real_viewer = run_nerf.training_viewer
+    def hooked(live):
+        real_hook = live.training_step
 
-    def with_browser(*a, **kw):
-        live = real_viewer(*a, **kw)
-        if live is not None and watchers.get("browser"):
-            watchers["page"] = open_page(watchers["playwright"], live.server.get_port())
+        def hook(step, stats):
+            state["mode"] = modes[(step // args.block) % 3]
+            if state["mode"] == "plain":
+                live.last_call = time.perf_counter()
+            elif state["mode"] == "viewer, no browser":
+                cameras, live.cameras = live.cameras, {}
+                real_hook(step, stats)
+                live.cameras = cameras
+            else:
+                real_hook(step, stats)
+        return hook
+
+    real_viewer = run_nerf.training_viewer
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as tmp:
+        def with_browser(*a, **kw):
+            live = real_viewer(*a, **kw)
+            state["page"] = open_page(playwright, live.server.get_port())
             deadline = time.time() + 30
             while not live.cameras and time.time() < deadline:
                 time.sleep(0.05)
-            watchers["orbit"] = Orbit(live).__enter__()
-        return live
+            state["orbit"] = Orbit(live).__enter__()
+            live.training_step = hooked(live)
+            return live
 
-    run_nerf.training_viewer = with_browser
-    rates = {"plain": [], "viewer, no browser": [], "viewer, browser orbiting": []}
-    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as tmp:
-        watchers["playwright"] = playwright
-        for r in range(args.repeats):
-            for k, name in enumerate(rates):
-                extra = [] if k == 0 else ["--viewer", "--viewer_port", str(args.port + 1 + k)]
-                watchers["browser"] = k == 2
-                step_times.clear()
-                code = run_nerf.main(argv + ["--basedir", tmp, "--expname", f"r{r}_{k}", "--no_reload",
-                                             "--N_iters", str(args.steps), *QUIET, *extra])
-                assert code == 0, code
-                if "orbit" in watchers:
-                    watchers.pop("orbit").__exit__()
-                    watchers.pop("page")[0].close()
-                warm = step_times[args.steps // 5:]          # skip the first steps (warm-up)
-                rates[name].append((len(warm) - 1) / (warm[-1] - warm[0]))
-                print(f"round {r + 1}: {name}: {rates[name][-1]:.2f} steps/s", flush=True)
-    plain = np.array(rates["plain"])
-    for name, values in rates.items():
-        ratio = np.array(values) / plain
-        print(f"{name:26s} best {max(values):.2f} steps/s; ratio to plain in the same round: "
-              f"{', '.join(f'{x:.3f}' for x in ratio)} (best {ratio.max():.3f}, median {np.median(ratio):.3f})")
+        run_nerf.train_step, run_nerf.training_viewer = timed_step, with_browser
+        code = run_nerf.main(argv + ["--basedir", tmp, "--expname", "bench", "--no_reload",
+                                     "--N_iters", str(args.steps), "--viewer", "--viewer_port", str(args.port + 1),
+                                     *QUIET])
+        state.pop("orbit").__exit__()
+        state.pop("page")[0].close()
+        assert code == 0, code
+    plain, plain_median = np.mean(times["plain"]), np.median(times["plain"])
+    for mode in modes:
+        mean, median = np.mean(times[mode]), np.median(times[mode])
+        print(f"{mode:26s} {1 / mean:.2f} steps/s over {len(times[mode])} steps: {plain / mean:.3f} of plain "
+              f"training's steps/s (by the median step time: {plain_median / median:.3f})")
 
 
 def main() -> None:
@@ -196,8 +212,9 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="the trained run's config (or its args.txt)")
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--move_seconds", type=float, default=5.0)
-    parser.add_argument("--steps", type=int, default=100, help="training steps per run")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=150, help="training steps")
+    parser.add_argument("--warmup", type=int, default=6, help="first steps not counted")
+    parser.add_argument("--block", type=int, default=5, help="steps in a row in one mode")
     parser.add_argument("--screenshot", help="also save a screenshot of a test view here")
     parser.add_argument("--screenshot_view", type=int, default=0)
     parser.add_argument("--skip", choices=["pictures", "training"], help="leave out one part")

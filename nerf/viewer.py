@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from nerf import camera_path, geometry, run_folder
-from nerf.errors import DataError
+from nerf.errors import DataError, WriteError
 from nerf.rendering import render
 from run_nerf_helpers import get_rays
 
@@ -289,10 +289,6 @@ class Viewer:
         with self.lock:
             self.shown.clear()
 
-    @property
-    def connected(self) -> bool:
-        return bool(self.cameras)
-
     # --- keyframes ---
 
     def _add_keyframe(self, client) -> None:
@@ -312,7 +308,10 @@ class Viewer:
         if not self.keyframes:
             self.keyframe_count.content = "add a keyframe first"
             return
-        self.save_camera_path(self.keyframes, float(self.seconds.value), float(self.fps.value))
+        try:
+            self.save_camera_path(self.keyframes, float(self.seconds.value), float(self.fps.value))
+        except WriteError as err:
+            self.keyframe_count.content = f"not saved: {err}"
 
     def save_camera_path(self, keyframes: List[tuple], seconds: float, fps: float) -> Path:
         """Writes expdir/camera_path.json (an earlier one kept as .earlier) for

@@ -26,15 +26,20 @@ def demo_args(demo_dir: Path, basedir: Path, *extra: str):
             "--expname", "demo", "--white_bkgd", "--testskip", "1", *TINY, *TRAINED, *QUIET, *extra]
 
 
+_TRAINED = {}   # one trained demo a session, shared by this module and test_viewer.py
+
+
 @pytest.fixture(scope="module")
 def trained_demo(tmp_path_factory):
     """A demo scene (32x32, 3 test views) and a run trained on it for 300 steps
     (enough for the coloured solids to show): (data folder, basedir)."""
-    root = tmp_path_factory.mktemp("trained_demo")
-    demo_dir = root / "demo"
-    ensure_demo_scene(str(demo_dir), verbose=False, H=32, W=32, n_train=20, n_val=2, n_test=3)
-    assert run_nerf.main(demo_args(demo_dir, root / "logs", "--N_iters", "300", "--i_weights", "300")) == 0
-    return demo_dir, root / "logs"
+    if id(tmp_path_factory) not in _TRAINED:
+        root = tmp_path_factory.mktemp("trained_demo")
+        demo_dir = root / "demo"
+        ensure_demo_scene(str(demo_dir), verbose=False, H=32, W=32, n_train=20, n_val=2, n_test=3)
+        assert run_nerf.main(demo_args(demo_dir, root / "logs", "--N_iters", "300", "--i_weights", "300")) == 0
+        _TRAINED[id(tmp_path_factory)] = demo_dir, root / "logs"
+    return _TRAINED[id(tmp_path_factory)]
 
 
 def rotation_x(degrees: float) -> np.ndarray:

@@ -31,7 +31,7 @@ from nerf import data_checks, flags, geometry, run_folder
 import run_nerf
 from nerf.checkpoints import find_checkpoint
 from nerf.datasets import Scene, load_scene
-from nerf.errors import DataError
+from nerf.errors import DataError, exit_status
 from nerf.rendering import accepts_density_only, batchify_rays, render
 from run_nerf_helpers import get_rays, keep_freed_memory
 
@@ -315,14 +315,7 @@ def extract(argv=None) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     keep_freed_memory()
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    try:
-        return extract(argv)
-    except DataError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(extract, argv)
 
 
 if __name__ == "__main__":

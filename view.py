@@ -11,7 +11,7 @@ from pathlib import Path
 from nerf import flags
 from nerf.checkpoints import find_checkpoint
 from nerf.datasets import load_scene
-from nerf.errors import DataError
+from nerf.errors import DataError, exit_status
 from nerf.viewer import Viewer, check_port
 import run_nerf
 
@@ -48,14 +48,7 @@ def view(argv=None) -> int:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    try:
-        return view(argv)
-    except DataError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(view, argv)
 
 
 if __name__ == "__main__":

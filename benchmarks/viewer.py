@@ -13,8 +13,10 @@
    `--block` steps, between not being called (plain training), being called as
    if no browser were connected, and being called normally (it then renders for
    the default share of the time); steps/s per mode, and as a ratio to plain
-   training. Alternating within one run makes a shared machine's load hit the
-   three modes alike; the browser's own CPU use (software WebGL) slows all three.
+   training. Alternating within one run (each cycle of blocks in a random order)
+   makes a shared machine's load hit the modes alike; the browser's own CPU use
+   (software WebGL) slows all of them. `--no_browser`: no browser at all, plain
+   steps against steps with the idle viewer's hook.
 """
 import argparse
 import math
@@ -153,7 +155,10 @@ def measure_training(args, argv) -> None:
     three modes alike."""
     from playwright.sync_api import sync_playwright
 
-    modes = ("plain", "viewer, no browser", "viewer, browser orbiting")
+    modes = ("plain", "viewer, no browser") if args.no_browser else \
+        ("plain", "viewer, no browser", "viewer, browser orbiting")
+    rng = np.random.default_rng(0)      # each cycle of blocks in its own order: no mode always follows another
+    order = [mode for _ in range(args.steps // (args.block * len(modes)) + 2) for mode in rng.permutation(modes)]
     times = {mode: [] for mode in modes}
     state = {"last": None, "step": 0}
     real_step = run_nerf.train_step
@@ -170,7 +175,7 @@ def measure_training(args, argv) -> None:
         real_hook = live.training_step
 
         def hook(step, stats):
-            state["mode"] = modes[(step // args.block) % 3]
+            state["mode"] = order[step // args.block]
             if state["mode"] == "plain":
                 live.last_call = time.perf_counter()
             elif state["mode"] == "viewer, no browser":
@@ -185,11 +190,12 @@ def measure_training(args, argv) -> None:
     with sync_playwright() as playwright, tempfile.TemporaryDirectory() as tmp:
         def with_browser(*a, **kw):
             live = real_viewer(*a, **kw)
-            state["page"] = open_page(playwright, live.server.get_port())
-            deadline = time.time() + 30
-            while not live.cameras and time.time() < deadline:
-                time.sleep(0.05)
-            state["orbit"] = Orbit(live).__enter__()
+            if not args.no_browser:
+                state["page"] = open_page(playwright, live.server.get_port())
+                deadline = time.time() + 30
+                while not live.cameras and time.time() < deadline:
+                    time.sleep(0.05)
+                state["orbit"] = Orbit(live).__enter__()
             live.training_step = hooked(live)
             return live
 
@@ -197,8 +203,9 @@ def measure_training(args, argv) -> None:
         code = run_nerf.main(argv + ["--basedir", tmp, "--expname", "bench", "--no_reload",
                                      "--N_iters", str(args.steps), "--viewer", "--viewer_port", str(args.port + 1),
                                      *QUIET])
-        state.pop("orbit").__exit__()
-        state.pop("page")[0].close()
+        if not args.no_browser:
+            state.pop("orbit").__exit__()
+            state.pop("page")[0].close()
         assert code == 0, code
     plain, plain_median = np.mean(times["plain"]), np.median(times["plain"])
     for mode in modes:
@@ -215,6 +222,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="training steps")
     parser.add_argument("--warmup", type=int, default=6, help="first steps not counted")
     parser.add_argument("--block", type=int, default=5, help="steps in a row in one mode")
+    parser.add_argument("--no_browser", action="store_true",
+                        help="training part without any browser: plain steps against the idle viewer's")
     parser.add_argument("--screenshot", help="also save a screenshot of a test view here")
     parser.add_argument("--screenshot_view", type=int, default=0)
     parser.add_argument("--skip", choices=["pictures", "training"], help="leave out one part")

@@ -44,7 +44,7 @@ log = logging.getLogger("nerf")
 PREVIEW_SECONDS = 0.06    # a moving camera's picture takes about this long to render
 REST_SECONDS = 0.2        # a camera still for this long gets its full-resolution picture
 SLICE_SECONDS = 0.02      # rays rendered between checks of the clock and the camera
-DEFAULT_TRAINING_SHARE = 0.85
+DEFAULT_TRAINING_SHARE = 0.9
 OUTPUTS = ("RGB", "depth", "accumulation")
 
 

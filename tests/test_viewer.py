@@ -309,3 +309,30 @@ def test_browser_rays_render_as_training_does(trained_demo, ndc):
                                                                                  scene.W + 2 * margin, "cpu"))
         middle = rgb.reshape(scene.H, scene.W + 2 * margin, 3)[:, margin:margin + scene.W]
         torch.testing.assert_close(middle, expected, atol=1e-5, rtol=0)
+
+
+@needs_viser
+def test_outputs_rgb_depth_and_accumulation(live_viewer):
+    import torch
+    from nerf import viewer
+
+    live, _ = live_viewer
+    rng = np.random.default_rng(0)
+    h, w = 6, 5
+    rgb, acc = rng.uniform(size=(h * w, 3)), rng.uniform(size=h * w)
+    disp = rng.uniform(0.1, 1.0, size=h * w)
+    job = viewer.RenderJob(0, 1, True, h, w, torch.zeros(h * w, 3), torch.zeros(h * w, 3))
+    for name, value in (("rgb", rgb), ("disp", disp), ("acc", acc)):   # two slices each
+        job.maps[name] = [torch.as_tensor(value[:7]), torch.as_tensor(value[7:])]
+    live.output.value = "RGB"
+    np.testing.assert_array_equal(live.picture(job), np.round(rgb.reshape(h, w, 3) * 255))
+    live.output.value = "accumulation"
+    np.testing.assert_array_equal(live.picture(job), np.round(np.repeat(acc.reshape(h, w, 1), 3, -1) * 255))
+    live.output.value = "depth"
+    depth = live.picture(job).astype(int)
+    empty = (acc < 0.5).reshape(h, w)
+    assert (depth[empty] == 0).all() and (depth[~empty].sum(-1) > 0).all()     # nothing hit: black
+    near, far = np.argmax(np.where(acc >= 0.5, disp, -1)), np.argmin(np.where(acc >= 0.5, disp, 9))
+    # Near is yellow (red + green above blue), far dark blue (blue above red + green).
+    near_colour, far_colour = depth.reshape(-1, 3)[near], depth.reshape(-1, 3)[far]
+    assert near_colour[0] + near_colour[1] > 2 * near_colour[2] and far_colour[2] > far_colour[0]

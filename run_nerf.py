@@ -26,7 +26,7 @@ from nerf.errors import DataError, WriteError
 from nerf.rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
 from nerf.rendering import RenderMemory, is_out_of_memory, make_network_query_fn, save_frame
 from nerf.ray_batches import ImageRaySampler, RayBatcher, default_device_budget
-from nerf.viewer import training_viewer
+from nerf import viewer
 from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b  # noqa: F401 (public API)
 from run_nerf_helpers import Embedder, get_rays, get_rays_np, ndc_rays, sample_pdf  # noqa: F401 (public API)
 
@@ -548,6 +548,7 @@ def train(argv=None) -> int:
     args = flags.parse_args(parser, argv)   # config file and flags, as one-line errors
     data_checks.check_data(args)                   # the data folder, before any image is loaded
     camera_path.check_flag(args)                  # --camera_path's file, before any work
+    viewer.check_flag(args)                       # --viewer's port
     run_folder.check_writable(args)               # and where the run will write
     ranks = parallel.ranks_from_env()             # set by torchrun; rank 0 of 1 otherwise
     flags.check_world_size(args, ranks.world_size)
@@ -590,7 +591,7 @@ def train(argv=None) -> int:
     network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
     gradient_average = parallel.GradientAverage(grad_vars) if ranks.distributed else None
     newest = ckpt_path   # the newest good checkpoint: named when a save fails or the loss is not finite
-    live = training_viewer(args, scene, render_kwargs_test, device, expdir) if ranks.is_main else None
+    live = viewer.training_viewer(args, scene, render_kwargs_test, device, expdir) if ranks.is_main else None
 
     def save(step: int) -> Optional[str]:
         """Saves `step`; None, or (rank 0) the one line that says why it could not (earlier files stay as they are)."""

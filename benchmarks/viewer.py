@@ -186,7 +186,7 @@ def measure_training(args, argv) -> None:
                 real_hook(step, stats)
         return hook
 
-    real_viewer = run_nerf.training_viewer
+    real_viewer = viewer.training_viewer
     with sync_playwright() as playwright, tempfile.TemporaryDirectory() as tmp:
         def with_browser(*a, **kw):
             live = real_viewer(*a, **kw)
@@ -199,7 +199,7 @@ def measure_training(args, argv) -> None:
             live.training_step = hooked(live)
             return live
 
-        run_nerf.train_step, run_nerf.training_viewer = timed_step, with_browser
+        run_nerf.train_step, viewer.training_viewer = timed_step, with_browser
         code = run_nerf.main(argv + ["--basedir", tmp, "--expname", "bench", "--no_reload",
                                      "--N_iters", str(args.steps), "--viewer", "--viewer_port", str(args.port + 1),
                                      *QUIET])

@@ -474,12 +474,20 @@ class Viewer:
         self.server.stop()
 
 
+def check_flag(args) -> None:
+    """--viewer: viser installed and --viewer_host:--viewer_port free (checked before any work)."""
+    if not getattr(args, "viewer", False):
+        return
+    if importlib.util.find_spec("viser") is None:
+        raise DataError("--viewer", "needs viser: pip install -r requirements-viewer.txt")
+    check_port(args.viewer_host, args.viewer_port, "--viewer_port")
+
+
 def training_viewer(args, scene, render_kwargs: dict, device: torch.device, expdir: Path) -> Optional[Viewer]:
     """The viewer `run_nerf.py --viewer` trains with (on --viewer_host:--viewer_port), or None without --viewer."""
     if not getattr(args, "viewer", False):
         return None
-    if importlib.util.find_spec("viser") is None:
-        raise DataError("--viewer", "needs viser: pip install -r requirements-viewer.txt")
+    check_flag(args)
     viewer = Viewer(scene, render_kwargs, device, expdir, args.viewer_host, args.viewer_port, training=True,
                     port_flag="--viewer_port")
     log.info("viewer: http://%s:%d", args.viewer_host, args.viewer_port)

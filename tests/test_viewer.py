@@ -248,9 +248,10 @@ def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo,
 
     demo_dir, _ = trained_demo
     rendered = []
+    real_training_viewer = viewer.training_viewer
 
     def watched(*args, **kwargs):
-        live = viewer.training_viewer(*args, **kwargs)
+        live = real_training_viewer(*args, **kwargs)
         if live is not None:   # a browser that never receives its pictures keeps the viewer rendering
             live.cameras[-1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov,
                                                     24, 32, 1, 0.0)
@@ -258,7 +259,7 @@ def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo,
             live.work = lambda seconds: rendered.append(seconds) or real_work(seconds)
         return live
 
-    monkeypatch.setattr(run_nerf, "training_viewer", watched)
+    monkeypatch.setattr(viewer, "training_viewer", watched)
     for name, extra in (("plain", []), ("watched", ["--viewer", "--viewer_port", str(free_port())])):
         assert run_nerf.main(demo_args(demo_dir, tmp_path, "--expname", name, "--N_iters", "20",
                                        "--i_weights", "20", *extra)) == 0
@@ -281,6 +282,7 @@ def test_training_viewer_port_in_use_is_one_line(trained_demo, tmp_path, capsys)
                                        "--viewer_port", str(port))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --viewer_port: ")
+    assert not (tmp_path / "demo").exists()          # stopped before any work
 
 
 @pytest.mark.parametrize("ndc", [False, True])

@@ -19,14 +19,13 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from nerf import camera_path, data_checks, flags, geometry, lpips_vgg, outputs, parallel, run_folder, scoring
+from nerf import camera_path, data_checks, flags, geometry, lpips_vgg, outputs, parallel, run_folder, scoring, viewer
 from nerf.checkpoints import find_checkpoint, load_network_state, rng_state, save_checkpoint, set_rng_state, steps_done
 from nerf.datasets import Scene, load_scene
 from nerf.errors import DataError, WriteError
 from nerf.rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
 from nerf.rendering import RenderMemory, is_out_of_memory, make_network_query_fn, save_frame
 from nerf.ray_batches import ImageRaySampler, RayBatcher, default_device_budget
-from nerf import viewer
 from run_nerf_helpers import NeRF, default_device, get_embedder, img2mse, keep_freed_memory, mse2psnr, to8b  # noqa: F401 (public API)
 from run_nerf_helpers import Embedder, get_rays, get_rays_np, ndc_rays, sample_pdf  # noqa: F401 (public API)
 

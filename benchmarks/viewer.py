@@ -1,6 +1,6 @@
 """The live viewer's speed on this machine, with a trained run (the demo by default).
 
-    python benchmarks/viewer.py --config logs/demo_test/args.txt            # after run_nerf.py --config configs/demo.txt
+    python benchmarks/viewer.py --config logs/demo_test/args.txt     # after run_nerf.py --config configs/demo.txt
     python benchmarks/viewer.py --config logs/demo_test/args.txt --screenshot docs/viewer.png
 
 1. Pictures: a Viewer of the run's newest checkpoint serves headless Chromium

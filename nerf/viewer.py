@@ -392,8 +392,8 @@ class Viewer:
             busy = True
             n = max(64, int(self.rays_per_second * SLICE_SECONDS))
             start = time.perf_counter()
-            for name, value in zip(("rgb", "disp", "acc"),
-                                   self._render_rays(job.rays_o[job.done:job.done + n], job.rays_d[job.done:job.done + n])):
+            part = slice(job.done, job.done + n)
+            for name, value in zip(("rgb", "disp", "acc"), self._render_rays(job.rays_o[part], job.rays_d[part])):
                 job.maps[name].append(value)
             rays = min(n, len(job.rays_o) - job.done)
             job.done += rays

@@ -79,7 +79,8 @@ def test_conversion_is_an_involution_and_keeps_the_centre(seed):
     assert np.linalg.det(cv[:3, :3]) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("fov,H,focal", [(90.0, 100, 50.0), (60.0, 80, 40 * math.sqrt(3)), (120.0, 30, 15 / math.sqrt(3))])
+@pytest.mark.parametrize("fov,H,focal", [(90.0, 100, 50.0), (60.0, 80, 40 * math.sqrt(3)),
+                                         (120.0, 30, 15 / math.sqrt(3))])
 def test_focal_and_fov_by_hand(fov, H, focal):
     assert camera_path.focal_from_fov(fov, H) == pytest.approx(focal)
     assert camera_path.fov_from_focal(focal, H) == pytest.approx(fov)

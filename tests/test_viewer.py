@@ -162,7 +162,8 @@ def test_view_py_errors_are_one_line_and_exit_2(trained_demo, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         cases = {"--port": demo_args(demo_dir, basedir) + ["--port", str(port)],
-                 str(tmp_path / "empty" / "demo"): demo_args(demo_dir, tmp_path / "empty") + ["--port", str(free_port())]}
+                 str(tmp_path / "empty" / "demo"): demo_args(demo_dir, tmp_path / "empty") + ["--port",
+                                                                                            str(free_port())]}
         for where, argv in cases.items():
             done = subprocess.run([sys.executable, str(ROOT / "view.py"), *argv], cwd=ROOT, capture_output=True,
                                   text=True, timeout=120)
@@ -264,7 +265,8 @@ def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo,
         assert run_nerf.main(demo_args(demo_dir, tmp_path, "--expname", name, "--N_iters", "20",
                                        "--i_weights", "20", *extra)) == 0
     assert len(rendered) > 3
-    plain, watched_ckpt = (torch.load(tmp_path / name / "000020.tar", weights_only=True) for name in ("plain", "watched"))
+    plain, watched_ckpt = (torch.load(tmp_path / name / "000020.tar", weights_only=True)
+                           for name in ("plain", "watched"))
     for key in ("network_fn_state_dict", "network_fine_state_dict"):
         for param, value in plain[key].items():
             assert torch.equal(value, watched_ckpt[key][param]), param

@@ -196,6 +196,7 @@ def measure_training(args, argv) -> None:
                 while not live.cameras and time.time() < deadline:
                     time.sleep(0.05)
                 state["orbit"] = Orbit(live).__enter__()
+            state["idle_hook"] = live.training_step
             live.training_step = hooked(live)
             return live
 
@@ -207,6 +208,14 @@ def measure_training(args, argv) -> None:
             state.pop("orbit").__exit__()
             state.pop("page")[0].close()
         assert code == 0, code
+    if args.no_browser:     # the idle hook's own cost, timed alone: a load-independent figure
+        calls = 100000
+        start = time.perf_counter()
+        for k in range(calls):
+            state["idle_hook"](k, {})
+        per_call = (time.perf_counter() - start) / calls
+        print(f"the hook with no browser: {per_call * 1e6:.2f} us a call, "
+              f"{per_call / np.median(times['plain']):.2e} of a median plain step")
     plain, plain_median = np.mean(times["plain"]), np.median(times["plain"])
     for mode in modes:
         mean, median = np.mean(times[mode]), np.median(times[mode])

@@ -45,6 +45,7 @@ PREVIEW_SECONDS = 0.06    # a moving camera's picture takes about this long to r
 REST_SECONDS = 0.2        # a camera still for this long gets its full-resolution picture
 SLICE_SECONDS = 0.02      # rays rendered between checks of the clock and the camera
 DEFAULT_TRAINING_SHARE = 0.9
+REFRESH_SECONDS = 2.0     # during training, pictures are redrawn this often (the networks change)
 OUTPUTS = ("RGB", "depth", "accumulation")
 
 
@@ -188,7 +189,7 @@ class Viewer:
         self.rays_per_second = 0.0
         self.keyframes: List[tuple] = []
         self.train_seconds = self.render_seconds = 0.0
-        self.last_stats_at = 0.0
+        self.last_stats_at = self.last_refresh = 0.0
         self.failed = False
         self.last_call: Optional[float] = None
         self.stopped = threading.Event()
@@ -288,6 +289,11 @@ class Viewer:
     def _redraw_all(self) -> None:
         with self.lock:
             self.shown.clear()
+
+    def _refresh(self) -> None:
+        """Full pictures are drawn again (without a preview first): the networks have changed."""
+        with self.lock:
+            self.shown = {client_id: (version, False) for client_id, (version, _) in self.shown.items()}
 
     # --- keyframes ---
 
@@ -451,6 +457,9 @@ class Viewer:
         if self.failed or not self.cameras:
             return
         try:
+            if now - self.last_refresh > REFRESH_SECONDS:
+                self.last_refresh = now
+                self._refresh()
             if now - self.last_stats_at > 0.5:
                 self.last_stats_at = now
                 self.stats.content = (f"**Step** {step}  \n**Loss** {float(stats['loss']):.5f}  \n"

@@ -340,3 +340,29 @@ def test_outputs_rgb_depth_and_accumulation(live_viewer):
     # Near is yellow (red + green above blue), far dark blue (blue above red + green).
     near_colour, far_colour = depth.reshape(-1, 3)[near], depth.reshape(-1, 3)[far]
     assert near_colour[0] + near_colour[1] > 2 * near_colour[2] and far_colour[2] > far_colour[0]
+
+
+@needs_viser
+def test_preview_while_moving_full_at_rest_and_redrawn_when_refreshed(live_viewer):
+    from nerf import viewer
+
+    live, _ = live_viewer
+    live.stopped.set()        # no rendering thread: the test asks for the jobs itself
+    time.sleep(0.3)
+    live.rays_per_second = 200 / viewer.PREVIEW_SECONDS          # previews of about 200 pixels
+    live.max_resolution.value = 128
+    pose = viewer.browser_pose([1, 0, 0, 0], live.home)
+    live.shown.clear()
+    live.cameras = {7: viewer.BrowserCamera(pose, live.fov, 300, 400, 1, time.perf_counter())}
+    job = live._next_job()
+    assert not job.full and job.h * job.w == pytest.approx(200, rel=0.15)
+    assert job.w / job.h == pytest.approx(4 / 3, rel=0.15)
+    live.shown[7] = (1, False)
+    assert live._next_job() is None                                 # moving: the preview stays
+    live.cameras[7].changed_at -= viewer.REST_SECONDS
+    job = live._next_job()
+    assert job.full and (job.h, job.w) == (96, 128)                # at rest: the canvas, capped at 128
+    live.shown[7] = (1, True)
+    assert live._next_job() is None
+    live._refresh()                                                 # training changed the networks
+    assert live._next_job().full

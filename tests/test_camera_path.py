@@ -210,3 +210,22 @@ def test_camera_path_errors_are_one_line_and_exit_2(trained_demo, tmp_path, caps
     assert len(err) == 1 and err[0].startswith("error: ")
     assert ("--camera_path" if problem == "no_render_only" else str(path_file)) in err[0]
     assert sorted(p.name for p in (basedir / "demo").iterdir()) == before
+
+
+@pytest.mark.parametrize("fov_scale,aspect,ok", [(1.0, 1.0, True), (1.0001, 1.0, True), (0.8, 1.0, False),
+                                                 (1.0, 1.5, False)])
+def test_forward_facing_paths_keep_the_training_camera(tmp_path, fov_scale, aspect, ok):
+    """NDC scenes: the path must keep the training camera's fov and aspect (render() takes
+    its NDC from the rendering camera); other scenes take any camera."""
+    from types import SimpleNamespace
+    scene = SimpleNamespace(H=378, W=504, focal=407.6)
+    H = 378
+    W = round(504 * aspect)
+    fov = camera_path.fov_from_focal(scene.focal, scene.H) * fov_scale
+    path = camera_path.CameraPath(np.eye(4)[None], np.array([fov]), H, W, 24.0)
+    camera_path.check_ndc_camera(path, scene, False, "p.json")
+    if ok:
+        camera_path.check_ndc_camera(path, scene, True, "p.json")
+    else:
+        with pytest.raises(DataError, match="training camera's field of view"):
+            camera_path.check_ndc_camera(path, scene, True, "p.json")

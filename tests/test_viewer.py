@@ -152,6 +152,12 @@ def test_moving_the_camera_changes_the_picture_then_sharpens(live_viewer, browse
     assert sharpness(sharp, box) > 1.3 * sharpness(preview, box)
     assert solid_fractions(sharp)["red"] + solid_fractions(sharp)["green"] > 0.005
 
+    # What a click on a training camera does: the browser's camera, as it reports it back, is that camera.
+    i = int(live.scene.i_train[3])
+    live._go_to(client, live.scene.poses[i])
+    wait_for(lambda: np.allclose(live.cameras[client.client_id].pose[:3, :4], live.scene.poses[i], atol=1e-3),
+             10, "the browser to report the training camera's pose")
+
 
 @pytest.mark.slow
 @needs_viser

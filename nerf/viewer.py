@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from nerf import camera_path, geometry, run_folder
+from nerf import camera_path, geometry, outputs, run_folder
 from nerf.errors import DataError, WriteError
 from nerf.rendering import render
 from run_nerf_helpers import get_rays
@@ -332,7 +332,7 @@ class Viewer:
             fovs = np.full(n_frames, math.degrees(self.fov))
         content = camera_path.camera_path_json(poses, fovs, self.scene.H, self.scene.W, fps, keyframes=[
             {"matrix": camera_path.as_pose(pose).reshape(-1).tolist(), "fov": fov} for pose, fov in keyframes])
-        path = run_folder.keep_earlier(self.expdir / "camera_path.json")
+        path = run_folder.keep_earlier(outputs.make_folder(self.expdir) / "camera_path.json")
         camera_path.save_camera_path(path, content)
         self.keyframe_count.content = f"{len(keyframes)} keyframes, saved to {path}"
         log.info("viewer: saved %s", path)

@@ -372,3 +372,31 @@ def test_preview_while_moving_full_at_rest_and_redrawn_when_refreshed(live_viewe
     assert live._next_job() is None
     live._refresh()                                                 # training changed the networks
     assert live._next_job().full
+
+
+@pytest.mark.slow
+@needs_viser
+@needs_browser
+def test_training_with_viewer_shows_the_scene_and_its_numbers(trained_demo, browser, tmp_path):
+    """run_nerf.py --viewer, resumed from the trained demo: the page shows the
+    red sphere (a preview: the picture is small while training takes 90% of
+    the time) and the training panel's step, loss and PSNR while it trains."""
+    demo_dir, basedir = trained_demo
+    shutil.copytree(basedir / "demo", tmp_path / "demo")
+    port = free_port()
+    training = subprocess.Popen([sys.executable, str(ROOT / "run_nerf.py"), *demo_args(demo_dir, tmp_path),
+                                 "--N_iters", "100000", "--i_weights", "100000", "--viewer",
+                                 "--viewer_port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: training.poll() is None and socket.socket().connect_ex(("127.0.0.1", port)) == 0, 60,
+                 "the training viewer's port")
+        browser.goto(f"http://127.0.0.1:{port}")
+        wait_for(lambda: solid_fractions(browser.screenshot())["red"] > 0.01, 60, "the red sphere")
+        wait_for(lambda: browser.get_by_text("Step").count() > 0 and browser.get_by_text("PSNR").count() > 0,
+                 30, "the training numbers")
+        assert training.poll() is None       # still training
+    finally:
+        training.terminate()
+        _, err = training.communicate(timeout=60)
+    assert training.returncode == 143, err       # SIGTERM: the step was saved

@@ -32,7 +32,7 @@ from nerf import data_checks, flags, geometry, outputs, run_folder
 import run_nerf
 from nerf.checkpoints import find_checkpoint
 from nerf.datasets import Scene, load_scene
-from nerf.errors import DataError, WriteError
+from nerf.errors import DataError, exit_status
 from nerf.rendering import accepts_density_only, batchify_rays, density, render
 from run_nerf_helpers import get_rays, keep_freed_memory
 
@@ -324,19 +324,7 @@ def write_geometry(path: Path, geometry_) -> None:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     keep_freed_memory()
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    try:
-        return extract(argv)
-    except DataError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except WriteError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return exit_status(extract, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple
 
@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from nerf import collapse, data_checks, flags, geometry, lpips_vgg, outputs, parallel, run_folder, scoring
+from nerf import (camera_path, collapse, data_checks, flags, geometry, lpips_vgg, outputs, parallel, run_folder,
+                  scoring, viewer)
 from nerf.checkpoints import find_checkpoint, load_network_state, rng_state, save_checkpoint, set_rng_state, steps_done
 from nerf.datasets import Scene, load_scene
 from nerf.errors import DataError, WriteError
@@ -125,6 +126,8 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--render_only", action='store_true',
                         help='do not optimize, reload weights and render out render_poses path')
     parser.add_argument("--render_test", action='store_true', help='render the test set instead of render_poses path')
+    parser.add_argument("--camera_path", type=optional_str, default=None,
+                        help='with --render_only: render this camera_path.json (nerfstudio format) instead')
     parser.add_argument("--render_factor", type=int, default=0,
                         help='downsampling factor to speed up rendering, set 4 or 8 for fast preview')
     parser.add_argument("--depth_estimator", type=str, default='median', choices=['median', 'mean'],
@@ -174,6 +177,11 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--debug", action='store_true', help='show tracebacks for input errors')
     parser.add_argument("--no_download", action='store_true',
                         help='never fetch the VGG16 weights LPIPS needs (as does env NERF_NO_DOWNLOAD=1)')
+
+    # live web viewer (requirements-viewer.txt)
+    parser.add_argument("--viewer", action='store_true', help='serve the model in the browser while it trains')
+    parser.add_argument("--viewer_host", type=str, default='127.0.0.1', help='address the --viewer serves on')
+    parser.add_argument("--viewer_port", type=int, default=8080, help='port the --viewer serves on')
 
     # devices
     parser.add_argument("--device", type=optional_str, default=None,
@@ -288,9 +296,9 @@ def write_run_files(args, expdir: Path, notes: Sequence[str] = ()) -> None:
         outputs.write_bytes(expdir / 'config.txt', config)
 
 
-def write_video(path: Path, frames: np.ndarray) -> None:
-    """(F, H, W[, 3]) frames in [0, 1] as an mp4 at 30 fps, quality 8."""
-    outputs.write_mp4(run_folder.keep_earlier(path), to8b(frames), fps=30, quality=8)
+def write_video(path: Path, frames: np.ndarray, fps: float = 30) -> None:
+    """(F, H, W[, 3]) frames in [0, 1] as an mp4 at `fps` frames a second, quality 8."""
+    outputs.write_mp4(run_folder.keep_earlier(path), to8b(frames), fps=fps, quality=8)
 
 
 def normalized_disparity(disps: np.ndarray) -> np.ndarray:
@@ -347,28 +355,58 @@ def score_test_views(run: Run, rgbs: np.ndarray, step: int) -> dict:
 
 def render_only(run: Run, step: int) -> Path:
     """Renders the spiral path (or the test views with --render_test, scored and
-    compared with their ground truth) into renderonly_{path|test}_{step:06d}/
-    with its frames and video.mp4, and depth/{k:03d}.npy (world units along the
-    viewing axis, NaN where opacity < 0.5; --depth_estimator) with depth.mp4; an earlier render
-    there is kept aside (`keep_earlier`)."""
+    compared with their ground truth; or the cameras of --camera_path) into
+    renderonly_{path|test|camera_path}_{step:06d}/ with its frames and video.mp4,
+    and depth/{k:03d}.npy (world units along the viewing axis, NaN where opacity
+    < 0.5; --depth_estimator) with depth.mp4; an earlier render there is kept
+    aside (`keep_earlier`)."""
     args, scene = run.args, run.scene
     poses = scene.poses[scene.i_test] if args.render_test else scene.render_poses
     savedir = run_folder.render_only_dir(run.expdir, args.render_test, step)
+    path = camera_path.load_camera_path(args.camera_path) if args.camera_path else None
+    if path is not None:
+        savedir = run.expdir / f'renderonly_camera_path_{step:06d}'
+
+    def render(folder: Optional[Path]):
+        if path is not None:
+            return render_camera_path(run, path, folder)
+        return render_frames(run, poses, folder, render_factor=args.render_factor, with_depth=True)
+
     if not run.ranks.is_main:
-        render_frames(run, poses, render_factor=args.render_factor, with_depth=True)
+        render(None)
         return savedir
     with outputs.atomic_path(run_folder.keep_earlier(savedir)) as partial:   # appears complete, or not at all
-        rgbs, _, depths = render_frames(run, poses, outputs.make_folder(partial), render_factor=args.render_factor,
-                                        with_depth=True)
+        rgbs, _, depths = render(outputs.make_folder(partial))
         for k, depth in enumerate(depths):
             outputs.write_npy(outputs.make_folder(partial / 'depth') / f'{k:03d}.npy', depth)
-        if args.render_test and not args.render_factor:
+        if args.render_test and not args.render_factor and path is None:
             scoring.save_metrics_json(partial, score_test_views(run, rgbs, step))
             scoring.save_comparisons(partial, rgbs, scene.images[scene.i_test])
     with outputs.warn_on_write_error("the frames are kept"):
-        write_video(savedir / 'video.mp4', rgbs)
-        write_video(savedir / 'depth.mp4', geometry.colour_depth(depths))
+        fps = 30 if path is None else path.fps
+        write_video(savedir / 'video.mp4', rgbs, fps)
+        write_video(savedir / 'depth.mp4', geometry.colour_depth(depths), fps)
     return savedir
+
+
+def render_camera_path(run: Run, path: camera_path.CameraPath,
+                       savedir: Optional[Path]) -> Tuple[Optional[np.ndarray], ...]:
+    """`render_frames` for a camera path: each stretch of frames with one field of
+    view rendered with its own intrinsics at the path's size. Returns rgbs, disps
+    and depths (P, H, W[, 3]) on rank 0 (Nones elsewhere); frames go to savedir."""
+    camera_path.check_ndc_camera(path, run.scene, run.render_kwargs.get('ndc', True), run.args.camera_path)
+    maps = []
+    for k0, k1 in path.constant_fov_stretches():
+        K = path.intrinsics(k0)
+        view = copy.copy(run)
+        view.scene = replace(run.scene, H=path.H, W=path.W, focal=float(K[0, 0]), K=K)
+        maps.append(render_frames(view, path.poses[k0:k1], with_depth=True))
+    if not run.ranks.is_main:
+        return (None,) * 3
+    rgbs, disps, depths = (np.concatenate(m, 0) for m in zip(*maps))
+    for k, rgb in enumerate(rgbs):
+        save_frame(savedir, k, rgb)
+    return rgbs, disps, depths
 
 
 def write_spiral_videos(run: Run, step: int) -> None:
@@ -552,6 +590,8 @@ def train(argv=None) -> int:
     parser = config_parser()
     args = flags.parse_args(parser, argv)   # config file and flags, as one-line errors
     data_checks.check_data(args)                   # the data folder, before any image is loaded
+    camera_path.check_flag(args)                  # --camera_path's file, before any work
+    viewer.check_flag(args)                       # --viewer's port
     run_folder.check_writable(args)               # and where the run will write
     ranks = parallel.ranks_from_env()             # set by torchrun; rank 0 of 1 otherwise
     flags.check_world_size(args, ranks.world_size)
@@ -605,6 +645,7 @@ def train(argv=None) -> int:
         run.writer = outputs.EventLog(Path(args.basedir) / 'summaries' / str(args.expname))
     gradient_average = parallel.GradientAverage(grad_vars) if ranks.distributed else None
     newest = ckpt_path   # the newest good checkpoint: named when a save fails or the loss is not finite
+    live = viewer.training_viewer(args, scene, render_kwargs_test, device, expdir) if ranks.is_main else None
 
     def save(step: int) -> Optional[str]:
         """Saves `step`; None, or (rank 0) the one line that says why it could not (earlier files stay as they are)."""
@@ -638,6 +679,8 @@ def train(argv=None) -> int:
                     raise
                 raise out_of_memory_error(exc, args, device) from None
             guard.observe()
+            if live is not None:
+                live.training_step(i, stats)
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(stats['loss']),
                                          torch.full_like(first_bad_step, i), first_bad_step)
             for param_group in optimizer.param_groups:
@@ -686,6 +729,8 @@ def train(argv=None) -> int:
                 break
     if run.writer is not None:
         run.writer.close()
+    if live is not None:
+        live.stop()
     parallel.barrier()      # no rank leaves (and has torchrun end the others) while rank 0 still writes
     if unsaved:
         tqdm.write(f"error: {unsaved}", file=sys.stderr)

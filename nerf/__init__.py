@@ -15,5 +15,7 @@ One concern a module:
 - metrics, lpips_vgg, scoring: PSNR and SSIM, LPIPS, a test set's scores and `metrics.json`
 - colmap_model: reading COLMAP models, converting them to poses_bounds.npy and transforms.json
 - demo_scene: the built-in analytic demo scene
+- viewer: the live web viewer (viser)
+- camera_path: camera paths in nerfstudio's format, OpenGL and OpenCV camera conventions
 - errors: the one-line errors the programs print
 """

@@ -8,8 +8,9 @@ as `error: <path>: <reason>` with status 1 where the run cannot go on, as a
 warning where it can (see nerf/outputs.py).
 """
 import re
+import sys
 from os import PathLike
-from typing import Union
+from typing import Callable, Optional, Sequence, Union
 
 
 def _one_line(text: str) -> str:
@@ -32,3 +33,16 @@ class WriteError(Exception):
         self.path = str(path)
         self.reason = _one_line(reason)
         super().__init__(f"{self.path}: {self.reason}")
+
+
+def exit_status(program: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """`program(argv)`'s exit status, where a DataError (bad input) is printed as its
+    one line (`error: <where>: <what>`) with status 2, and a WriteError (the OS
+    refused a write) likewise with status 1; with --debug they are raised instead."""
+    try:
+        return program(argv)
+    except (DataError, WriteError) as err:
+        if "--debug" in (argv if argv is not None else sys.argv[1:]):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, DataError) else 1

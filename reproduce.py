@@ -406,7 +406,7 @@ def dry_run(scenes: list[Scene], n_steps: int, n_gpus: int) -> None:
             if key not in timings:
                 print(f"{head} timing {n_steps} training steps and a test render with its settings "
                       f"(N_rand {scene.args.N_rand}, {scene.args.N_samples} + {scene.args.N_importance} samples) "
-                      f"on {default_device()} ...", flush=True)
+                      f"on {device} ...", flush=True)
                 timings[key] = time_steps(scene.args, n_steps)
             rays, what = rays_to_render(scene)
         except DataError as err:

@@ -262,6 +262,7 @@ def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo,
         if live is not None:   # a browser that never receives its pictures keeps the viewer rendering
             live.cameras[-1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov,
                                                     24, 32, 1, 0.0)
+            live.training_share.value = 0.25   # a render every step or two, however fast the steps run
             real_work = live.work
             live.work = lambda seconds: rendered.append(seconds) or real_work(seconds)
         return live

@@ -232,6 +232,10 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
     start = 0
     if ckpt is not None:
         log.info("reloading from %s", ckpt_path)
+        trained_with = ckpt.get("density_activation", "relu")     # the original's checkpoints: relu
+        if trained_with != getattr(args, "density_activation", "relu"):
+            raise DataError(ckpt_path, f"was trained with --density_activation {trained_with}; "
+                                       f"add --density_activation {trained_with}")
         load_network_state(model, ckpt["network_fn_state_dict"], ckpt_path, "network_fn_state_dict")
         if model_fine is not None:
             if ckpt.get("network_fine_state_dict") is None:
@@ -284,11 +288,11 @@ class Run:
     lpips_reason_told: bool = False
 
 
-def write_run_files(args, expdir: Path, notes: Sequence[str] = ()) -> None:
-    """args.txt (every flag, sorted, then `notes` as `# ` comment lines) and
-    config.txt (a copy of the config file, read first: it may be this
-    folder's own args.txt or config.txt)."""
-    config = Path(args.config).read_bytes() if args.config is not None else None
+def write_run_files(args, expdir: Path, notes: Sequence[str] = (), with_config: bool = True) -> None:
+    """args.txt (every flag, sorted, then `notes` as `# ` comment lines) and,
+    `with_config`, config.txt (a copy of the config file, read first: it may
+    be this folder's own args.txt or config.txt)."""
+    config = Path(args.config).read_bytes() if args.config is not None and with_config else None
     outputs.make_folder(expdir)
     outputs.write_text(expdir / 'args.txt', ''.join(f'{arg} = {getattr(args, arg)}\n' for arg in sorted(vars(args)))
                        + ''.join(f'# {note}\n' for note in notes))
@@ -624,7 +628,7 @@ def train(argv=None) -> int:
 
     if args.render_only:
         if ranks.is_main:
-            write_run_files(args, expdir)
+            write_run_files(args, expdir, collapse.notes_from_checkpoint(ckpt))
         step = int(ckpt['global_step'])
         savedir = render_only(run, step)
         if ranks.is_main:
@@ -655,11 +659,12 @@ def train(argv=None) -> int:
         if ranks.is_main:
             try:
                 save_checkpoint(run_folder.keep_earlier(path), step, network_fn, network_fine, optimizer,
-                                sampler.state_dict(), states, guard.state_dict())
+                                sampler.state_dict(), states,
+                                {**guard.state_dict(), 'density_activation': args.density_activation})
             except WriteError as err:
                 return f"{err}; step {step} is not saved, the newest good checkpoint is {newest or 'none'}"
             tqdm.write(f"Saved checkpoints at {path}")
-            run_folder.prune_checkpoints(expdir, args.keep_checkpoints)
+            run_folder.prune_checkpoints(expdir, args.keep_checkpoints, step)
         newest = path
         return None
 
@@ -705,7 +710,8 @@ def train(argv=None) -> int:
                     status = 1
                     break
                 if guard.restarts and guard.restarts[-1]['step'] == i and ranks.is_main:
-                    write_run_files(args, expdir, guard.notes())
+                    with outputs.warn_on_write_error():    # the checkpoints record the restart as well
+                        write_run_files(args, expdir, guard.notes(), with_config=False)
             if due['print'] and ranks.is_main:
                 log_progress(run.writer, bar, stats, optimizer.param_groups[0]['lr'], i)
             if due['img'] and ranks.is_main:

@@ -149,10 +149,8 @@ class CollapseGuard:
             torch.manual_seed(parallel.noise_seed(seed, self.ranks.rank))
 
     def notes(self) -> List[str]:
-        """One line per restart, for args.txt (as comments, so that the file
-        still reads as a config file)."""
-        return [f"collapse guard: step {r['step']}: {r['networks']} network(s) collapsed for {r['steps']} steps; "
-                f"restarted {'them' if ',' in r['networks'] else 'it'} from seed {r['seed']}" for r in self.restarts]
+        """One line per restart, for args.txt (`restart_notes`)."""
+        return restart_notes(self.restarts)
 
     def state_dict(self) -> dict:
         """{CHECKPOINT_KEY: {...}} to add to a checkpoint; {} when off."""
@@ -169,6 +167,18 @@ class CollapseGuard:
         self.restarts = [dict(r) for r in state["restarts"]]
         if tuple(state["streak"].shape) == tuple(self.streak.shape):
             self.streak.copy_(state["streak"])
+
+
+def restart_notes(restarts: List[dict]) -> List[str]:
+    """One line per restart, for args.txt (as comments, so that the file
+    still reads as a config file)."""
+    return [f"collapse guard: step {r['step']}: {r['networks']} network(s) collapsed for {r['steps']} steps; "
+            f"restarted {'them' if ',' in r['networks'] else 'it'} from seed {r['seed']}" for r in restarts]
+
+
+def notes_from_checkpoint(ckpt: Optional[dict]) -> List[str]:
+    """The restart lines of the run a checkpoint comes from (none for older files or an unguarded run)."""
+    return restart_notes(((ckpt or {}).get(CHECKPOINT_KEY) or {}).get("restarts", []))
 
 
 def guard_from_args(args, network_fn: nn.Module, network_fine: Optional[nn.Module], optimizer, device,

@@ -60,15 +60,17 @@ def checkpoint_step(path: Path) -> Optional[int]:
     return int(stem) if stem.isdigit() else None
 
 
-def prune_checkpoints(expdir: Path, keep: int) -> None:
-    """Deletes all but the newest `keep` `{step:06d}.tar` files of `expdir`
-    (`--keep_checkpoints`; 0 keeps all). Called after a save succeeded, so the
-    newest good checkpoint is never among them; other files (`.earlier`,
-    `.corrupt`, renamed ones) are left alone. A file that cannot be deleted
-    is one warning."""
+def prune_checkpoints(expdir: Path, keep: int, saved_step: int) -> None:
+    """Deletes all but the newest `keep` `{step:06d}.tar` files of `expdir` up to
+    `saved_step`, the checkpoint just saved (`--keep_checkpoints`; 0 keeps all).
+    Called after that save succeeded, so the newest good checkpoint is never
+    among them; files of later steps (an unreadable one that resuming skipped)
+    and other files (`.earlier`, `.corrupt`, renamed ones) are left alone. A
+    file that cannot be deleted is one warning."""
     if keep <= 0:
         return
-    steps = sorted((checkpoint_step(p), p) for p in list_checkpoints(expdir) if checkpoint_step(p) is not None)
+    steps = sorted((checkpoint_step(p), p) for p in list_checkpoints(expdir)
+                   if checkpoint_step(p) is not None and checkpoint_step(p) <= saved_step)
     for _, path in steps[:-keep]:
         try:
             path.unlink()

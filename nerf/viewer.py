@@ -51,6 +51,8 @@ OUTPUTS = ("RGB", "depth", "accumulation")
 
 def check_port(host: str, port: int, flag: str = "--port") -> None:
     """DataError naming `flag` unless (host, port) can be bound now (by a server that reuses addresses)."""
+    if not 1 <= port <= 65535:
+        raise DataError(flag, f"must be a port number from 1 to 65535, got {port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server binds: a closed
         try:                                                          # connection's TIME_WAIT is no conflict
@@ -485,7 +487,7 @@ class Viewer:
 
 def check_flag(args) -> None:
     """--viewer: viser installed and --viewer_host:--viewer_port free (checked before any work)."""
-    if not getattr(args, "viewer", False):
+    if not getattr(args, "viewer", False) or args.render_only:    # render-only runs serve nothing
         return
     if importlib.util.find_spec("viser") is None:
         raise DataError("--viewer", "needs viser: pip install -r requirements-viewer.txt")

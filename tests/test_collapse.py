@@ -272,3 +272,18 @@ def test_meshes_take_the_runs_density_activation(activation):
     got = extract_mesh.query_density(pts, kwargs, netchunk=3)
     expected = [max(s, 0.0) if activation == "relu" else math.log1p(math.exp(s - 1.0)) for s in raw_sigma.tolist()]
     assert got.tolist() == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_a_checkpoint_refuses_another_density_activation(demo_dir, tmp_path, capsys):  # noqa: F811
+    """A softplus run rendered or resumed without --density_activation softplus
+    (say with the shipped config) is one line naming the flag, not a silent relu."""
+    argv = demo_run(demo_dir, tmp_path, "--density_activation", "softplus", "--N_iters", "2", "--i_weights", "2")
+    assert run_nerf.main(argv) == 0
+    assert checkpoint(tmp_path / "run" / "000002.tar")["density_activation"] == "softplus"
+    capsys.readouterr()
+    plain = demo_run(demo_dir, tmp_path, "--N_iters", "4")
+    for extra in ([], ["--render_only"]):
+        assert run_nerf.main([*plain, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "was trained with --density_activation softplus" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.tar")) == ["000002.tar"]

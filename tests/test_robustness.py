@@ -594,3 +594,15 @@ def test_an_input_error_on_another_rank_is_printed_with_its_rank(tmp_path, blend
     assert len(err) == 1 and err[0].startswith(f"rank 1: error: {missing}"), err
     assert run_nerf.main(blender_argv(blender_scene, tmp_path / "logs", "--N_rand", "0")) == 2
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_keep_checkpoints_never_deletes_the_step_just_saved_for_a_skipped_later_file(tmp_path, keep):
+    """Resuming skips an unreadable newer checkpoint (say 000009.tar) and trains on
+    from an older one: pruning after the save of step 5 keeps step 5 (and the
+    newest before it), never trading it for the unreadable later file."""
+    for step in (1, 3, 4, 5, 9):
+        (tmp_path / f"{step:06d}.tar").write_bytes(b"x")
+    run_folder.prune_checkpoints(tmp_path, keep, saved_step=5)
+    kept = sorted(p.name for p in tmp_path.glob("*.tar"))
+    assert kept == [f"{s:06d}.tar" for s in (4, 5)][-keep:] + ["000009.tar"]

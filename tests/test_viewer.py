@@ -401,3 +401,30 @@ def test_training_with_viewer_shows_the_scene_and_its_numbers(trained_demo, brow
         training.terminate()
         _, err = training.communicate(timeout=60)
     assert training.returncode == 143, err       # SIGTERM: the step was saved
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 70000])
+def test_a_port_out_of_range_is_one_line(port):
+    from nerf import viewer
+    from nerf.errors import DataError
+
+    with pytest.raises(DataError, match="--viewer_port: must be a port number from 1 to 65535"):
+        viewer.check_port("127.0.0.1", port, "--viewer_port")
+
+
+def test_a_render_only_run_never_checks_the_viewers_port():
+    """A run folder's args.txt with viewer = True renders (--render_only) even
+    while another process holds that port: render-only runs serve nothing."""
+    from types import SimpleNamespace
+    from nerf import viewer
+    from nerf.errors import DataError
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        args = SimpleNamespace(viewer=True, viewer_host="127.0.0.1", viewer_port=port, render_only=True)
+        viewer.check_flag(args)
+        if importlib.util.find_spec("viser") is not None:
+            with pytest.raises(DataError, match="--viewer_port"):
+                viewer.check_flag(SimpleNamespace(**{**vars(args), "render_only": False}))

@@ -34,7 +34,8 @@ from nerf.checkpoints import find_checkpoint
 from nerf.datasets import Scene, load_scene
 from nerf.errors import DataError, exit_status
 from nerf.rendering import accepts_density_only, batchify_rays, density, render
-from run_nerf_helpers import get_rays, keep_freed_memory
+import run_nerf_helpers as helpers     # get_rays looked up at call time: a fork may replace it
+from run_nerf_helpers import keep_freed_memory
 
 log = logging.getLogger("nerf")
 
@@ -146,7 +147,7 @@ def render_surface(scene: Scene, poses: np.ndarray, render_kwargs: dict, ndc: bo
     points, colours = [], []
     for c2w in tqdm(poses, desc="views", leave=False, dynamic_ncols=True):
         c2w = torch.as_tensor(c2w, dtype=torch.float32, device=device)
-        rays_o, rays_d = get_rays(scene.H, scene.W, scene.K, c2w)
+        rays_o, rays_d = helpers.get_rays(scene.H, scene.W, scene.K, c2w)
         rays_o, rays_d = rays_o[::stride, ::stride].reshape(-1, 3), rays_d[::stride, ::stride].reshape(-1, 3)
         with torch.no_grad():
             rgb, disp, acc, _ = render(scene.H, scene.W, scene.K, chunk=chunk, rays=(rays_o, rays_d), **kwargs)

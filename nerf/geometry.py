@@ -19,7 +19,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from run_nerf_helpers import get_rays, ndc_intrinsics, ndc_rays
+import run_nerf_helpers as helpers     # get_rays, ndc_rays looked up at call time: a fork may replace them
+from run_nerf_helpers import ndc_intrinsics
 
 NDC_NEAR = 1.0   # render() calls ndc_rays with near = 1
 
@@ -48,11 +49,21 @@ def to_world(pts: torch.Tensor, ndc: bool, hwf) -> torch.Tensor:
     return ndc_to_world(pts, int(H), int(W), focal) if ndc else pts
 
 
+def ndc_camera(H: int, W: int, K):
+    """What `render` passes to `ndc_rays` as its `focal`: the focal length itself
+    for a centred camera with fx = fy (the original's call, so that a fork's
+    ndc_rays of the original's signature keeps working), else the 3x3 K."""
+    fx, fy, cx, cy = ndc_intrinsics(H, W, K)
+    return fx if (fy, cx, cy) == (fx, W / 2.0, H / 2.0) else K
+
+
 def render_space_rays(rays_o: torch.Tensor, rays_d: torch.Tensor, ndc: bool,
                       hwf) -> Tuple[torch.Tensor, torch.Tensor]:
     """World rays (..., 3) as `render` samples them: through `ndc_rays` (near 1) when `ndc`."""
     H, W, focal = hwf
-    return ndc_rays(int(H), int(W), focal, NDC_NEAR, rays_o, rays_d) if ndc else (rays_o, rays_d)
+    if not ndc:
+        return rays_o, rays_d
+    return helpers.ndc_rays(int(H), int(W), ndc_camera(int(H), int(W), focal), NDC_NEAR, rays_o, rays_d)
 
 
 def termination_points(disp: torch.Tensor, acc: torch.Tensor, rays_o: torch.Tensor,
@@ -87,7 +98,7 @@ def depth_map(disp: torch.Tensor, acc: torch.Tensor, c2w: torch.Tensor, K, ndc: 
     component 1, so the depth is the ray depth t itself."""
     H, W = disp.shape
     hwf = (H, W, K)
-    rays_o, rays_d = get_rays(H, W, K, c2w)
+    rays_o, rays_d = helpers.get_rays(H, W, K, c2w)
     pts = to_world(termination_points(disp, acc, *render_space_rays(rays_o, rays_d, ndc, hwf), t), ndc, hwf)
     depth = view_depth(pts, c2w)
     return torch.where(acc >= min_acc, depth, torch.full_like(depth, float('nan')))
@@ -138,7 +149,7 @@ def seen_region(poses: torch.Tensor, K, H: int, W: int, near: float, far: float,
     else:
         corners = []
         for c2w in poses:
-            rays_o, rays_d = get_rays(H, W, K, c2w)
+            rays_o, rays_d = helpers.get_rays(H, W, K, c2w)
             corners += [rays_o[0, 0], (rays_o + far * rays_d)[[0, 0, -1, -1], [0, -1, 0, -1]]]
         corners = torch.cat([c.reshape(-1, 3) for c in corners], 0)
         lo, hi = corners.min(0).values, corners.max(0).values

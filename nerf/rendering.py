@@ -333,9 +333,7 @@ def render(H: int, W: int, K, chunk: int = 1024 * 32, rays: Optional[Tuple[torch
 
     sh = rays_d.shape
     if ndc:
-        fx, fy, cx, cy = helpers.ndc_intrinsics(H, W, K)
-        camera = fx if (fy, cx, cy) == (fx, W / 2.0, H / 2.0) else K   # a centred camera: the original's call
-        rays_o, rays_d = helpers.ndc_rays(H, W, camera, 1.0, rays_o, rays_d)
+        rays_o, rays_d = helpers.ndc_rays(H, W, geometry.ndc_camera(H, W, K), 1.0, rays_o, rays_d)
     rays_o = rays_o.reshape(-1, 3)
     rays_d = rays_d.reshape(-1, 3)
     near_col = torch.full_like(rays_d[..., :1], near)

@@ -37,7 +37,7 @@ import torch
 from nerf import camera_path, geometry, outputs, run_folder
 from nerf.errors import DataError, WriteError
 from nerf.rendering import render
-from run_nerf_helpers import get_rays
+import run_nerf_helpers as helpers     # get_rays looked up at call time: a fork may replace it
 
 log = logging.getLogger("nerf")
 
@@ -129,7 +129,7 @@ def browser_rays(pose: np.ndarray, fov: float, h: int, w: int, device) -> tuple:
     f = 0.5 * h / math.tan(0.5 * fov)
     K = np.array([[f, 0, 0.5 * w], [0, f, 0.5 * h], [0, 0, 1]])
     c2w = torch.as_tensor(np.asarray(pose)[:3, :4], dtype=torch.float32, device=device)
-    rays_o, rays_d = get_rays(h, w, K, c2w)
+    rays_o, rays_d = helpers.get_rays(h, w, K, c2w)
     return rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
 
 

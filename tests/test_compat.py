@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nerf import data_checks, fast_mlp, flags, rendering
+from nerf import data_checks, fast_mlp, flags, geometry, rendering
 import run_nerf
 import run_nerf_helpers
 from conftest import REPO, ROUNDING_ATOL
@@ -482,6 +482,10 @@ def test_a_forks_ndc_rays_of_the_original_signature_still_gets_a_focal_length(mo
             run_nerf.render(3, 4, K, chunk=5, c2w=c2w, perturb=0.0, **{**kwargs, "ndc": True})
     assert np.ndim(focals[0]) == 0 and focals[0] == 2.0
     assert np.ndim(focals[1]) == 2 and focals[1][0][2] == 1.0
+    # depth maps and meshes map their rays through the same, edited ndc_rays
+    rays_o, rays_d = torch.zeros(2, 3), torch.tensor([[0.1, 0.0, -1.0], [0.0, 0.2, -1.0]])
+    geometry.render_space_rays(rays_o, rays_d, True, (3, 4, np.array([[2.0, 0, 2.0], [0, 2.0, 1.5], [0, 0, 1]])))
+    assert len(focals) == 3 and np.ndim(focals[2]) == 0 and focals[2] == 2.0
 
 
 def half_pixel(original):

@@ -393,7 +393,7 @@ def test_training_with_viewer_shows_the_scene_and_its_numbers(trained_demo, brow
         wait_for(lambda: training.poll() is None and socket.socket().connect_ex(("127.0.0.1", port)) == 0, 60,
                  "the training viewer's port")
         browser.goto(f"http://127.0.0.1:{port}")
-        wait_for(lambda: solid_fractions(browser.screenshot())["red"] > 0.01, 60, "the red sphere")
+        wait_for(lambda: solid_fractions(browser.screenshot())["red"] > 0.01, 180, "the red sphere")   # a loaded machine: minutes
         wait_for(lambda: browser.get_by_text("Step").count() > 0 and browser.get_by_text("PSNR").count() > 0,
                  30, "the training numbers")
         assert training.poll() is None       # still training

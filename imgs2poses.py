@@ -15,7 +15,10 @@ LLFF tool does. It then writes into ``<scenedir>``:
 * ``unregistered.txt``: only when some photos did not register, their names;
 * ``transforms.json``: the same cameras in nerfstudio's / instant-ngp's format
   with the full intrinsics (fl_x, fl_y, cx, cy, camera_model and k1, k2, k3,
-  k4, p1, p2; see nerf/load_transforms.py), for ``--dataset_type nerfstudio``;
+  k4, p1, p2; see nerf/load_transforms.py), the bounds near, far (from the
+  depths of the points each image observes) and ``ply_file_path``, for
+  ``--dataset_type nerfstudio``;
+* ``sparse_pc.ply``: the model's 3D points (as nerfstudio writes them);
 * ``undistorted/``: when the camera model has distortion, the registered photos
   undistorted to a pinhole camera (nerf/undistort.py, NumPy), as training
   with ``--dataset_type nerfstudio`` reads them.
@@ -44,9 +47,11 @@ from nerf.colmap_model import (SUPPORTED_MODELS, ColmapModelError, find_model_fo
                                model_to_transforms, read_model)
 from nerf.errors import DataError
 from nerf.load_transforms import TRANSFORMS, read_capture
+from nerf.sparse_points import write_ply_points
 from nerf.undistort import undistorted_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+POINTS = "sparse_pc.ply"
 INSTALL_HINT = "pip install -r requirements-colmap.txt"
 
 
@@ -239,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
     registered = set(names)
     unregistered = [n for n in image_names if n not in registered]
     write_outputs(scenedir, poses_bounds, names, unregistered)
+    write_ply_points(scenedir / POINTS, model.points3d.xyz, model.points3d.rgb)
+    transforms["ply_file_path"] = POINTS
     (scenedir / TRANSFORMS).write_text(json.dumps(transforms, indent=1), encoding="utf-8")
     undistort(scenedir)
 

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import numpy as np
 
 from nerf.errors import DataError
-from nerf.load_transforms import camera_bounds, load_transforms_data, rescaled
+from nerf.load_transforms import load_transforms_data, normalised
 from load_blender import load_blender_data
 from load_deepvoxels import load_dv_data
 from load_LINEMOD import load_LINEMOD_data
@@ -115,15 +115,14 @@ def load_scene(args) -> Scene:
         hemi_R = np.mean(np.linalg.norm(poses[:, :3, -1], axis=-1))
         near, far = float(hemi_R - 1.0), float(hemi_R + 1.0)
     elif args.dataset_type == "nerfstudio":
-        images, poses, render_poses, K, (i_train, i_val, i_test), (near, far) = load_transforms_data(
+        images, poses, render_poses, K, (i_train, i_val, i_test), bounds = load_transforms_data(
             args.datadir, args.factor, args.testskip, args.llffhold)
-        if near is None:
-            near, far, _ = camera_bounds(poses)
-        poses, near, far, scale = rescaled(poses, near, far)
+        poses, near, far, scale, shift = normalised(poses, bounds)
         render_poses = poses                        # the capture's own path (see load_transforms_data)
-        if scale != 1.0:
-            logging.getLogger("nerf").info("transforms.json: camera positions and bounds scaled by %.4g (far = %g)",
-                                           scale, far)
+        logging.getLogger("nerf").info(
+            "transforms.json: near %.4g, far %.4g from %s; camera positions moved by (%s) and scaled by %.4g "
+            "(near %.4g, far %g)", bounds.near, bounds.far, bounds.source, ", ".join(f"{v:.4g}" for v in shift),
+            scale, near, far)
         hwf = [images.shape[1], images.shape[2], K[0][0]]
         if images.dtype == np.uint8 and images.shape[-1] == 3:
             images = EightBitImages(images)

@@ -5,10 +5,17 @@ One file `<datadir>/transforms.json` describes every frame:
 * the camera, top level or per frame (a frame's keys override the top
   level's): `fl_x`, `fl_y`, `cx`, `cy`, `w`, `h` in pixels, or
   `camera_angle_x` (and `camera_angle_y`) in radians instead of the focal
-  lengths; `camera_model` (`PINHOLE`, `OPENCV`, `OPENCV_FISHEYE`; `OPENCV`
-  when distortion is given without a model) with `k1`, `k2`, `k3`, `k4`,
-  `p1`, `p2`. Missing `fl_y` is `fl_x`, missing `cx`, `cy` the image centre,
+  lengths; `camera_model` (`PINHOLE`, `OPENCV`, `OPENCV_FISHEYE`; without
+  one, instant-ngp's `"is_fisheye": true` is `OPENCV_FISHEYE`, distortion
+  `OPENCV`) with `k1`, `k2`, `k3`, `k4`, `p1`, `p2`; other lens terms (`k5`,
+  `k6`, `s1`..`s4`, `ftheta_*`) are refused. Missing `fl_y` is `fl_x`,
   missing `w`, `h` the first image's size;
+* pixel coordinates: `cx`, `cy` given are the tools' (COLMAP, nerfstudio,
+  instant-ngp: pixel i's centre at i + 0.5), so the rays go through pixel
+  centres (get_rays' K has cx - 0.5, cy - 0.5; a missing one of the two is
+  the image centre w/2 or h/2 on that axis); without both, the principal
+  point is the image centre in the original NeRF's convention (K's
+  cx = w/2, cy = h/2, as the Blender loader);
 * `frames`: `file_path` (relative to datadir; without an extension `.png`
   is tried, as instant-ngp does for Blender scenes) and `transform_matrix`,
   the 4x4 camera-to-world matrix in the OpenGL / NeRF convention (x right,
@@ -17,12 +24,15 @@ One file `<datadir>/transforms.json` describes every frame:
   as in the frames); without them every `llffhold`-th frame is held out for
   validation and test, as LLFF scenes are;
 * optional `near`, `far` (this project's addition; imgs2poses.py writes
-  them); without them the bounds come from the cameras (`camera_bounds`).
-  Positions and bounds are then scaled so that far = 6 (`rescaled`).
+  them); else, with nerfstudio's `ply_file_path` (the capture's sparse
+  points), the depths of the points each camera sees (`point_bounds`); else
+  from the cameras alone (`camera_bounds`). Positions are then moved so that
+  the scene's centre is at the origin (unless the file gives bounds and the
+  scene is around its origin already) and scaled with the bounds so that
+  far = 6 (`normalised`).
 
-Pixel (i, j)'s ray looks along ((i - cx)/fx, -(j - cy)/fy, -1) in camera
-axes, pixel coordinates without the half-pixel offset, as the original's
-get_rays. `--factor N` reads `images_N/` beside the images' folder when it
+Pixel (i, j)'s ray looks along ((i - K[0, 2])/fx, -(j - K[1, 2])/fy, -1) in
+camera axes, as the original's get_rays. `--factor N` reads `images_N/` beside the images' folder when it
 exists, else area-averages the images by N; the intrinsics are divided by N.
 Distorted images are undistorted once (`nerf.undistort`) and training sees
 the undistorted pinhole camera. All frames must share one camera: the ray
@@ -39,13 +49,19 @@ import numpy as np
 from PIL import Image
 
 from nerf.errors import DataError
+from nerf.sparse_points import point_bounds, read_ply_points
 from nerf.undistort import Camera, undistorted_files
 from load_blender import area_resize
 
 TRANSFORMS = "transforms.json"
 CAMERA_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y", "camera_model",
-               "k1", "k2", "k3", "k4", "p1", "p2")
+               "is_fisheye", "k1", "k2", "k3", "k4", "p1", "p2")
 DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+# Lens terms of nerfstudio's FISHEYE624 and OpenCV's rational / thin-prism models, and instant-ngp's f-theta
+# lens: refused when non-zero (f-theta: when present), as nothing here undistorts them.
+UNSUPPORTED_LENS_KEYS = ("k5", "k6", "s1", "s2", "s3", "s4")
+FTHETA_KEYS = ("ftheta_p0", "ftheta_p1", "ftheta_p2", "ftheta_p3", "ftheta_p4")
+TOOLS_PIXEL_CENTRE = 0.5     # COLMAP, nerfstudio and instant-ngp: pixel i's centre at i + 0.5
 CAMERA_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "OPENCV_FISHEYE")
 SPLIT_KEYS = {"train": "train_filenames", "val": "val_filenames", "test": "test_filenames"}
 
@@ -54,8 +70,10 @@ SPLIT_KEYS = {"train": "train_filenames", "val": "val_filenames", "test": "test_
 class Capture:
     """A parsed transforms.json: its path, the frames' image files and
     camera-to-world matrices (N, 4, 4) float32, the shared camera, the index
-    arrays of the named splits (None when the file names none) and bounds
-    (None when the file has none)."""
+    arrays of the named splits (None when the file names none), bounds
+    (None when the file has none) and the sparse points (P, 3) float64 of its
+    `ply_file_path` (None when it names none). Poses are float64, as written:
+    a capture far from its origin keeps its digits until `normalised`."""
     path: Path
     files: List[Path]
     poses: np.ndarray
@@ -63,6 +81,7 @@ class Capture:
     splits: Optional[Dict[str, np.ndarray]]
     near: Optional[float]
     far: Optional[float]
+    points: Optional[np.ndarray] = None
 
 
 def _number(meta: dict, key: str, where: str, path: Path) -> Optional[float]:
@@ -95,8 +114,19 @@ def header_size(path: Path) -> Tuple[int, int]:
 def _camera(meta: dict, frame: dict, where: str, path: Path, size: Optional[Tuple[int, int]]) -> Camera:
     """The camera of one frame: its keys over the file's top-level keys. `size`
     (w, h) of the first image stands in for missing `w`, `h`."""
-    merged = {k: frame.get(k, meta.get(k)) for k in CAMERA_KEYS}
-    values = {k: _number(merged, k, where, path) for k in CAMERA_KEYS if k != "camera_model"}
+    merged = {k: frame.get(k, meta.get(k)) for k in CAMERA_KEYS + UNSUPPORTED_LENS_KEYS}
+    for key in UNSUPPORTED_LENS_KEYS:
+        if _number(merged, key, where, path):
+            raise DataError(path, f"{where}lens term '{key}' = {merged[key]} cannot be undistorted here (k1..k4, "
+                                  "p1, p2 only); undistort the images to a pinhole or OPENCV camera first")
+    ftheta = [k for k in FTHETA_KEYS if k in frame or k in meta]
+    if ftheta:
+        raise DataError(path, f"{where}f-theta lens ('{ftheta[0]}') cannot be undistorted here; undistort the "
+                              "images to a pinhole or OPENCV camera first")
+    fisheye = merged["is_fisheye"]
+    if fisheye is not None and not isinstance(fisheye, bool):
+        raise DataError(path, f"{where}'is_fisheye' is {fisheye!r}, expected true or false")
+    values = {k: _number(merged, k, where, path) for k in CAMERA_KEYS if k not in ("camera_model", "is_fisheye")}
     w = values["w"] if values["w"] is not None else (size[0] if size else None)
     h = values["h"] if values["h"] is not None else (size[1] if size else None)
     if w is None or h is None:
@@ -119,8 +149,10 @@ def _camera(meta: dict, frame: dict, where: str, path: Path, size: Optional[Tupl
         raise DataError(path, f"{where}focal length {fx} x {fy} is not positive")
     model = merged["camera_model"]
     distortion = tuple((k, values[k] or 0.0) for k in DISTORTION_KEYS)
+    if fisheye and model not in (None, "OPENCV_FISHEYE"):
+        raise DataError(path, f"{where}'is_fisheye' is true but camera_model is {model!r}; give one of them")
     if model is None:
-        model = "OPENCV" if any(v for _, v in distortion) else "PINHOLE"
+        model = "OPENCV_FISHEYE" if fisheye else "OPENCV" if any(v for _, v in distortion) else "PINHOLE"
     if model not in CAMERA_MODELS:
         raise DataError(path, f"{where}camera_model {model!r} cannot be undistorted here "
                               f"(one of {', '.join(CAMERA_MODELS)}); undistort the images to a pinhole camera first")
@@ -130,7 +162,8 @@ def _camera(meta: dict, frame: dict, where: str, path: Path, size: Optional[Tupl
         raise DataError(path, f"{where}OPENCV_FISHEYE has no tangential terms p1, p2")
     cx = values["cx"] if values["cx"] is not None else w / 2.0
     cy = values["cy"] if values["cy"] is not None else h / 2.0
-    return Camera(int(w), int(h), fx, fy, cx, cy, model, distortion)
+    centre = TOOLS_PIXEL_CENTRE if values["cx"] is not None or values["cy"] is not None else 0.0
+    return Camera(int(w), int(h), fx, fy, cx, cy, model, distortion, centre)
 
 
 def read_capture(datadir) -> Capture:
@@ -180,8 +213,12 @@ def read_capture(datadir) -> Capture:
     near, far = _number(meta, "near", "", path), _number(meta, "far", "", path)
     if (near is None) != (far is None) or (near is not None and not 0 <= near < far):
         raise DataError(path, f"'near' {near} and 'far' {far}: give both, 0 <= near < far")
-    return Capture(path, files, np.stack(poses).astype(np.float32), camera, _splits(meta, path, datadir, files),
-                   near, far)
+    points = None
+    if meta.get("ply_file_path") is not None:
+        if not isinstance(meta["ply_file_path"], str):
+            raise DataError(path, f"'ply_file_path' is {meta['ply_file_path']!r}, expected a file path")
+        points = read_ply_points(datadir / meta["ply_file_path"])
+    return Capture(path, files, np.stack(poses), camera, _splits(meta, path, datadir, files), near, far, points)
 
 
 def _splits(meta: dict, path: Path, datadir: Path, files: List[Path]) -> Optional[Dict[str, np.ndarray]]:
@@ -223,6 +260,10 @@ def held_out_split(n: int, llffhold: int) -> Tuple[np.ndarray, np.ndarray, np.nd
     return i_train, i_test, i_test
 
 
+FORWARD_FACING_DEGREES = 45.0   # every viewing axis within this of their mean direction: a forward-facing capture
+FORWARD_FAR = 6.0               # its far bound, in distances from the cameras to the scene centre (see camera_bounds)
+
+
 def camera_bounds(poses: np.ndarray) -> Tuple[float, float, np.ndarray]:
     """(near, far, centre) from the cameras alone (poses (N, 3 or 4, 4) c2w).
 
@@ -230,8 +271,13 @@ def camera_bounds(poses: np.ndarray) -> Tuple[float, float, np.ndarray]:
     least squares, sum_k (I - a_k a_k^T)(c - o_k) = 0, pulled towards the mean
     camera position where the axes are near parallel (a forward-facing
     capture: ridge weight 1e-2 N). With the cameras at distances d_k from it,
-    near = min d / 2 and far = 3 max d / 2 (lego's cameras, at 4.03, give
-    2.02 and 6.05; its loader's bounds are 2 and 6)."""
+    near = min d / 2. Cameras around the scene, looking in at it, see what
+    lies around the centre: far = 3 max d / 2 (lego's cameras, at 4.03, give
+    2.02 and 6.05; its loader's bounds are 2 and 6). A forward-facing capture
+    (every axis within FORWARD_FACING_DEGREES of their mean) also sees the
+    background behind its subject, at depths the cameras alone do not tell:
+    far = FORWARD_FAR max d keeps it (fern's cameras meet 17-18 units away,
+    COLMAP sees its background at 65-80: far 108)."""
     origins = poses[:, :3, 3].astype(np.float64)
     axes = -poses[:, :3, 2].astype(np.float64)
     axes /= np.linalg.norm(axes, axis=-1, keepdims=True)
@@ -241,22 +287,67 @@ def camera_bounds(poses: np.ndarray) -> Tuple[float, float, np.ndarray]:
     b = np.einsum("kij,kj->i", projector, origins) + ridge * origins.mean(0)
     centre = np.linalg.solve(A, b)
     dist = np.linalg.norm(origins - centre, axis=-1)
-    return 0.5 * float(dist.min()), 1.5 * float(dist.max()), centre
+    return 0.5 * float(dist.min()), (FORWARD_FAR if forward_facing(poses) else 1.5) * float(dist.max()), centre
+
+
+def forward_facing(poses: np.ndarray) -> bool:
+    """Whether every viewing axis (-z of poses (N, 3 or 4, 4)) is within FORWARD_FACING_DEGREES of their mean."""
+    axes = -poses[:, :3, 2].astype(np.float64)
+    axes /= np.linalg.norm(axes, axis=-1, keepdims=True)
+    mean = axes.sum(0) / max(float(np.linalg.norm(axes.sum(0))), 1e-12)
+    return bool((axes @ mean).min() > math.cos(math.radians(FORWARD_FACING_DEGREES)))
+
+
+@dataclass
+class Bounds:
+    """A capture's near and far bounds, its scene centre (3,), where the bounds came from (for the log) and
+    whether the file gave them."""
+    near: float
+    far: float
+    centre: np.ndarray
+    source: str
+    given: bool = False
+
+
+def capture_bounds(capture: Capture, poses: np.ndarray, K: np.ndarray, H: int, W: int) -> Bounds:
+    """The bounds of the frames `poses` (N, 4, 4) seen through K (3, 3) at H x W: the file's near and far,
+    else those of its sparse points (`point_bounds`), else the cameras' (`camera_bounds`, whose centre is
+    the scene centre in every case)."""
+    near, far, centre = camera_bounds(poses)
+    if capture.near is not None:
+        return Bounds(capture.near, capture.far, centre, f"'near', 'far' of {capture.path.name}", True)
+    if capture.points is not None:
+        bounds = point_bounds(capture.points, poses, K, H, W)
+        if bounds is not None:
+            return Bounds(*bounds, centre, f"the depths of the {len(capture.points)} sparse points the cameras see")
+    return Bounds(near, far, centre, "the cameras alone (no near/far or ply_file_path in the file): "
+                  + (f"forward-facing, far {FORWARD_FAR:g}x their distance to the scene centre; give near/far "
+                     "if the background lies farther" if forward_facing(poses)
+                     else "far 1.5x their distance to the scene centre"))
 
 
 SCENE_FAR = 6.0   # the Blender scenes' far bound: the scale the default positional encoding suits
 
 
-def rescaled(poses: np.ndarray, near: float, far: float) -> Tuple[np.ndarray, float, float, float]:
-    """Camera positions and bounds in units where far = SCENE_FAR: capture
-    tools write arbitrary units (COLMAP's are often tens), while the
-    positional encoding's frequencies (2^0 .. 2^9) suit a scene a few units
-    across. Returns (poses (N, 4, 4) with translations times s, near s, far s,
-    s = SCENE_FAR / far); s = 1 exactly when far is SCENE_FAR already."""
-    s = SCENE_FAR / far
-    poses = poses.copy()
-    poses[:, :3, 3] *= s
-    return poses, near * s, far * s, s
+def normalised(poses: np.ndarray, bounds: Bounds) -> Tuple[np.ndarray, float, float, float, np.ndarray]:
+    """Camera positions and bounds with the scene centred and in units where
+    far = SCENE_FAR: capture tools write arbitrary units (COLMAP's are often
+    tens) and origins (often the first camera, or far away in geographic
+    coordinates), while the positional encoding's frequencies (2^0 .. 2^9)
+    suit a scene a few units across around the origin. Positions are moved
+    by shift = -centre, then scaled by s = SCENE_FAR / far; a file that gives
+    its bounds and whose scene lies around its origin (the centre within
+    `near` of it, as the Blender scenes) keeps its coordinates (shift = 0).
+    Returns
+    (poses (N, 4, 4) with translations (t + shift) s, near s, far s, s,
+    shift (3,)); s = 1 exactly when far is SCENE_FAR already."""
+    centre = np.asarray(bounds.centre, dtype=np.float64)
+    keep = bounds.given and np.linalg.norm(centre) <= bounds.near
+    shift = np.zeros(3) if keep else -centre
+    s = SCENE_FAR / bounds.far
+    poses = np.array(poses, dtype=np.float64)
+    poses[:, :3, 3] = (poses[:, :3, 3] + shift) * s
+    return poses, bounds.near * s, bounds.far * s, s, shift
 
 
 def read_colours(path: Path) -> np.ndarray:
@@ -279,9 +370,9 @@ def load_transforms_data(datadir, factor: int = 1, testskip: int = 1, llffhold: 
     values as read where no resizing was needed, else float32 in [0, 1]),
     poses (N, 4, 4), render_poses (N, 4, 4: the loaded frames' cameras in file
     order, a path through the capture as it was taken), K (3, 3) of the images as
-    returned, (i_train, i_val, i_test) and (near, far), None each when the file
-    has no bounds. Named val and test splits keep every `testskip`-th frame
-    (as the Blender loader)."""
+    returned, (i_train, i_val, i_test) and the scene's `Bounds` (`capture_bounds`;
+    poses and bounds in the file's units, see `normalised`). Named val and test
+    splits keep every `testskip`-th frame (as the Blender loader)."""
     capture = read_capture(datadir)
     files, camera = capture.files, capture.camera
     undistorted = camera.distorted
@@ -295,7 +386,6 @@ def load_transforms_data(datadir, factor: int = 1, testskip: int = 1, llffhold: 
     keep = np.unique(np.concatenate(i_split))
     position = {int(i): k for k, i in enumerate(keep)}
     i_split = [np.array([position[int(i)] for i in split], dtype=np.int64) for split in i_split]
-    K = camera.K
     images = []
     for i in keep:
         path = files[i]
@@ -307,11 +397,9 @@ def load_transforms_data(datadir, factor: int = 1, testskip: int = 1, llffhold: 
         if images and img.shape != images[0].shape:
             raise DataError(small or path, f"has shape {img.shape}, the first image {images[0].shape}")
         images.append(img)
-    if factor > 1:
-        K = K.copy()
-        K[:2] /= factor
+    K = camera.scaled_K(factor)
     images = np.stack(images, 0)
     if images.dtype not in (np.uint8, np.float32):
         images = images.astype(np.float32) / float(np.iinfo(images.dtype).max)
-    return (images, capture.poses[keep], capture.poses[keep], K, i_split,
-            (capture.near, capture.far))
+    poses = capture.poses[keep]
+    return images, poses, poses, K, i_split, capture_bounds(capture, poses, K, images.shape[1], images.shape[2])

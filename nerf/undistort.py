@@ -1,8 +1,12 @@
 """Cameras with lens distortion (OpenCV's models) and their images undistorted to a pinhole camera, in NumPy.
 
-A camera maps the normalised coordinates (x, y) = ((i - cx)/fx, (j - cy)/fy)
-of an ideal pinhole image to distorted ones (xd, yd), found in the photo at
-pixel (fx xd + cx, fy yd + cy):
+A camera maps the normalised coordinates (x, y) = ((i + c - cx)/fx, (j + c - cy)/fy)
+of pixel (i, j) of an ideal pinhole image to distorted ones (xd, yd), found in
+the photo at pixel (fx xd + cx - c, fy yd + cy - c). c is the camera's
+`pixel_centre`: 0.5 for cameras from COLMAP, nerfstudio and instant-ngp, whose
+pixel (i, j) covers [i, i + 1) x [j, j + 1) with its centre at (i + 0.5, j + 0.5);
+0 for the original NeRF's convention, where get_rays casts the ray of pixel i
+through i - cx. `Camera.K` is always in get_rays' convention (cx - c, cy - c).
 
 * OPENCV (as nerfstudio writes it): r^2 = x^2 + y^2,
   g = 1 + k1 r^2 + k2 r^4 + k3 r^6 + k4 r^8,
@@ -35,8 +39,9 @@ CACHE = "undistorted"
 @dataclass(frozen=True)
 class Camera:
     """One camera: image size (w, h), focal lengths and principal point in
-    pixels, its model and distortion coefficients ((name, value), ...) of
-    k1, k2, k3, k4, p1, p2."""
+    pixels, its model, distortion coefficients ((name, value), ...) of
+    k1, k2, k3, k4, p1, p2, and where the principal point's pixel coordinates
+    put a pixel's centre (`pixel_centre`, see the module docstring)."""
     w: int
     h: int
     fx: float
@@ -45,11 +50,21 @@ class Camera:
     cy: float
     model: str = "PINHOLE"
     distortion: Tuple[Tuple[str, float], ...] = ()
+    pixel_centre: float = 0.0
 
     @property
     def K(self) -> np.ndarray:
-        """(3, 3) float64 intrinsics."""
-        return np.array([[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]])
+        """(3, 3) float64 intrinsics in get_rays' pixel coordinates (pixel i's ray through i - K[0, 2])."""
+        return self.scaled_K(1)
+
+    def scaled_K(self, factor: int) -> np.ndarray:
+        """K (3, 3) float64 of the images area-averaged by `factor` (pixel i then covers the original's
+        [i factor, (i + 1) factor)): the focal lengths and the principal point, measured from the image's
+        edge, divided by factor, then in get_rays' pixel coordinates (the original's K / factor when
+        pixel_centre is 0)."""
+        c = self.pixel_centre
+        return np.array([[self.fx / factor, 0.0, self.cx / factor - c], [0.0, self.fy / factor, self.cy / factor - c],
+                         [0.0, 0.0, 1.0]])
 
     @property
     def coefficients(self) -> Dict[str, float]:
@@ -80,10 +95,12 @@ def distort(x: np.ndarray, y: np.ndarray, camera: Camera) -> Tuple[np.ndarray, n
 
 def source_pixels(camera: Camera, pinhole: Camera) -> Tuple[np.ndarray, np.ndarray]:
     """Where each pixel (i, j) of the `pinhole` image lies in the photo taken by
-    `camera`: columns u and rows v, each (h, w) float64."""
+    `camera`: columns u and rows v (pixel indices), each (h, w) float64."""
     i, j = np.meshgrid(np.arange(pinhole.w, dtype=np.float64), np.arange(pinhole.h, dtype=np.float64))
-    xd, yd = distort((i - pinhole.cx) / pinhole.fx, (j - pinhole.cy) / pinhole.fy, camera)
-    return camera.fx * xd + camera.cx, camera.fy * yd + camera.cy
+    (_, _, ci), (_, _, cj) = pinhole.K[:2]
+    xd, yd = distort((i - ci) / pinhole.fx, (j - cj) / pinhole.fy, camera)
+    (_, _, ui), (_, _, vj) = camera.K[:2]
+    return camera.fx * xd + ui, camera.fy * yd + vj
 
 
 def _border(camera: Camera) -> Tuple[np.ndarray, np.ndarray]:
@@ -91,7 +108,8 @@ def _border(camera: Camera) -> Tuple[np.ndarray, np.ndarray]:
     w, h = camera.w, camera.h
     i = np.concatenate([np.arange(w), np.arange(w), np.zeros(h), np.full(h, w - 1.0)])
     j = np.concatenate([np.zeros(w), np.full(w, h - 1.0), np.arange(h), np.arange(h)])
-    return (i - camera.cx) / camera.fx, (j - camera.cy) / camera.fy
+    (_, _, ci), (_, _, cj) = camera.K[:2]
+    return (i - ci) / camera.fx, (j - cj) / camera.fy
 
 
 def _fits(camera: Camera, scale: float) -> bool:
@@ -103,7 +121,8 @@ def _fits(camera: Camera, scale: float) -> bool:
     x, y = x / scale, y / scale
     xd, yd = distort(x, y, camera)
     xd2, yd2 = distort(1.001 * x, 1.001 * y, camera)
-    u, v = camera.fx * xd + camera.cx, camera.fy * yd + camera.cy
+    (_, _, ui), (_, _, vj) = camera.K[:2]
+    u, v = camera.fx * xd + ui, camera.fy * yd + vj
     inside = (u >= 0) & (u <= camera.w - 1) & (v >= 0) & (v <= camera.h - 1)
     return bool(inside.all() and (xd2 * xd2 + yd2 * yd2 > xd * xd + yd * yd).all())
 
@@ -112,7 +131,8 @@ def pinhole_for(camera: Camera, where: str = "camera") -> Camera:
     """The undistorted pinhole camera: same size and principal point, focal
     lengths s fx, s fy with s the smallest scale that `_fits` (bisection to
     1e-6; scales above 1 zoom in, below 1 widen the view)."""
-    if not 0 <= camera.cx <= camera.w - 1 or not 0 <= camera.cy <= camera.h - 1:
+    (_, _, ci), (_, _, cj) = camera.K[:2]
+    if not 0 <= ci <= camera.w - 1 or not 0 <= cj <= camera.h - 1:
         raise DataError(where, f"{camera.model} camera's principal point ({camera.cx}, {camera.cy}) outside the "
                                       f"{camera.w}x{camera.h} image: cannot undistort")
     hi = 1.0
@@ -127,7 +147,8 @@ def pinhole_for(camera: Camera, where: str = "camera") -> Camera:
     while hi - lo > 1e-6 * hi:
         mid = 0.5 * (lo + hi)
         lo, hi = (lo, mid) if _fits(camera, mid) else (mid, hi)
-    return Camera(camera.w, camera.h, camera.fx * hi, camera.fy * hi, camera.cx, camera.cy)
+    return Camera(camera.w, camera.h, camera.fx * hi, camera.fy * hi, camera.cx, camera.cy,
+                  pixel_centre=camera.pixel_centre)
 
 
 def remap(image: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -151,18 +172,29 @@ def undistort_image(image: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarr
     return out.astype(image.dtype)
 
 
+def _stamp(path: Path) -> list:
+    """[path, size in bytes, modification time in ns] of a source photo: what tells an edited photo apart."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise DataError(path, f"cannot read ({exc.strerror or exc})") from None
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
 def undistorted_files(capture) -> Tuple[List[Path], Camera]:
     """The capture's images undistorted (`undistort_image`) into
     `<datadir>/undistorted/` as PNGs named `<frame>_<stem>.png`, with
-    `camera.json` recording both cameras; a folder made for the same camera
-    and files is reused, another one replaced (made in a temporary folder and
+    `camera.json` recording both cameras and each source photo's path, size
+    and modification time; a folder made for the same camera and the same
+    photos (an edited photo has another size or time) is reused, another one
+    replaced (made in a temporary folder and
     renamed, so an interrupted run leaves none half-written). Returns the
     files, in frame order, and the pinhole camera."""
     camera = capture.camera
     pinhole = pinhole_for(camera, str(capture.path))
     folder = capture.path.parent / CACHE
     names = [f"{k:05d}_{f.stem}.png" for k, f in enumerate(capture.files)]
-    record = {"camera": asdict(camera), "pinhole": asdict(pinhole), "sources": [str(f) for f in capture.files]}
+    record = {"camera": asdict(camera), "pinhole": asdict(pinhole), "sources": [_stamp(f) for f in capture.files]}
     record = json.loads(json.dumps(record))
     record_file = folder / "camera.json"
     if record_file.is_file() and all((folder / n).is_file() for n in names):

@@ -7,6 +7,7 @@ through a distorted camera for undistortion.
 """
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,12 +20,13 @@ import run_nerf
 from nerf import data_checks, geometry
 from nerf.datasets import load_scene
 from nerf.errors import DataError
-from nerf.load_transforms import camera_bounds, read_capture
+from nerf.load_transforms import camera_bounds, load_transforms_data, read_capture
+from nerf.sparse_points import write_ply_points
 from nerf.ray_batches import rays_at
 from nerf.undistort import Camera, distort, pinhole_for, source_pixels, undistort_image, undistorted_files
 from load_blender import pose_spherical
 from run_nerf_helpers import get_rays, ndc_rays
-from scripts.measure_captures import blender_as_transforms
+from scripts.measure_captures import blender_as_transforms, llff_as_transforms
 
 def intrinsics(fx, fy, cx, cy) -> np.ndarray:
     return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
@@ -189,12 +191,12 @@ def test_llffhold_split_images_N_folder_and_K(tmp_path):
     root = tiny_capture(tmp_path / "cap", n=9)
     scene = load_scene(scene_args(root, dataset_type="nerfstudio", factor=1, llffhold=4))
     assert np.array_equal(scene.i_test, [0, 4, 8]) and np.array_equal(scene.i_train, [1, 2, 3, 5, 6, 7])
-    assert np.array_equal(scene.K, intrinsics(20.0, 21.0, 11.0, 9.5))
+    assert np.array_equal(scene.K, intrinsics(20.0, 21.0, 10.5, 9.0))       # the file's cx, cy put centres at +0.5
     assert np.array_equal(np.asarray(scene.images[1]), iio.imread(root / "images" / "f1.png") / np.float32(255.0))
-    poses = read_capture(root).poses                       # no near, far: from the cameras, then far scaled to 6
-    near, far, _ = camera_bounds(poses)
+    poses = read_capture(root).poses               # no near, far: from the cameras, then centred, far scaled to 6
+    near, far, centre = camera_bounds(poses)
     assert scene.far == pytest.approx(6.0, rel=1e-12) and scene.near == pytest.approx(6.0 * near / far, rel=1e-12)
-    assert np.allclose(scene.poses[:, :3, 3], poses[:, :3, 3] * np.float32(6.0 / far), rtol=1e-6)
+    assert np.allclose(scene.poses[:, :3, 3], (poses[:, :3, 3] - centre) * (6.0 / far), rtol=1e-6, atol=1e-6)
     assert np.array_equal(scene.poses[:, :3, :3], poses[:, :3, :3])
     (root / "images_2").mkdir()
     for k in range(9):
@@ -202,7 +204,7 @@ def test_llffhold_split_images_N_folder_and_K(tmp_path):
     args = scene_args(root, dataset_type="nerfstudio", factor=2, llffhold=4)
     assert data_checks.check_data(args) == (8, 12)
     scene = load_scene(args)
-    assert (scene.H, scene.W) == (8, 12) and np.array_equal(scene.K, intrinsics(10.0, 10.5, 5.5, 4.75))
+    assert (scene.H, scene.W) == (8, 12) and np.array_equal(scene.K, intrinsics(10.0, 10.5, 5.0, 4.25))
     assert np.allclose(np.asarray(scene.images)[:, 0, 0, 0], np.arange(9) * 10 / 255.0)
 
 
@@ -214,6 +216,17 @@ def test_llffhold_split_images_N_folder_and_K(tmp_path):
     ("wrong_wh", "f0.png: is 24x16 but"),
     ("per_frame_K", "frame 5: camera differs from frame 0's"),
     ("model", "camera_model 'EQUIRECTANGULAR' cannot be undistorted here"),
+    ("fisheye624", "camera_model 'FISHEYE624' cannot be undistorted here"),
+    ("k5", "lens term 'k5' = 0.01 cannot be undistorted here"),
+    ("k6", "lens term 'k6' = 0.01 cannot be undistorted here"),
+    ("s1", "lens term 's1' = 0.01 cannot be undistorted here"),
+    ("s2", "lens term 's2' = 0.01 cannot be undistorted here"),
+    ("s3", "lens term 's3' = 0.01 cannot be undistorted here"),
+    ("s4", "lens term 's4' = 0.01 cannot be undistorted here"),
+    ("ftheta", "f-theta lens ('ftheta_p0') cannot be undistorted here"),
+    ("fisheye_and_opencv", "'is_fisheye' is true but camera_model is 'OPENCV'"),
+    ("fisheye_not_bool", "'is_fisheye' is 'yes', expected true or false"),
+    ("fisheye_p1", "OPENCV_FISHEYE has no tangential terms p1, p2"),
     ("bad_json", "not valid JSON"),
     ("split_name", "'test_filenames' names images/nope.png, which no frame has"),
 ])
@@ -234,6 +247,18 @@ def test_bad_transforms_json_is_one_line_exit_2_nothing_written(tmp_path, capsys
         meta["frames"][5]["fl_x"] = 22.0
     elif case == "model":
         meta["camera_model"] = "EQUIRECTANGULAR"
+    elif case == "fisheye624":
+        meta.update(camera_model="FISHEYE624", k1=0.01, k5=0.0)
+    elif case in ("k5", "k6", "s1", "s2", "s3", "s4"):
+        meta.update(k1=0.01, **{case: 0.01})
+    elif case == "ftheta":
+        meta.update(ftheta_p0=0.0, ftheta_p1=1.0)
+    elif case == "fisheye_and_opencv":
+        meta.update(is_fisheye=True, camera_model="OPENCV", k1=0.01)
+    elif case == "fisheye_not_bool":
+        meta.update(is_fisheye="yes", k1=0.01)
+    elif case == "fisheye_p1":
+        meta.update(is_fisheye=True, k1=0.01, p1=0.001)
     elif case == "split_name":
         meta.update(train_filenames=["images/f0.png"], test_filenames=["images/nope.png"])
     text = json.dumps(meta) if case != "bad_json" else "{frames: ["
@@ -268,17 +293,21 @@ def undistort_points(xd: np.ndarray, yd: np.ndarray, camera: Camera) -> tuple:
     return x, y
 
 
+@pytest.mark.parametrize("pixel_centre", [0.0, 0.5])
 @pytest.mark.parametrize("model, coefficients", [
     ("OPENCV", dict(k1=-0.12, k2=0.03, p1=0.002, p2=-0.001)),
     ("OPENCV", dict(k1=0.08, k2=0.01, k3=0.002)),
     ("OPENCV_FISHEYE", dict(k1=0.05, k2=-0.01, k3=0.003, k4=-0.001)),
 ])
-def test_undistorted_photo_is_the_pinhole_picture(model, coefficients):
+def test_undistorted_photo_is_the_pinhole_picture(model, coefficients, pixel_centre):
     """Photograph the analytic `pattern` through a distorted camera (each photo pixel's pinhole coordinates by
     Newton inversion), undistort: the result is the pattern on the pinhole camera's pixels, up to bilinear
-    interpolation's error (bounded by the pattern's curvature: second derivatives <= ~6000 px^-2 * 1/fx^2)."""
-    cam = Camera(120, 90, 100.0, 104.0, 62.0, 43.0, model, tuple(coefficients.items()))
-    j, i = np.mgrid[0:cam.h, 0:cam.w].astype(np.float64)
+    interpolation's error (bounded by the pattern's curvature: second derivatives <= ~6000 px^-2 * 1/fx^2).
+    Pixel (i, j) of both images is at (i + c, j + c), c = pixel_centre: 0.5 for the tools' cameras (the
+    pattern is then seen half a pixel away from where c = 0 puts it, 100 x 0.5 / fx ~ 0.5 grey levels per
+    pixel of gradient, far above the error bound)."""
+    cam = Camera(120, 90, 100.0, 104.0, 62.0, 43.0, model, tuple(coefficients.items()), pixel_centre)
+    j, i = np.mgrid[0:cam.h, 0:cam.w].astype(np.float64) + pixel_centre
     x, y = undistort_points((i - cam.cx) / cam.fx, (j - cam.cy) / cam.fy, cam)
     photo = pattern(x, y)[..., None]
     pinhole = pinhole_for(cam)
@@ -288,7 +317,8 @@ def test_undistorted_photo_is_the_pinhole_picture(model, coefficients):
     expected = pattern((i - pinhole.cx) / pinhole.fx, (j - pinhole.cy) / pinhole.fy)
     curvature = 100 * (8 ** 2 + 6 ** 2) / min(cam.fx, cam.fy) ** 2      # |second derivative| per px^2, bound
     assert np.abs(out - expected).max() < curvature / 4 + 1e-6
-    u, v = source_pixels(cam, Camera(cam.w, cam.h, pinhole.fx * 0.99, pinhole.fy * 0.99, cam.cx, cam.cy))
+    u, v = source_pixels(cam, Camera(cam.w, cam.h, pinhole.fx * 0.99, pinhole.fy * 0.99, cam.cx, cam.cy,
+                                     pixel_centre=pixel_centre))
     assert not ((u >= 0) & (u <= cam.w - 1) & (v >= 0) & (v <= cam.h - 1)).all()    # s is the smallest
 
 
@@ -317,3 +347,166 @@ def test_distorted_capture_is_undistorted_once_and_trains_on_the_pinhole_camera(
     with pytest.raises(DataError, match="undistorted: exists but was not made by this loader"):
         load_scene(scene_args(root, dataset_type="nerfstudio", factor=1, llffhold=3))
     assert len(list((root / "undistorted").iterdir())) == 6
+
+
+def test_instant_ngp_is_fisheye_is_undistorted_with_the_fisheye_model(tmp_path):
+    """instant-ngp's colmap2nerf writes "is_fisheye": true with k1..k4 and no camera_model: the photos are
+    undistorted with OPENCV_FISHEYE, the same images as a file that names the model (and not OPENCV's)."""
+    lens = {"k1": 0.05, "k2": -0.01, "k3": 0.003, "k4": -0.001}
+    ngp = tiny_capture(tmp_path / "ngp", size=(40, 30), meta_extra={"fl_x": 35.0, "fl_y": 35.0, "cx": 20.0,
+                                                                     "cy": 15.0, "w": 40, "h": 30,
+                                                                     "is_fisheye": True, **lens})
+    named = tiny_capture(tmp_path / "named", size=(40, 30), meta_extra={"fl_x": 35.0, "fl_y": 35.0, "cx": 20.0,
+                                                                         "cy": 15.0, "w": 40, "h": 30,
+                                                                         "camera_model": "OPENCV_FISHEYE", **lens})
+    assert read_capture(ngp).camera == read_capture(named).camera
+    assert read_capture(ngp).camera.model == "OPENCV_FISHEYE"
+    ours = load_scene(scene_args(ngp, dataset_type="nerfstudio", factor=1, llffhold=3))
+    theirs = load_scene(scene_args(named, dataset_type="nerfstudio", factor=1, llffhold=3))
+    assert np.array_equal(ours.K, theirs.K)
+    assert np.array_equal(np.asarray(ours.images), np.asarray(theirs.images))
+    as_opencv = Camera(40, 30, 35.0, 35.0, 20.0, 15.0, "OPENCV", tuple(lens.items()), 0.5)
+    assert not np.allclose(pinhole_for(as_opencv).K, ours.K)
+    zero = tiny_capture(tmp_path / "zero", meta_extra={"k5": 0.0, "s1": 0.0, "is_fisheye": False})
+    assert read_capture(zero).camera.model == "PINHOLE"                  # zero terms are honoured: nothing to do
+
+
+@pytest.mark.parametrize("cx, cy", [(12.0, 8.0), (12.5, 8.5), (11.25, 7.75), (3.7, 13.2), (20.0, 0.5)])
+def test_rays_go_through_the_pixel_centres_of_a_tools_camera(tmp_path, cx, cy):
+    """A capture described as COLMAP / nerfstudio / instant-ngp describe one (pixel (i, j) covers
+    [i, i + 1) x [j, j + 1), its centre at (i + 0.5, j + 0.5), principal point (cx, cy) in those coordinates):
+    points placed on pixel centres with that convention, at several depths, lie on the rays get_rays casts
+    through those pixels, after loading and normalising (half a pixel off would be 0.5 / fx ~ 0.025 rad)."""
+    root = tiny_capture(tmp_path / "cap", meta_extra={"cx": cx, "cy": cy})
+    fx, fy = 20.0, 21.0
+    capture = read_capture(root)
+    scene = load_scene(scene_args(root, dataset_type="nerfstudio", factor=1, llffhold=4))
+    images, poses, _, K, _, bounds = load_transforms_data(root, 1, 1, 4)
+    s = scene.far / bounds.far
+    shift = scene.poses[0, :3, 3] / s - poses[0, :3, 3]
+    rng = np.random.default_rng(int(cx * 100))
+    for k in scene.i_train:
+        c2w = torch.tensor(scene.poses[k], dtype=torch.float64)
+        rays_o, rays_d = get_rays(scene.H, scene.W, scene.K, c2w)
+        i, j = rng.integers(0, scene.W, 20), rng.integers(0, scene.H, 20)
+        depth = rng.uniform(1.0, 5.0, 20)
+        cam = np.stack([(i + 0.5 - cx) / fx * depth, -(j + 0.5 - cy) / fy * depth, -depth], -1)   # OpenGL axes
+        world = cam @ poses[k][:3, :3].T + poses[k][:3, 3]
+        point = torch.tensor((world + shift) * s)
+        o, d = rays_o[j, i].double(), rays_d[j, i].double()
+        t = ((point - o) * d).sum(-1) / (d * d).sum(-1)
+        miss = (o + t[:, None] * d - point).norm(dim=-1) / t / d.norm(dim=-1)           # radians
+        assert float(miss.max()) < 1e-6, float(miss.max())
+    assert capture.camera.pixel_centre == 0.5
+
+
+def test_edited_photos_are_undistorted_again(tmp_path):
+    """The undistorted images are remade when a photo changes at the same path, whether its size changes or
+    not (also when its modification time is set back), and reused while nothing changes."""
+    extra = {"camera_model": "OPENCV", "k1": -0.1, "k2": 0.02, "fl_x": 35.0, "fl_y": 35.0, "cx": 20.5,
+             "cy": 14.0, "w": 40, "h": 30}
+    root = tiny_capture(tmp_path / "cap", size=(40, 30), meta_extra=extra)
+    args = scene_args(root, dataset_type="nerfstudio", factor=1, llffhold=3)
+    load_scene(args)
+    capture = read_capture(root)
+    u, v = source_pixels(capture.camera, pinhole_for(capture.camera))
+    photo = root / "images" / "f1.png"
+    rng = np.random.default_rng(7)
+    for edit in ("same_size", "other_size_time_set_back", "unchanged"):
+        before = photo.stat()
+        if edit == "same_size":
+            new = 255 - iio.imread(photo)                            # a PNG of the same pixels' complement
+        elif edit == "other_size_time_set_back":
+            new = np.full((30, 40, 3), rng.integers(0, 256), np.uint8)
+        if edit != "unchanged":
+            iio.imwrite(photo, new)
+            if "set_back" in edit:
+                os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
+        stamp = (root / "undistorted" / "00001_f1.png").stat().st_mtime_ns
+        scene = load_scene(args)
+        expected = undistort_image(iio.imread(photo), u, v) / np.float32(255.0)
+        assert np.array_equal(np.asarray(scene.images[1]), expected), edit           # frame 1: the edited one
+        remade = (root / "undistorted" / "00001_f1.png").stat().st_mtime_ns != stamp
+        assert remade == (edit != "unchanged"), edit
+
+
+# --- Bounds and the scene's place --------------------------------------------------
+
+def forward_capture(root: Path, offset=(0.0, 0.0, 0.0), ply: str = None) -> Path:
+    """A forward-facing capture: 6 cameras on a 1 x 0.5 grid looking down -z, a foreground card of points
+    3-4 units in front and a backdrop 20-25 units away, everything moved by `offset`; with `ply`, the points
+    written in that PLY format ('ascii' or 'binary') and named by ply_file_path."""
+    rng = np.random.default_rng(11)
+    root.mkdir(parents=True)
+    (root / "images").mkdir()
+    offset = np.asarray(offset, dtype=np.float64)
+    frames = []
+    for k in range(6):
+        c2w = np.eye(4)
+        c2w[:3, 3] = np.array([0.5 * (k % 3) - 0.5, 0.5 * (k // 3), 0.0]) + offset
+        iio.imwrite(root / "images" / f"f{k}.png", rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+        frames.append({"file_path": f"images/f{k}.png", "transform_matrix": c2w.tolist()})
+    meta = {"fl_x": 20.0, "fl_y": 20.0, "cx": 12.0, "cy": 8.0, "w": 24, "h": 16, "frames": frames}
+    front = np.stack([rng.uniform(-1, 1, 300), rng.uniform(-0.6, 0.8, 300), -rng.uniform(3, 4, 300)], -1)
+    back = np.stack([rng.uniform(-14, 14, 300), rng.uniform(-9, 10, 300), -rng.uniform(20, 25, 300)], -1)
+    points = np.concatenate([front, back]) + offset
+    if ply == "binary":
+        write_ply_points(root / "points.ply", points, np.zeros((len(points), 3), np.uint8))
+    elif ply == "ascii":
+        lines = "".join(f"{x:.9g} {y:.9g} {z:.9g} 10 20 30\n" for x, y, z in points)
+        (root / "points.ply").write_text(f"ply\nformat ascii 1.0\ncomment nerfstudio\nelement vertex {len(points)}\n"
+                                         "property float x\nproperty float y\nproperty float z\n"
+                                         "property uint8 red\nproperty uint8 green\nproperty uint8 blue\n"
+                                         f"end_header\n{lines}")
+    if ply:
+        meta["ply_file_path"] = "points.ply"
+    (root / "transforms.json").write_text(json.dumps(meta))
+    np.save(root / "points.npy", points)
+    return root
+
+
+@pytest.mark.parametrize("ply", ["ascii", "binary"])
+def test_bounds_from_the_sparse_points_keep_the_backdrop(tmp_path, ply, caplog):
+    """With ply_file_path (nerfstudio's sparse points): per camera the 0.1 / 99.9 percentiles of the depths of
+    the points it sees (projected with nerf.geometry.project, the rays' own convention), near 0.9 x the
+    smallest, far the largest, as LLFF's imgs2poses; the run says where its bounds came from."""
+    root = forward_capture(tmp_path / "cap", ply=ply)
+    points = np.load(root / "points.npy")
+    images, poses, _, K, _, bounds = load_transforms_data(root, 1, 1, 3)
+    lows, highs = [], []
+    for c2w in poses:
+        i, j, depth = geometry.project(torch.tensor(points), torch.tensor(c2w[:3]), K)
+        seen = ((depth > 0) & (i >= -0.5) & (i <= 23.5) & (j >= -0.5) & (j <= 15.5)).numpy()
+        lows.append(np.percentile(depth.numpy()[seen], 0.1))
+        highs.append(np.percentile(depth.numpy()[seen], 99.9))
+    assert bounds.near == pytest.approx(0.9 * min(lows), rel=1e-5)          # ascii: float32 digits
+    assert bounds.far == pytest.approx(max(highs), rel=1e-5) and bounds.far > 20
+    with caplog.at_level("INFO", logger="nerf"):
+        scene = load_scene(scene_args(root, dataset_type="nerfstudio", factor=1, llffhold=3))
+    assert scene.far == pytest.approx(6.0) and scene.near == pytest.approx(6.0 * bounds.near / bounds.far)
+    assert "sparse points" in caplog.text and f"far {bounds.far:.4g}" in caplog.text
+
+
+def test_a_forward_facing_capture_without_bounds_keeps_its_background(fern_dir, tmp_path):
+    """fern's poses as a transforms.json without near/far or points: the cameras' bounds must hold every depth
+    COLMAP saw (poses_bounds.npy: 16.98 to 80.0), not stop at 1.5 x where the viewing axes meet (27.2)."""
+    root = llff_as_transforms(fern_dir, tmp_path / "fern")
+    colmap = np.load(fern_dir / "poses_bounds.npy")[:, 15:]
+    _, poses, _, _, _, bounds = load_transforms_data(root, 1, 1, 8)
+    assert bounds.near <= colmap.min() and bounds.far >= colmap.max()
+    assert "forward-facing" in bounds.source
+
+
+@pytest.mark.parametrize("ply", [None, "binary"])
+def test_a_capture_far_from_its_origin_loads_to_the_same_scene(tmp_path, ply):
+    """Moving a whole capture (cameras and points) by an offset, up to 1e7 units in several directions, gives
+    the same normalised poses and bounds: the scene is recentred before scaling (else the positional encoding
+    sees coordinates of size offset x 6 / far). Poses are compared in float32 after normalising, to 1e-5."""
+    base = load_scene(scene_args(forward_capture(tmp_path / "base", ply=ply), dataset_type="nerfstudio",
+                                 factor=1, llffhold=3))
+    assert np.abs(base.poses[:, :3, 3]).max() < base.far
+    for k, offset in enumerate([(30.0, 0, 0), (0, -1e3, 0), (1e5, 1e5, -1e5), (-3e6, 2e6, 1e7), (0, 0, 5e4)]):
+        moved = load_scene(scene_args(forward_capture(tmp_path / f"moved{k}", offset, ply=ply),
+                                      dataset_type="nerfstudio", factor=1, llffhold=3))
+        assert np.allclose(moved.poses, base.poses, atol=1e-5, rtol=0), offset
+        assert moved.near == pytest.approx(base.near, rel=1e-6) and moved.far == pytest.approx(base.far, rel=1e-6)

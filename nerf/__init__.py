@@ -11,7 +11,7 @@ One concern a module:
 - parallel: data-parallel training under torchrun
 - flags, data_checks, run_folder: checks of the flags, the data folder and the run folder before any heavy work
 - datasets: from flags to a loaded scene
-- load_transforms, undistort: capture tools' transforms.json (`--dataset_type nerfstudio`); lens distortion and undistortion
+- load_transforms, undistort, sparse_points: capture tools' transforms.json (`--dataset_type nerfstudio`); lens distortion and undistortion; sparse points (PLY) and their bounds
 - metrics, lpips_vgg, scoring: PSNR and SSIM, LPIPS, a test set's scores and `metrics.json`
 - colmap_model: reading COLMAP models, converting them to poses_bounds.npy and transforms.json
 - demo_scene: the built-in analytic demo scene

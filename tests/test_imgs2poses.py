@@ -394,6 +394,29 @@ def test_cli_sparse_writes_rows_names_and_no_unregistered(tmp_path):
     assert not (scene_dir / "unregistered.txt").exists()
 
 
+def test_cli_writes_the_sparse_points_whose_bounds_are_the_rows_bounds(tmp_path):
+    """sparse_pc.ply (named by transforms.json's ply_file_path) holds the model's points, in the frames' world
+    coordinates: the loader's bounds from the points each camera sees (nerf.sparse_points.point_bounds, with the
+    K the loader builds from the file's cx, cy) are the bounds of the rows COLMAP's tracks give, camera by
+    camera (the synthetic scene has no occlusion: a camera observes every point in its view)."""
+    from nerf.load_transforms import TOOLS_PIXEL_CENTRE
+    from nerf.sparse_points import point_bounds, read_ply_points
+    scene = Scene(seed=5)
+    scene_dir = make_scene_dir(tmp_path / "scene", scene)
+    scene.write_text(scene_dir / "sparse" / "0")
+    assert run_cli(scene_dir, "--sparse", scene_dir / "sparse").returncode == 0
+    meta = json.loads((scene_dir / "transforms.json").read_text())
+    points = read_ply_points(scene_dir / meta["ply_file_path"])
+    model = cm.read_model(scene_dir / "sparse" / "0")
+    np.testing.assert_array_equal(points, model.points3d.xyz)
+    rows = np.load(scene_dir / "poses_bounds.npy")
+    for k, frame in enumerate(meta["frames"]):
+        K = np.array([[frame["fl_x"], 0, frame["cx"] - TOOLS_PIXEL_CENTRE],
+                      [0, frame["fl_y"], frame["cy"] - TOOLS_PIXEL_CENTRE], [0, 0, 1]])
+        near, far = point_bounds(points, np.array(frame["transform_matrix"])[None], K, frame["h"], frame["w"])
+        assert near == pytest.approx(0.9 * rows[k, 15], rel=1e-9) and far == pytest.approx(rows[k, 16], rel=1e-9)
+
+
 def test_unregistered_images_named_and_excluded(tmp_path):
     names = ["img_01.png", "img_02.png", "img_03.jpg", "img_04.png", "img_05.JPG", "img_06.png", "img_07.png"]
     scene = Scene(seed=7, names=names)

@@ -441,8 +441,8 @@ def camera_focal(camera: Camera) -> float:
 def nerf_camera(camera: Camera) -> UndistortCamera:
     """The camera as transforms.json and nerf.undistort describe it: fl_x, fl_y,
     cx, cy, w, h and camera_model OPENCV / OPENCV_FISHEYE / PINHOLE with k1..k4,
-    p1, p2. FULL_OPENCV's rational terms (k4, k5, k6 in COLMAP's order) must be
-    0. Raises ColmapModelError (path ``cameras``) for other models."""
+    p1, p2, with COLMAP's pixel centres (pixel i's centre at i + 0.5).
+    FULL_OPENCV's rational terms (k4, k5, k6 in COLMAP's order) must be 0. Raises ColmapModelError (path ``cameras``) for other models."""
     if camera.model not in MODEL_PARAMETERS:
         raise ColmapModelError(
             "cameras", f"camera {camera.id} uses model {camera.model}, which cannot be undistorted here "
@@ -456,7 +456,8 @@ def nerf_camera(camera: Camera) -> UndistortCamera:
     fx, fy = (p.pop("f"),) * 2 if "f" in p else (p.pop("fx"), p.pop("fy"))
     cx, cy = p.pop("cx"), p.pop("cy")
     distortion = tuple((k, p.get(k, 0.0)) for k in ("k1", "k2", "k3", "k4", "p1", "p2")) if model != "PINHOLE" else ()
-    return UndistortCamera(int(camera.width), int(camera.height), fx, fy, cx, cy, model, distortion)
+    return UndistortCamera(int(camera.width), int(camera.height), fx, fy, cx, cy, model, distortion,
+                           pixel_centre=0.5)
 
 
 def colmap_to_llff_pose(R: np.ndarray, t: np.ndarray, height: float, width: float, focal: float) -> np.ndarray:

@@ -227,6 +227,10 @@ def test_llffhold_split_images_N_folder_and_K(tmp_path):
     ("fisheye_and_opencv", "'is_fisheye' is true but camera_model is 'OPENCV'"),
     ("fisheye_not_bool", "'is_fisheye' is 'yes', expected true or false"),
     ("fisheye_p1", "OPENCV_FISHEYE has no tangential terms p1, p2"),
+    ("ply_missing", "nope.ply: cannot read the sparse points"),
+    ("ply_not_ply", "pts.ply: not a PLY file"),
+    ("ply_short", "pts.ply: PLY body does not hold the 5 vertices its header announces"),
+    ("ply_no_xyz", "pts.ply: PLY vertices have no x, y, z"),
     ("bad_json", "not valid JSON"),
     ("split_name", "'test_filenames' names images/nope.png, which no frame has"),
 ])
@@ -259,6 +263,13 @@ def test_bad_transforms_json_is_one_line_exit_2_nothing_written(tmp_path, capsys
         meta.update(is_fisheye="yes", k1=0.01)
     elif case == "fisheye_p1":
         meta.update(is_fisheye=True, k1=0.01, p1=0.001)
+    elif case == "ply_missing":
+        meta["ply_file_path"] = "nope.ply"
+    elif case.startswith("ply_"):
+        meta["ply_file_path"] = "pts.ply"
+        header = "ply\nformat binary_little_endian 1.0\nelement vertex 5\nproperty float {}\nproperty float y\n" \
+                 "property float z\nend_header\n".format("w" if case == "ply_no_xyz" else "x")
+        (root / "pts.ply").write_bytes(b"solid" if case == "ply_not_ply" else header.encode() + bytes(12 * 4))
     elif case == "split_name":
         meta.update(train_filenames=["images/f0.png"], test_filenames=["images/nope.png"])
     text = json.dumps(meta) if case != "bad_json" else "{frames: ["

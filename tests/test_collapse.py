@@ -123,7 +123,8 @@ def stop_by_sigterm_at(monkeypatch, step: int, start: int) -> None:
     monkeypatch.setattr(run_nerf, "train_step", train_step)
 
 
-def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_uninterrupted_one(demo_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_uninterrupted_one(
+        demo_dir, tmp_path, monkeypatch):  # noqa: F811
     """Seed 12: the fine network is alive at step 1 and dead from step 2 on (the probe passes it), so its streak
     reaches the patience of 3 at step 4 and is read at step 5, which restarts it (and draws it once more: the
     probe finds the first redraw dead). A chain of runs stops at every step from 1 to 6: at steps 1, 3, 5 as the
@@ -148,7 +149,8 @@ def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_uninterrupted_one(dem
     restarts = checkpoint(tmp_path / "straight" / f"{n:06d}.tar")["collapse_guard"]["restarts"]
     assert [(r["step"], r["networks"], r["steps"]) for r in restarts] == [(5, "fine", 3), (5, "fine", 0)]
     assert checkpoint(tmp_path / "straight" / "000004.tar")["collapse_guard"]["streak"].tolist() == [0, 3]
-    assert "# collapse guard: step 5: fine network(s) collapsed for 3 steps" in (tmp_path / "chain" / "args.txt").read_text()
+    notes = (tmp_path / "chain" / "args.txt").read_text()
+    assert "# collapse guard: step 5: fine network(s) collapsed for 3 steps" in notes
 
 
 def test_no_restarts_left_is_one_error_line_and_status_1(demo_dir, tmp_path, capsys):  # noqa: F811
@@ -206,19 +208,25 @@ def demo_networks(demo_dir, tmp_path_factory):  # noqa: F811
 def test_the_probe_finds_every_network_born_dead_and_leaves_none(demo_networks):
     """Seeds 0-19 (docs/robustness.md: 13 of them start with a dead network): the probe (128 rays, no jitter) finds
     dead exactly the networks that get no density gradient from 512 jittered training rays, and after
-    `start()` no network is dead on those rays. A healthy seed is not touched: its weights stay bit for bit."""
+    `start()` no network is dead on those rays. The probe changes nothing else: a network it passes keeps its
+    weights, and a seed it passes whole keeps torch's generator state, bit for bit."""
     found = {}
     for seed in range(20):
         kwargs, optimizer, guard = demo_networks.build(seed)
         dead = demo_networks.dead(kwargs, optimizer)
-        before = {k: v.clone() for k, v in kwargs["network_fine"].state_dict().items()}
+        nets = {"coarse": kwargs["network_fn"], "fine": kwargs["network_fine"]}
+        before = {name: {k: v.clone() for k, v in net.state_dict().items()} for name, net in nets.items()}
+        generator = torch.get_rng_state()
         assert guard.start() is None
         first = guard.restarts[0]["networks"].split(",") if guard.restarts else []
         assert set(first) == dead, seed
         assert demo_networks.dead(kwargs, optimizer) == set(), seed
         assert all(r["step"] == 0 for r in guard.restarts)
-        if "fine" not in dead and all(r["networks"] == "coarse" for r in guard.restarts):
-            assert all(torch.equal(v, kwargs["network_fine"].state_dict()[k]) for k, v in before.items()), seed
+        redrawn = {name for r in guard.restarts for name in r["networks"].split(",")}
+        for name in set(nets) - redrawn:
+            assert all(torch.equal(v, nets[name].state_dict()[k]) for k, v in before[name].items()), (seed, name)
+        assert redrawn or torch.equal(generator, torch.get_rng_state()), seed
+        assert all(p.grad is None for net in nets.values() for p in net.parameters()), seed
         found[seed] = ",".join(sorted(dead))
     # The sweep holds every case: both networks dead, either alone, neither.
     assert {"", "coarse", "fine", "coarse,fine"} <= set(found.values()), found

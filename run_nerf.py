@@ -502,6 +502,18 @@ def train_step(batch_rays, target_s, scene: Scene, render_kwargs: dict, optimize
     return out
 
 
+def probe_backward(batch_rays, target_s, scene: Scene, render_kwargs: dict, chunk: int) -> None:
+    """Backpropagates the colour loss of one batch rendered without noise (no
+    stratified jitter, no density noise: no random generator moves), into the
+    gradients: the collapse guard's probe of which networks get a density gradient."""
+    rgb, _, _, extras = render(scene.H, scene.W, scene.K, chunk=chunk, rays=batch_rays,
+                               **{**render_kwargs, 'perturb': 0., 'raw_noise_std': 0.})
+    loss = img2mse(rgb, target_s)
+    if 'rgb0' in extras:
+        loss = loss + img2mse(extras['rgb0'], target_s)
+    loss.backward()
+
+
 class StopRequest:
     """Turns SIGINT / SIGTERM / SIGHUP (a closed terminal, a dropped SSH
     connection) into a flag the loop checks after each step."""
@@ -643,9 +655,17 @@ def train(argv=None) -> int:
     sampler = make_sampler(args, scene, device, ranks, pinned)
     restore_sampling_state(ckpt, ckpt_path, sampler, run, start)
     network_fn, network_fine = render_kwargs_train['network_fn'], render_kwargs_train['network_fine']
-    guard = collapse.guard_from_args(args, network_fn, network_fine, optimizer, device, ranks, ckpt)
+    guard = collapse.guard_from_args(args, network_fn, network_fine, optimizer, device, ranks, ckpt, sampler.pixels,
+                                     lambda rays, target: probe_backward(rays, target, scene, render_kwargs_train,
+                                                                         args.chunk))
+    collapsed = guard.start() if start == 0 else None      # a network born dead is drawn again before step 1
     if ranks.is_main:
         write_run_files(args, expdir, guard.notes())
+    if collapsed:
+        if ranks.is_main:
+            tqdm.write(f"error: {collapsed}", file=sys.stderr)
+        return 1
+    if ranks.is_main:
         run.writer = outputs.EventLog(Path(args.basedir) / 'summaries' / str(args.expname))
     gradient_average = parallel.GradientAverage(grad_vars) if ranks.distributed else None
     newest = ckpt_path   # the newest good checkpoint: named when a save fails or the loss is not finite
@@ -684,6 +704,15 @@ def train(argv=None) -> int:
                     raise
                 raise out_of_memory_error(exc, args, device) from None
             guard.observe()
+            collapsed = guard.watch(i)
+            if collapsed:
+                if ranks.is_main:
+                    tqdm.write(f"error: {collapsed}", file=sys.stderr)
+                status = 1
+                break
+            if guard.restarts and guard.restarts[-1]['step'] == i and ranks.is_main:
+                with outputs.warn_on_write_error():    # the checkpoints record the restart as well
+                    write_run_files(args, expdir, guard.notes(), with_config=False)
             if live is not None:
                 live.training_step(i, stats)
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(stats['loss']),
@@ -703,15 +732,6 @@ def train(argv=None) -> int:
                         tqdm.write(run_folder.nonfinite_message(bad, newest), file=sys.stderr)
                     status = 1
                     break
-                collapsed = guard.check(i, i == args.N_iters)
-                if collapsed:
-                    if ranks.is_main:
-                        tqdm.write(f"error: {collapsed}", file=sys.stderr)
-                    status = 1
-                    break
-                if guard.restarts and guard.restarts[-1]['step'] == i and ranks.is_main:
-                    with outputs.warn_on_write_error():    # the checkpoints record the restart as well
-                        write_run_files(args, expdir, guard.notes(), with_config=False)
             if due['print'] and ranks.is_main:
                 log_progress(run.writer, bar, stats, optimizer.param_groups[0]['lr'], i)
             if due['img'] and ranks.is_main:

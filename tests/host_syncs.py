@@ -9,7 +9,11 @@ On the CPU every tensor is a host tensor, so a `.to()` cannot be told apart
 from a no-op by its devices: any `.to()` naming a device without
 `non_blocking=True` counts (on a GPU it blocks, or is a no-op). Calls made by
 torch's own optimisers are not counted: Adam keeps its step count on the host
-by design (that `.item()` never waits for the GPU).
+by design (that `.item()` never waits for the GPU). Nor are reads of a host
+buffer that an earlier step filled by a non-blocking copy, through a NumPy view
+after that step's event (the stop requests of nerf/parallel.py, the collapse
+guard's streaks of nerf/collapse.py): they wait for the previous step's work
+only, with the current step's work queued behind it.
 
     with HostSyncCounter() as syncs:
         syncs.step = i              # optional: which step the calls belong to

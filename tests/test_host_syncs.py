@@ -1,9 +1,10 @@
 """The steady-state training step never makes the host wait for the device
 (issue 19, item 8): counted on the CPU with `host_syncs.HostSyncCounter`,
 over 20 steady-state steps, with and without ray batching, and in a 2-process
-gloo run. Only the i_print steps (the [TRAIN] line reads the loss) and the
-run's first and last steps (the fast path's probe, the final save) may read
-values."""
+gloo run, with the collapse guard on (the default: it reads each step's
+streaks one step late, from a host copy). Only the i_print steps (the [TRAIN]
+line reads the loss) and the run's first and last steps (the fast path's
+probe, the final save) may read values."""
 import json
 import os
 import subprocess

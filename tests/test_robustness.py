@@ -461,20 +461,29 @@ def test_render_only_twice_keeps_the_first_render_aside(tmp_path, blender_scene,
 
 def _count_training_calls(monkeypatch, action, after: int):
     """Wraps the network query (fast path or not) to call `action(output, n)`
-    from its `after`-th call with gradients on (one call per training step
-    without a fine network)."""
-    original = rendering.run_network
-    calls = {"n": 0}
+    from its `after`-th call within a training step (one call per training
+    step without a fine network; the collapse guard's probe before the first
+    step is not counted)."""
+    original, original_step = rendering.run_network, run_nerf.train_step
+    calls = {"n": 0, "in_step": False}
 
     def run_network(*args, **kwargs):
         out = original(*args, **kwargs)
-        if torch.is_grad_enabled():
+        if calls["in_step"]:
             calls["n"] += 1
             if calls["n"] >= after:
                 return action(out, calls["n"])
         return out
 
+    def train_step(*args, **kwargs):
+        calls["in_step"] = True
+        try:
+            return original_step(*args, **kwargs)
+        finally:
+            calls["in_step"] = False
+
     monkeypatch.setattr(rendering, "run_network", run_network)
+    monkeypatch.setattr(run_nerf, "train_step", train_step)
     return calls
 
 

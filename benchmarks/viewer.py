@@ -103,7 +103,12 @@ def measure_pictures(args, argv) -> None:
     render_kwargs.update(near=scene.near, far=scene.far)
     connected = []
     real_connect = viewer.Viewer._connect
-    viewer.Viewer._connect = lambda self, client: connected.append(time.perf_counter()) or real_connect(self, client)
+
+    async def timed_connect(self, client):
+        connected.append(time.perf_counter())
+        await real_connect(self, client)
+
+    viewer.Viewer._connect = timed_connect
     shown = count_pictures(viewer.Viewer)
     live = viewer.Viewer(scene, render_kwargs, flags.choose_device(None), expdir, port=args.port)
     thread = threading.Thread(target=live.serve_forever, daemon=True)
@@ -121,8 +126,7 @@ def measure_pictures(args, argv) -> None:
         if args.screenshot:
             (client,) = live.server.get_clients().values()
             pose = scene.poses[scene.i_test[args.screenshot_view]]
-            live.show_cameras.value = False
-            live._show_frustums(False)
+            live._show_frustums(live.clients[client.client_id], False)
             time.sleep(1.0)
             live._go_to(client, pose)
             time.sleep(1.0)

@@ -262,7 +262,8 @@ def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo,
         if live is not None:   # a browser that never receives its pictures keeps the viewer rendering
             live.cameras[-1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov,
                                                     24, 32, 1, 0.0)
-            live.training_share.value = 0.25   # a render every step or two, however fast the steps run
+            live.clients[-1] = viewer.BrowserState(max_resolution=256, training_share=0.25)   # a render every
+            # step or two, however fast the steps run
             real_work = live.work
             live.work = lambda seconds: rendered.append(seconds) or real_work(seconds)
         return live
@@ -335,11 +336,12 @@ def test_outputs_rgb_depth_and_accumulation(live_viewer):
     job = viewer.RenderJob(0, 1, True, h, w, torch.zeros(h * w, 3), torch.zeros(h * w, 3))
     for name, value in (("rgb", rgb), ("disp", disp), ("acc", acc)):   # two slices each
         job.maps[name] = [torch.as_tensor(value[:7]), torch.as_tensor(value[7:])]
-    live.output.value = "RGB"
+    live.clients[0] = viewer.BrowserState(max_resolution=256)
+    live.clients[0].output = "RGB"
     np.testing.assert_array_equal(live.picture(job), np.round(rgb.reshape(h, w, 3) * 255))
-    live.output.value = "accumulation"
+    live.clients[0].output = "accumulation"
     np.testing.assert_array_equal(live.picture(job), np.round(np.repeat(acc.reshape(h, w, 1), 3, -1) * 255))
-    live.output.value = "depth"
+    live.clients[0].output = "depth"
     depth = live.picture(job).astype(int)
     empty = (acc < 0.5).reshape(h, w)
     assert (depth[empty] == 0).all() and (depth[~empty].sum(-1) > 0).all()     # nothing hit: black
@@ -357,7 +359,7 @@ def test_preview_while_moving_full_at_rest_and_redrawn_when_refreshed(live_viewe
     live.stopped.set()        # no rendering thread: the test asks for the jobs itself
     time.sleep(0.3)
     live.rays_per_second = 200 / viewer.PREVIEW_SECONDS          # previews of about 200 pixels
-    live.max_resolution.value = 128
+    live.clients[7] = viewer.BrowserState(max_resolution=128)
     pose = viewer.browser_pose([1, 0, 0, 0], live.home)
     live.shown.clear()
     live.cameras = {7: viewer.BrowserCamera(pose, live.fov, 300, 400, 1, time.perf_counter())}
@@ -428,3 +430,314 @@ def test_a_render_only_run_never_checks_the_viewers_port():
         if importlib.util.find_spec("viser") is not None:
             with pytest.raises(DataError, match="--viewer_port"):
                 viewer.check_flag(SimpleNamespace(**{**vars(args), "render_only": False}))
+
+
+# --- the browser as an untrusted client (issue 27, items 1, 2, 3, 5) ---
+
+@pytest.fixture()
+def idle_viewer(trained_demo):
+    """A Viewer of the trained demo with no rendering thread: the tests render with `work`."""
+    import run_nerf
+    from nerf import flags, viewer
+    from nerf.datasets import load_scene
+
+    demo_dir, basedir = trained_demo
+    args = flags.parse_args(run_nerf.config_parser(), demo_args(demo_dir, basedir))
+    scene = load_scene(args)
+    _, render_kwargs, _, _, _ = run_nerf.create_nerf(args)
+    render_kwargs.update(near=scene.near, far=scene.far)
+    live = viewer.Viewer(scene, render_kwargs, flags.choose_device(None), basedir / "demo", port=free_port(),
+                         training=True)
+    yield live
+    live.stop()
+
+
+class FakeBrowser:
+    """A browser as viser's server sees one: a connection whose messages go
+    through viser's own handlers on the server's event loop, as a websocket's
+    would; each call returns once the message has been handled."""
+
+    def __init__(self, live, client_id: int, **camera):
+        from viser import infra
+        from viser.infra._async_message_buffer import AsyncMessageBuffer
+        from viser.infra._infra import _ClientHandleState
+
+        self.live, self.client_id = live, client_id
+        self.websock = live.server._websock_server
+        loop = live.server._event_loop
+        self.connection = infra.WebsockClientConnection(
+            client_id, _ClientHandleState(AsyncMessageBuffer(loop, persistent_messages=False), loop))
+        for connect in list(self.websock._client_connect_cb):
+            self.run(connect(self.connection))
+        self.send_camera(**camera)         # viser counts a browser connected from its first camera
+
+    def run(self, coroutine):
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coroutine, self.live.server._event_loop).result(10)
+
+    def send(self, message) -> None:
+        self.run(self.websock._handle_incoming_message(self.client_id, message))
+        self.run(self.connection._handle_incoming_message(self.client_id, message))
+
+    def send_camera(self, wxyz=(1.0, 0.0, 0.0, 0.0), position=None, fov=0.8, height=24, width=32) -> None:
+        from viser import _messages
+        position = tuple(self.live.home) if position is None else position
+        self.send(_messages.ViewerCameraMessage(wxyz, position, fov, 0.01, 1000.0, height, width, (0.0, 0.0, 0.0),
+                                                (0.0, 0.0, 1.0)))
+
+    @property
+    def client(self):
+        return self.live.server.get_clients()[self.client_id]
+
+    def handle(self, label: str):
+        (handle,) = [h for h in self.client.gui._gui_input_handle_from_uuid.values() if h.label == label]
+        return handle
+
+    def set(self, label: str, value) -> None:
+        """What the browser sends when its user changes the panel's `label` field (or clicks that button)."""
+        from viser import _messages
+        self.send(_messages.GuiUpdateMessage(self.handle(label)._impl.uuid, {"value": value}))
+
+    def leave(self) -> None:
+        for disconnect in list(self.websock._client_disconnect_cb):
+            self.run(disconnect(self.connection))
+
+
+def viewer_warnings(caplog) -> list:
+    return [r.getMessage() for r in caplog.records if r.name == "nerf" and r.levelno >= 30]
+
+
+@needs_viser
+def test_a_browsers_share_request_publishes_nothing(idle_viewer, monkeypatch, caplog):
+    """viser would open a public tunnel (share.viser.studio) for any browser's
+    ShareUrlRequest: the viewer hides the button and refuses the request."""
+    import viser._viser
+    from viser import _messages
+
+    tunnels = []
+
+    class RecordingTunnel:     # stands in for the tunnel: records, connects nowhere
+        def __init__(self, *args, **kwargs):
+            tunnels.append(args)
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: "failed"
+
+    monkeypatch.setattr(viser._viser, "ViserTunnel", RecordingTunnel)
+    browser = FakeBrowser(idle_viewer, 5)
+    caplog.clear()
+    for message in (_messages.ShareUrlRequest(), _messages.ShareUrlRequest(), _messages.ShareUrlDisconnect()):
+        browser.send(message)
+    time.sleep(0.5)     # viser's own handler ran on its thread pool: time for it to have started
+    assert tunnels == []
+    refusals = viewer_warnings(caplog)
+    assert len(refusals) == 3 and all("share" in line and "refused" in line for line in refusals), refusals
+    themes = [m for m in idle_viewer.server._websock_server._broadcast_buffer.message_from_id.values()
+              if isinstance(m, _messages.ThemeConfigurationMessage)]
+    assert themes and not themes[-1].show_share_button
+
+
+BAD_NUMBERS = [0, -1, -1e308, float("nan"), float("inf"), float("-inf"), 1e300, "x", None, [1.0], True]
+
+
+@pytest.mark.parametrize("value", BAD_NUMBERS, ids=repr)
+def test_checked_number_clamps_or_refuses(value):
+    from nerf import viewer
+    for low, high, integer in ((0.1, 1.0, False), (32, 2048, True)):
+        try:
+            number, problem = viewer.checked_number(value, low, high, integer)
+        except ValueError as exc:
+            assert repr(value) in str(exc) or "NaN" in str(exc)
+            assert isinstance(value, (str, list, bool, type(None))) or math.isnan(value)
+            continue
+        assert low <= number <= high and math.isfinite(number) and (not integer or isinstance(number, int))
+        assert (problem is None) == (low <= value <= high)
+
+
+def test_clamp_camera_sweep():
+    """Every camera either comes out usable (a rotation, finite rays, fov and
+    canvas in range) or is refused with a line; good cameras pass unchanged."""
+    from nerf import viewer
+    good = dict(wxyz=(1.0, 0.0, 0.0, 0.0), position=(0.0, -4.0, 1.0), fov=0.8, height=480, width=640)
+    (pose, fov, h, w), problem = viewer.clamp_camera(**good)
+    assert problem is None and (fov, h, w) == (0.8, 480, 640)
+    np.testing.assert_allclose(pose, viewer.browser_pose(good["wxyz"], good["position"]))
+    bad = {"fov": BAD_NUMBERS, "height": BAD_NUMBERS + [100000, 0.4], "width": BAD_NUMBERS + [100000],
+           "wxyz": [(0, 0, 0, 0), (float("nan"), 0, 0, 0), (float("inf"), 0, 0, 0), (2.0, 0, 0, 0), (1e-300, 0, 0, 0),
+                    "abcd", (1, 0, 0), None],
+           "position": [(float("nan"), 0, 0), (0, float("inf"), 0), (1e30, 0, 0), "xyz", (1, 2), None]}
+    refused = clamped = 0
+    for name, values in bad.items():
+        for value in values:
+            try:
+                (pose, fov, h, w), problem = viewer.clamp_camera(**{**good, name: value})
+            except ValueError as exc:
+                refused += 1
+                assert str(exc) and "\n" not in str(exc)
+                continue
+            clamped += 1
+            assert problem, (name, value)
+            assert viewer.MIN_FOV <= fov <= viewer.MAX_FOV and 1 <= h <= viewer.MAX_CANVAS
+            assert 1 <= w <= viewer.MAX_CANVAS and isinstance(h, int) and isinstance(w, int)
+            np.testing.assert_allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-9)
+            rays_o, rays_d = viewer.browser_rays(pose, fov, 4, 5, "cpu")
+            assert rays_o.isfinite().all() and rays_d.isfinite().all()
+    assert refused > 10 and clamped > 10
+
+
+@needs_viser
+def test_bad_values_from_a_browser_are_one_line_each_and_the_viewer_keeps_serving(idle_viewer, caplog):
+    """A sweep of bad camera and panel values sent as a browser sends them:
+    each is one warning, the stored camera and settings stay usable, and the
+    viewer goes on rendering finite pictures no larger than the resolution cap."""
+    from nerf import viewer
+
+    live = idle_viewer
+    browser = FakeBrowser(live, 3)
+    browser.set("Max resolution", 32)
+    pictures = []
+    real_show = live._show
+    live._show = lambda job: pictures.append((job.h, job.w, torch_finite(job))) or real_show(job)
+
+    def render_and_check(what):
+        live.shown.clear()
+        live.cameras[3].changed_at -= viewer.REST_SECONDS     # at rest: the full picture
+        while live.work(1.0):
+            pass
+        assert pictures, what
+        h, w, finite = pictures[-1]
+        assert 1 <= h <= 32 and 1 <= w <= 32 and finite, (what, h, w)
+        pictures.clear()
+
+    bad_cameras = [dict(fov=v) for v in BAD_NUMBERS] + [dict(height=v) for v in BAD_NUMBERS + [100000]] + \
+        [dict(width=v) for v in (0, float("nan"), 100000, "x")] + \
+        [dict(wxyz=v) for v in ((0.0, 0.0, 0.0, 0.0), (float("nan"), 0.0, 0.0, 0.0), (2.0, 0.0, 0.0, 0.0), "abcd")] + \
+        [dict(position=v) for v in ((float("nan"), 0.0, 0.0), (1e30, 0.0, 0.0), "xyz")]
+    for n, camera in enumerate(bad_cameras):
+        caplog.clear()
+        browser.send_camera(**{"position": tuple(live.home + [0.0, 0.0, 0.01 * n]), **camera})
+        assert len(viewer_warnings(caplog)) == 1, (camera, viewer_warnings(caplog))
+        stored = live.cameras[3]
+        assert viewer.MIN_FOV <= stored.fov <= viewer.MAX_FOV and 1 <= stored.height <= viewer.MAX_CANVAS
+        assert 1 <= stored.width <= viewer.MAX_CANVAS and np.isfinite(stored.pose).all()
+        render_and_check(camera)
+    fields = {"Max resolution": (0, -5, float("nan"), float("inf"), 1e9, "x", [1], None),
+              "Training share": (0, -1, float("nan"), float("inf"), 2, "x"),
+              "Seconds": (0, -1, float("nan"), float("inf"), 1e12, "x"),
+              "FPS": (0, float("nan"), float("-inf"), 1e9, "x"),
+              "Output": ("x", 1, None, "../../etc/passwd")}
+    state = live.clients[3]
+    for label, values in fields.items():
+        for value in values:
+            caplog.clear()
+            browser.set(label, value)
+            assert len(viewer_warnings(caplog)) == 1, (label, value, viewer_warnings(caplog))
+            assert 32 <= state.max_resolution <= 2048 and 0.1 <= state.training_share <= 1.0
+            assert 0.1 <= state.seconds <= viewer.MAX_SECONDS and 1 <= state.fps <= viewer.MAX_FPS
+            assert state.output in viewer.OUTPUTS
+            browser.set("Max resolution", 32)     # back to small pictures for the next render
+    render_and_check("after the panel's values")
+    live.training_step(1, {"loss": 0.1, "psnr": 20.0})   # training's hook with the clamped share: no error
+    assert live.train_seconds >= 0 and live.render_seconds >= 0
+
+
+def torch_finite(job) -> bool:
+    import torch
+    return bool(all(torch.cat(values).isfinite().all() for values in job.maps.values()))
+
+
+def call_handler(browser, result) -> None:
+    """A handler's result: awaited on viser's loop when it is a coroutine (as viser does)."""
+    import inspect
+    if inspect.iscoroutine(result):
+        browser.run(result)
+
+
+@needs_viser
+def test_a_camera_message_after_its_browser_left_is_dropped(idle_viewer):
+    """The disconnect handled before a late camera message of the same browser:
+    the viewer keeps no camera for it, so training gives it no time."""
+    live = idle_viewer
+    browser = FakeBrowser(live, 4)
+    camera = browser.client.camera
+    assert 4 in live.cameras
+    browser.leave()
+    assert 4 not in live.cameras
+    camera._state.update_timestamp += 1.0       # a newer message, handled after the disconnect
+    call_handler(browser, live._camera_moved(camera))
+    time.sleep(0.2)
+    assert live.cameras == {} and live.clients == {}
+    worked = []
+    live.work = lambda seconds: worked.append(seconds)
+    for step in range(3):
+        live.training_step(step, {"loss": 0.1, "psnr": 20.0})
+    assert worked == []
+
+
+@needs_viser
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1)])
+def test_an_older_camera_message_never_overwrites_a_newer_one(idle_viewer, order):
+    """Camera messages handled in any order (as a thread pool may): the newest
+    pose (by viser's time stamp) is the one kept."""
+    from types import SimpleNamespace
+    from nerf import viewer
+
+    live = idle_viewer
+    browser = FakeBrowser(live, 6)
+    stamp = time.time() + 10
+    poses = [tuple(live.home + [0.0, 0.0, 0.1 * (k + 1)]) for k in range(3)]
+    for k in order:
+        camera = SimpleNamespace(client=browser.client, wxyz=np.array([1.0, 0, 0, 0]), position=np.array(poses[k]),
+                                 fov=0.8, image_height=24, image_width=32, update_timestamp=stamp + k)
+        call_handler(browser, live._camera_moved(camera))
+    time.sleep(0.1)
+    np.testing.assert_allclose(live.cameras[6].pose, viewer.browser_pose([1, 0, 0, 0], poses[2]))
+
+
+@needs_viser
+def test_the_first_camera_message_is_taken(idle_viewer):
+    """viser counts a browser connected from its first camera message; that
+    message is the viewer's first camera for it (nothing to wait for)."""
+    live = idle_viewer
+    FakeBrowser(live, 8, fov=0.7, height=30, width=40)
+    time.sleep(0.2)        # a handler sent to a thread pool would have run by now
+    camera = live.cameras[8]
+    assert (camera.fov, camera.height, camera.width, camera.version) == (0.7, 30, 40, 1)
+
+
+@needs_viser
+def test_each_browser_has_its_own_panel_and_keyframes_and_a_new_one_starts_fresh(idle_viewer):
+    live = idle_viewer
+    a, b = FakeBrowser(live, 11), FakeBrowser(live, 12)
+    a.set("Max resolution", 64)
+    a.set("Output", "depth")
+    a.set("Training share", 0.5)
+    a.set("Seconds", 9.0)
+    a.set("Training cameras", False)
+    a.set("Add keyframe", True)
+    a.send_camera(position=tuple(live.home + [0.0, 0.0, 0.2]))
+    a.set("Add keyframe", True)
+    defaults = (live.default_resolution, "RGB", 0.9, 4.0, 24.0, 0)
+
+    def settings(browser):
+        state = live.clients[browser.client_id]
+        return (state.max_resolution, state.output, state.training_share, state.seconds, state.fps,
+                len(state.keyframes))
+
+    assert settings(a) == (64, "depth", 0.5, 9.0, 24.0, 2)
+    assert settings(b) == defaults
+    assert b.handle("Max resolution").value == live.default_resolution and b.handle("Output").value == "RGB"
+    assert b.handle("Training cameras").value is True
+    assert not any(f.visible for f in live.clients[11].frustums)
+    assert all(f.visible for f in live.clients[12].frustums) and len(live.clients[12].frustums) == len(
+        live.scene.i_train)
+    assert "2 keyframes" in live.clients[11].keyframe_count.content
+    assert "0 keyframes" in live.clients[12].keyframe_count.content
+    b.set("Save camera_path.json", True)            # b has no keyframes: nothing saved
+    assert not (live.expdir / "camera_path.json").exists() or "add a keyframe" in \
+        live.clients[12].keyframe_count.content
+    a.leave()
+    c = FakeBrowser(live, 13)
+    assert settings(c) == defaults
+    assert c.handle("Max resolution").value == live.default_resolution and c.handle("Seconds").value == 4.0
+    assert 11 not in live.clients and set(live.clients) == {12, 13}

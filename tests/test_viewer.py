@@ -600,8 +600,9 @@ def test_bad_values_from_a_browser_are_one_line_each_and_the_viewer_keeps_servin
     live._show = lambda job: pictures.append((job.h, job.w, torch_finite(job))) or real_show(job)
 
     def render_and_check(what):
-        live.shown.clear()
-        live.cameras[3].changed_at -= viewer.REST_SECONDS     # at rest: the full picture
+        camera = live.cameras[3]
+        live.shown[3] = (camera.version, False)             # a preview on screen and the camera at rest:
+        camera.changed_at -= viewer.REST_SECONDS            # the full picture is next
         while live.work(1.0):
             pass
         assert pictures, what
@@ -615,12 +616,16 @@ def test_bad_values_from_a_browser_are_one_line_each_and_the_viewer_keeps_servin
         [dict(position=v) for v in ((float("nan"), 0.0, 0.0), (1e30, 0.0, 0.0), "xyz")]
     for n, camera in enumerate(bad_cameras):
         caplog.clear()
-        browser.send_camera(**{"position": tuple(live.home + [0.0, 0.0, 0.01 * n]), **camera})
+        before = live.cameras[3]
+        browser.send_camera(**{"position": tuple(live.home + [0.0, 0.0, 0.01 * (n + 1)]), **camera})
         assert len(viewer_warnings(caplog)) == 1, (camera, viewer_warnings(caplog))
         stored = live.cameras[3]
         assert viewer.MIN_FOV <= stored.fov <= viewer.MAX_FOV and 1 <= stored.height <= viewer.MAX_CANVAS
         assert 1 <= stored.width <= viewer.MAX_CANVAS and np.isfinite(stored.pose).all()
-        render_and_check(camera)
+        if "refused" in viewer_warnings(caplog)[0]:
+            assert stored is before                           # the browser's previous camera stays
+        else:
+            render_and_check(camera)                          # a clamped camera renders
     fields = {"Max resolution": (0, -5, float("nan"), float("inf"), 1e9, "x", [1], None),
               "Training share": (0, -1, float("nan"), float("inf"), 2, "x"),
               "Seconds": (0, -1, float("nan"), float("inf"), 1e12, "x"),
@@ -697,10 +702,10 @@ def test_an_older_camera_message_never_overwrites_a_newer_one(idle_viewer, order
 @needs_viser
 def test_the_first_camera_message_is_taken(idle_viewer):
     """viser counts a browser connected from its first camera message; that
-    message is the viewer's first camera for it (nothing to wait for)."""
+    message is the viewer's first camera for it, taken before viser has
+    finished handling it (no thread pool in between)."""
     live = idle_viewer
     FakeBrowser(live, 8, fov=0.7, height=30, width=40)
-    time.sleep(0.2)        # a handler sent to a thread pool would have run by now
     camera = live.cameras[8]
     assert (camera.fov, camera.height, camera.width, camera.version) == (0.7, 30, 40, 1)
 

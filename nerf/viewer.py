@@ -483,10 +483,6 @@ class Viewer:
         """The browser's settings (the defaults for a browser that has left)."""
         return self.clients.get(client_id) or BrowserState(max_resolution=self.default_resolution)
 
-    def _redraw_all(self) -> None:
-        with self.lock:
-            self.shown.clear()
-
     def _refresh(self) -> None:
         """Full pictures are drawn again (without a preview first): the networks have changed."""
         with self.lock:
@@ -678,11 +674,13 @@ class Viewer:
                 self.last_stats_at = now
                 numbers = (f"**Step** {step}  \n**Loss** {float(stats['loss']):.5f}  \n"
                            f"**PSNR** {float(stats['psnr']):.2f}")
-                for state in list(self.clients.values()):
+                with self.lock:
+                    states = list(self.clients.values())
+                for state in states:
                     if state.stats is not None:
                         state.stats.content = numbers
-            share = min((state.training_share for state in list(self.clients.values())),
-                        default=DEFAULT_TRAINING_SHARE)
+            with self.lock:
+                share = min((state.training_share for state in self.clients.values()), default=DEFAULT_TRAINING_SHARE)
             self.train_seconds += step_seconds
             allowed = self.train_seconds * (1.0 - share) / share - self.render_seconds
             if allowed > 0:

@@ -130,6 +130,10 @@ def test_moving_the_camera_changes_the_picture_then_sharpens(live_viewer, browse
     live, port = live_viewer
     browser.goto(f"http://127.0.0.1:{port}")
     wait_for(lambda: any(full for _, full in live.shown.values()), 30, "the first full-resolution picture")
+    # No Share button (viser draws it as this icon; it is there without the viewer's theme), and the
+    # browser's own panel is shown.
+    assert browser.locator(".tabler-icon-share").count() == 0
+    assert browser.get_by_text("Max resolution").count() > 0 and browser.get_by_text("Add keyframe").count() > 0
     box = (0, 140, 300, 480)   # left of the panel, below the notice of software WebGL
     before = browser.screenshot()
     (client,) = live.server.get_clients().values()
@@ -746,3 +750,28 @@ def test_each_browser_has_its_own_panel_and_keyframes_and_a_new_one_starts_fresh
     assert settings(c) == defaults
     assert c.handle("Max resolution").value == live.default_resolution and c.handle("Seconds").value == 4.0
     assert 11 not in live.clients and set(live.clients) == {12, 13}
+
+
+@needs_viser
+def test_a_failed_picture_during_training_is_one_line_and_the_viewer_goes_on(idle_viewer, caplog):
+    """A render that raises (once) while training: one warning, and the next
+    camera move is rendered again (the viewer is not switched off for the run)."""
+    live = idle_viewer
+    browser = FakeBrowser(live, 9, height=12, width=16)
+    real_render, failures = live._render_rays, []
+
+    def render_failing_once(rays_o, rays_d):
+        if not failures:
+            failures.append(len(rays_o))
+            raise RuntimeError("out of memory")
+        return real_render(rays_o, rays_d)
+
+    live._render_rays = render_failing_once
+    live.clients[9].training_share = 0.1
+    caplog.clear()
+    for step, position in enumerate((live.home, live.home + [0.0, 0.0, 0.2])):
+        browser.send_camera(position=tuple(position))
+        live.train_seconds, live.render_seconds = 1.0, 0.0    # the viewer is owed 9 s: renders until done
+        live.training_step(step, {"loss": 0.1, "psnr": 20.0})
+    assert failures and len(viewer_warnings(caplog)) == 1 and "out of memory" in viewer_warnings(caplog)[0]
+    assert live.shown[9][0] == live.cameras[9].version     # the moved camera's picture is on screen

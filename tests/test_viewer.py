@@ -775,3 +775,16 @@ def test_a_failed_picture_during_training_is_one_line_and_the_viewer_goes_on(idl
         live.training_step(step, {"loss": 0.1, "psnr": 20.0})
     assert failures and len(viewer_warnings(caplog)) == 1 and "out of memory" in viewer_warnings(caplog)[0]
     assert live.shown[9][0] == live.cameras[9].version     # the moved camera's picture is on screen
+
+    # view.py's loop likewise: it goes on serving after a failed picture.
+    failures.clear()
+    serving = threading.Thread(target=live.serve_forever, daemon=True)
+    serving.start()
+    browser.send_camera(position=tuple(live.home + [0.0, 0.0, 0.4]))
+    failed_version = live.cameras[9].version
+    wait_for(lambda: live.shown.get(9) == (failed_version, True), 30, "the failed render, counted as shown")
+    browser.send_camera(position=tuple(live.home + [0.0, 0.0, 0.6]))
+    wait_for(lambda: live.shown.get(9, (0,))[0] == failed_version + 1, 30, "the next picture")
+    live.stopped.set()
+    serving.join(10)
+    assert len(failures) == 1 and len(viewer_warnings(caplog)) == 2

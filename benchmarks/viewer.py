@@ -32,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import nerf.omp_wait  # noqa: E402,F401 (before torch: OpenMP reads its wait policy when torch loads)
 import run_nerf  # noqa: E402
 from nerf import flags, viewer  # noqa: E402
 from nerf.checkpoints import find_checkpoint  # noqa: E402

@@ -2,17 +2,24 @@
 
 `Viewer` starts a viser server showing the training cameras (frustums with their
 images: a click moves the view there) and renders the scene from every connected
-browser's camera: at a preview resolution while the camera moves (sized from the
-measured rendering speed so that a picture takes about `PREVIEW_SECONDS`), then,
-once the camera has rested for `REST_SECONDS`, at full resolution (the canvas,
-capped by the resolution slider). Rendering proceeds in slices of rays, so a
-full-resolution render is dropped as soon as the camera moves again.
+browser's camera, refining progressively: a moving camera gets a preview (sized
+from the measured rendering speed so that it takes about `PREVIEW_SECONDS`);
+once the camera has rested for `REST_SECONDS`, each picture has `REFINE` times
+the pixels of the one before, up to the full canvas (capped by the resolution
+slider). The panel says which resolution is on screen and how far the next
+one has come.
 
-All rendering happens in the thread that calls `work(seconds)`: view.py calls it
-in a loop, training calls `training_step` after each step, which renders for a
-share of the time (the slider "training share" is the fraction of time left to
-training). With no browser connected `training_step` does nothing but check a
-flag, and it never reads the step's numbers from the device.
+All rendering happens in the thread that calls `work(seconds)` or
+`training_step`. view.py calls `work` in a loop: a picture proceeds in slices of
+rays between checks of the clock, and a refinement is dropped as soon as the
+camera moves again. Training calls `training_step` after each step, which
+renders for a share of the time (the slider "training share" is the fraction
+of time left to training). There every picture is rendered whole within one
+call, against one set of weights, and sized so that the share pays for it
+within `REFRESH_SECONDS`: a picture at rest is redrawn as the weights change, at
+the largest size that keeps it that fresh. With no browser connected
+`training_step` does nothing but check a flag, and it never reads the step's
+numbers from the device.
 
 Cameras: viser's are OpenCV-style and NeRF's OpenGL-style (see
 nerf/camera_path.py). Forward-facing scenes are rendered in NDC as in training:
@@ -21,7 +28,9 @@ rays from the browser's camera are mapped with the training camera's NDC.
 Keyframes added in the panel are saved as `camera_path.json` (nerfstudio's
 format) in the run folder, to render with `run_nerf.py --render_only --camera_path`.
 """
+import contextlib
 import importlib.util
+import io
 import logging
 import math
 import socket
@@ -29,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -42,11 +51,21 @@ import run_nerf_helpers as helpers     # get_rays looked up at call time: a fork
 log = logging.getLogger("nerf")
 
 PREVIEW_SECONDS = 0.06    # a moving camera's picture takes about this long to render
-REST_SECONDS = 0.2        # a camera still for this long gets its full-resolution picture
+REST_SECONDS = 0.2        # a camera still for this long gets sharper pictures
+REFINE = 4                # each sharper picture has about this many times the pixels of the one before
 SLICE_SECONDS = 0.02      # rays rendered between checks of the clock and the camera
 DEFAULT_TRAINING_SHARE = 0.9
-REFRESH_SECONDS = 2.0     # during training, pictures are redrawn this often (the networks change)
+REFRESH_SECONDS = 2.0     # during training, a picture on screen is redrawn at least this often
+PICTURE_SHARE = 0.75      # during training, the part of a refresh period's rendering time one picture may take
+PROGRESS_SECONDS = 0.5    # the panel's progress line changes at most this often
 OUTPUTS = ("RGB", "depth", "accumulation")
+
+
+def quiet_stdout():
+    """A context in which nothing printed reaches stdout: viser prints its banner
+    on start and a line on stop whatever its `verbose` says (the programs print
+    their own line with the address)."""
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def check_port(host: str, port: int, flag: str = "--port") -> None:
@@ -123,6 +142,18 @@ def picture_size(canvas_h: int, canvas_w: int, pixels: float) -> tuple:
     return max(1, round(canvas_h * scale)), max(1, round(canvas_w * scale))
 
 
+def progress_text(shown: tuple, canvas: tuple, refining: Optional[tuple] = None, training: bool = False) -> str:
+    """The panel's line on the picture: the size (h, w) on screen out of the
+    capped canvas (h, w); refining (h, w, fraction done) for a sharper picture
+    under way; training: a picture short of the canvas is what the share allows."""
+    text = f"**Picture** {shown[1]} x {shown[0]} of {canvas[1]} x {canvas[0]}"
+    if refining is not None:
+        text += f"; refining: {refining[1]} x {refining[0]}, {100 * refining[2]:.0f}%"
+    elif training and tuple(shown) != tuple(canvas):
+        text += " (more: a lower training share)"
+    return text
+
+
 def browser_rays(pose: np.ndarray, fov: float, h: int, w: int, device) -> tuple:
     """The rays of a camera (OpenGL pose (4, 4), vertical fov in radians) at
     h x w pixels, principal point at the centre: rays_o, rays_d, each (h w, 3)."""
@@ -156,9 +187,33 @@ class BrowserCamera:
 
 
 @dataclass
+class Shown:
+    """The picture on a client's screen: its camera's version, its size, whether
+    it fills the (capped) canvas, and when it was drawn (time.perf_counter)."""
+    version: int
+    h: int
+    w: int
+    full: bool
+    at: float
+
+
+class Picture(NamedTuple):
+    """The next picture to render for a client: h x w pixels of its camera;
+    full: the whole (capped) canvas, full_h x full_w; preview: for a camera that moved."""
+    client_id: int
+    camera: BrowserCamera
+    h: int
+    w: int
+    full_h: int
+    full_w: int
+    preview: bool
+
+
+@dataclass
 class RenderJob:
     """A picture being rendered for a client, slice by slice: its rays (n, 3)
-    each, and the maps rendered so far."""
+    each, and the maps rendered so far. preview: a moving camera's picture
+    (finished even if the camera moves on); canvas: the full picture's (h, w)."""
     client_id: int
     version: int
     full: bool
@@ -166,6 +221,8 @@ class RenderJob:
     w: int
     rays_o: torch.Tensor
     rays_d: torch.Tensor
+    preview: bool = True
+    canvas: tuple = (0, 0)
     done: int = 0
     maps: Dict[str, List[torch.Tensor]] = field(default_factory=lambda: {"rgb": [], "disp": [], "acc": []})
 
@@ -182,23 +239,25 @@ class Viewer:
         import viser    # optional dependency: requirements-viewer.txt
 
         check_port(host, port, port_flag)
+        logging.getLogger("websockets").setLevel(logging.WARNING)    # its "server listening", "closing"...
         self.scene, self.render_kwargs, self.device, self.expdir = scene, render_kwargs, device, Path(expdir)
         self.ndc = render_kwargs.get("ndc", True)
         self.lock = threading.Lock()
         self.cameras: Dict[int, BrowserCamera] = {}
-        self.shown: Dict[int, tuple] = {}        # client id -> (camera version, full) on screen
+        self.shown: Dict[int, Shown] = {}        # client id -> the picture on its screen
         self.job: Optional[RenderJob] = None
         self.rays_per_second = 0.0
         self.keyframes: List[tuple] = []
-        self.train_seconds = self.render_seconds = 0.0
-        self.last_stats_at = self.last_refresh = 0.0
+        self.render_credit = 0.0                 # training: seconds of rendering the share has paid for
+        self.last_stats_at = self.last_progress_at = 0.0
         self.failed = False
         self.last_call: Optional[float] = None
         self.stopped = threading.Event()
 
-        self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        with quiet_stdout():
+            self.server = viser.ViserServer(host=host, port=port, verbose=False)
         if self.server.get_port() != port:     # taken between the check and the start
-            self.server.stop()
+            self._stop_server()
             raise DataError(port_flag, f"port {port} on {host} is in use; pick another port")
         self._set_up_scene()
         self._set_up_panel(training)
@@ -245,6 +304,7 @@ class Viewer:
             handle.on_update(lambda _: self._redraw_all())
         self.show_cameras = gui.add_checkbox("Training cameras", initial_value=True)
         self.show_cameras.on_update(lambda _: self._show_frustums(self.show_cameras.value))
+        self.progress = gui.add_markdown("**Picture** waiting for a camera")
         self.training_share = None
         if training:
             self.stats = gui.add_markdown("Training: starting")
@@ -291,11 +351,6 @@ class Viewer:
     def _redraw_all(self) -> None:
         with self.lock:
             self.shown.clear()
-
-    def _refresh(self) -> None:
-        """Full pictures are drawn again (without a preview first): the networks have changed."""
-        with self.lock:
-            self.shown = {client_id: (version, False) for client_id, (version, _) in self.shown.items()}
 
     # --- keyframes ---
 
@@ -358,60 +413,97 @@ class Viewer:
         self._render_rays(*rays)
         self.rays_per_second = 256 / max(time.perf_counter() - start, 1e-6)
 
-    def _next_job(self) -> Optional[RenderJob]:
-        """The next picture to render: a preview for a camera that moved, a full
-        picture for one that has rested; None when every browser is up to date."""
+    def _full_size(self, camera: BrowserCamera) -> tuple:
+        """(h, w) of the camera's canvas, its longer side capped by the resolution slider."""
+        cap = float(self.max_resolution.value)
+        scale = min(1.0, cap / max(camera.height, camera.width))
+        return picture_size(camera.height, camera.width, camera.height * camera.width * scale ** 2)
+
+    def _next_picture(self, max_pixels: float = math.inf, redraw: bool = False) -> Optional[Picture]:
+        """The next picture to render, for the client whose picture is oldest: a
+        preview for a camera that moved, `REFINE` times the pixels of the picture
+        on screen for one that has rested, at most `max_pixels` and the capped
+        canvas; redraw: a picture as sharp as it gets is drawn again (the
+        networks changed). None when every browser is up to date."""
         now = time.perf_counter()
         with self.lock:
-            cameras = dict(self.cameras)
-            shown = dict(self.shown)
-        for client_id, camera in cameras.items():
+            cameras, shown = dict(self.cameras), dict(self.shown)
+        preview_pixels = self.rays_per_second * PREVIEW_SECONDS
+        for client_id, camera in sorted(cameras.items(), key=lambda item: shown[item[0]].at if item[0] in shown
+                                        else -math.inf):
             if camera.height <= 0 or camera.width <= 0:
                 continue
             on_screen = shown.get(client_id)
-            if on_screen is not None and on_screen[0] == camera.version and on_screen[1]:
-                continue
-            full = on_screen is not None and on_screen[0] == camera.version and now - camera.changed_at >= REST_SECONDS
-            if on_screen is not None and on_screen[0] == camera.version and not full:
-                continue    # preview shown; waiting for the camera to rest
-            cap = float(self.max_resolution.value)
-            full_pixels = camera.height * camera.width * min(1.0, cap / max(camera.height, camera.width)) ** 2
-            pixels = full_pixels if full else min(full_pixels, self.rays_per_second * PREVIEW_SECONDS)
-            h, w = picture_size(camera.height, camera.width, pixels)
-            return RenderJob(client_id, camera.version, full, h, w, *self._rays(camera, h, w))
+            moved = on_screen is None or on_screen.version != camera.version
+            if not moved and now - camera.changed_at < REST_SECONDS:
+                continue    # the camera may move on: its preview stays
+            pixels = preview_pixels if moved else max(preview_pixels, REFINE * on_screen.h * on_screen.w)
+            full_h, full_w = self._full_size(camera)
+            h, w = picture_size(full_h, full_w, min(pixels, max_pixels))
+            if moved or redraw or h * w > on_screen.h * on_screen.w:
+                return Picture(client_id, camera, h, w, full_h, full_w, moved)
         return None
 
+    def _start(self, picture: Picture) -> RenderJob:
+        full = (picture.h, picture.w) == (picture.full_h, picture.full_w)
+        return RenderJob(picture.client_id, picture.camera.version, full, picture.h, picture.w,
+                         *self._rays(picture.camera, picture.h, picture.w), picture.preview,
+                         (picture.full_h, picture.full_w))
+
+    def _current_job(self) -> Optional[RenderJob]:
+        """The job under way, unless its browser left or (for a sharper picture)
+        its camera moved on; else the next one, or None."""
+        job = self.job
+        if job is not None:
+            with self.lock:
+                camera = self.cameras.get(job.client_id)
+            if camera is None or (not job.preview and camera.version != job.version):
+                job = None
+        if job is None:
+            picture = self._next_picture()
+            job = self._start(picture) if picture is not None else None
+        self.job = job
+        return job
+
+    def _render_slice(self, job: RenderJob) -> bool:
+        """Renders the job's next slice of rays (about `SLICE_SECONDS` of them),
+        updating the measured speed; returns whether the job is complete."""
+        n = max(64, int(self.rays_per_second * SLICE_SECONDS))
+        start = time.perf_counter()
+        part = slice(job.done, job.done + n)
+        for name, value in zip(("rgb", "disp", "acc"), self._render_rays(job.rays_o[part], job.rays_d[part])):
+            job.maps[name].append(value)
+        rays = min(n, len(job.rays_o) - job.done)
+        job.done += rays
+        elapsed = time.perf_counter() - start
+        self.rays_per_second = 0.7 * self.rays_per_second + 0.3 * rays / max(elapsed, 1e-6)
+        return job.done >= len(job.rays_o)
+
     def work(self, seconds: float) -> bool:
-        """Renders for about `seconds` (at least one slice when there is work);
-        returns whether there was anything to render."""
+        """Renders for about `seconds` (at least one slice when there is work),
+        a picture possibly over several calls (view.py: the networks never
+        change); returns whether there was anything to render."""
         deadline = time.perf_counter() + seconds
         busy = False
         while True:
-            job = self.job
-            if job is not None:
-                with self.lock:
-                    camera = self.cameras.get(job.client_id)
-                if camera is None or (job.full and camera.version != job.version):
-                    job = self.job = None   # the browser left, or its camera moved on
+            job = self._current_job()
             if job is None:
-                job = self.job = self._next_job()
-                if job is None:
-                    return busy
+                return busy
             busy = True
-            n = max(64, int(self.rays_per_second * SLICE_SECONDS))
-            start = time.perf_counter()
-            part = slice(job.done, job.done + n)
-            for name, value in zip(("rgb", "disp", "acc"), self._render_rays(job.rays_o[part], job.rays_d[part])):
-                job.maps[name].append(value)
-            rays = min(n, len(job.rays_o) - job.done)
-            job.done += rays
-            elapsed = time.perf_counter() - start
-            self.rays_per_second = 0.7 * self.rays_per_second + 0.3 * rays / max(elapsed, 1e-6)
-            if job.done >= len(job.rays_o):
+            if self._render_slice(job):
                 self._show(job)
                 self.job = None
+            else:
+                self._report_progress(job)
             if time.perf_counter() >= deadline:
                 return busy
+
+    def _render_whole(self, picture: Picture) -> None:
+        """Renders the picture and shows it, all in this call: one set of weights."""
+        job = self._start(picture)
+        while not self._render_slice(job):
+            pass
+        self._show(job)
 
     def picture(self, job: RenderJob) -> np.ndarray:
         """The finished job's picture (h, w, 3) uint8 for the chosen output."""
@@ -428,17 +520,37 @@ class Viewer:
             image = maps["rgb"]
         return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
-    def _show(self, job: RenderJob) -> None:
+    def _send(self, job: RenderJob) -> bool:
+        """Sends the finished job's picture to its browser; whether it is still there to receive it."""
         client = self.server.get_clients().get(job.client_id)
         if client is None:
-            return
+            return False
         try:
             client.scene.set_background_image(self.picture(job), format="jpeg", jpeg_quality=90)
         except Exception as exc:   # a browser that left mid-render costs nothing
             log.debug("viewer: client %s: %s", job.client_id, exc)
+            return False
+        return True
+
+    def _show(self, job: RenderJob) -> None:
+        if not self._send(job):
             return
         with self.lock:
-            self.shown[job.client_id] = (job.version, job.full)
+            self.shown[job.client_id] = Shown(job.version, job.h, job.w, job.full, time.perf_counter())
+        self.progress.content = progress_text((job.h, job.w), job.canvas, training=self.training_share is not None)
+        self.last_progress_at = time.perf_counter()
+
+    def _report_progress(self, job: RenderJob) -> None:
+        """The panel's progress line for a sharper picture under way (at most every `PROGRESS_SECONDS`)."""
+        now = time.perf_counter()
+        if job.preview or now - self.last_progress_at < PROGRESS_SECONDS:
+            return
+        with self.lock:
+            on_screen = self.shown.get(job.client_id)
+        if on_screen is not None:
+            self.progress.content = progress_text((on_screen.h, on_screen.w), job.canvas,
+                                                  (job.h, job.w, job.done / len(job.rays_o)))
+            self.last_progress_at = now
 
     def serve_forever(self) -> None:
         """Renders for the browsers until `stop` (or Ctrl-C: view.py)."""
@@ -459,30 +571,42 @@ class Viewer:
         if self.failed or not self.cameras:
             return
         try:
-            if now - self.last_refresh > REFRESH_SECONDS:
-                self.last_refresh = now
-                self._refresh()
             if now - self.last_stats_at > 0.5:
                 self.last_stats_at = now
                 self.stats.content = (f"**Step** {step}  \n**Loss** {float(stats['loss']):.5f}  \n"
                                       f"**PSNR** {float(stats['psnr']):.2f}")
-            share = float(self.training_share.value)
-            self.train_seconds += step_seconds
-            allowed = self.train_seconds * (1.0 - share) / share - self.render_seconds
-            if allowed > 0:
-                self.work(allowed)
-                self.render_seconds += time.perf_counter() - now
-            if self.train_seconds > 2.0:    # the account covers the last few seconds
-                self.train_seconds, self.render_seconds = self.train_seconds / 2, self.render_seconds / 2
+            self._render_for_training(step_seconds)
         except Exception as exc:
             self.failed = True
             log.warning("warning: the viewer stopped (%s: %s); training goes on", type(exc).__name__, exc)
         self.last_call = time.perf_counter()     # rendering is not training time
 
+    def _render_for_training(self, step_seconds: float) -> None:
+        """Renders one whole picture when the share has paid for it: `step_seconds`
+        of training earn (1 - share) / share seconds of rendering each, saved up
+        to what one picture may take, `PICTURE_SHARE` of a refresh period's
+        rendering time; pictures are sized to fit that, so a picture at rest is
+        redrawn about every PICTURE_SHARE x REFRESH_SECONDS."""
+        share = float(self.training_share.value)
+        most = PICTURE_SHARE * REFRESH_SECONDS * (1.0 - share)
+        self.render_credit = min(self.render_credit + step_seconds * (1.0 - share) / share, most)
+        picture = self._next_picture(max_pixels=most * self.rays_per_second, redraw=True)
+        affordable = picture is not None and (picture.h * picture.w <= self.render_credit * self.rays_per_second
+                                              or self.render_credit >= most)    # saved up all it may
+        if not affordable:
+            return
+        start = time.perf_counter()
+        self._render_whole(picture)
+        self.render_credit -= time.perf_counter() - start
+
     def stop(self) -> None:
         """Stops rendering and the server."""
         self.stopped.set()
-        self.server.stop()
+        self._stop_server()
+
+    def _stop_server(self) -> None:
+        with quiet_stdout():
+            self.server.stop()
 
 
 def check_flag(args) -> None:

@@ -6,11 +6,13 @@ requirements-viewer.txt or the system's chromium (CI installs both)."""
 import importlib.util
 import math
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -99,6 +101,31 @@ def test_view_py_shows_the_demo_solids_in_chromium(trained_demo, browser, tmp_pa
         server.wait(10)
 
 
+@needs_viser
+def test_view_py_prints_its_device_first_and_no_viser_banner(trained_demo):
+    """view.py's first line names the device, as run_nerf.py's does; viser's
+    banner (printed whatever its `verbose` says) and its "Server stopped" line
+    never reach the output, up to the exit after Ctrl-C."""
+    demo_dir, basedir = trained_demo
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "view.py"), *demo_args(demo_dir, basedir),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        lines = [server.stdout.readline()]
+        while lines[-1] and not lines[-1].startswith("Viewing"):
+            lines.append(server.stdout.readline())
+        server.send_signal(signal.SIGINT)
+        rest, _ = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert lines[0] == "device: cpu\n" and lines[-1].startswith("Viewing"), lines
+    output = "".join(lines) + rest
+    for banner in ("viser", "Websocket", "ws://", "Server stopped"):
+        assert banner not in output, output
+    assert server.returncode == 0, output
+
+
 @pytest.fixture()
 def live_viewer(trained_demo, monkeypatch):
     """A Viewer of the trained demo serving from a thread of this process, with
@@ -129,7 +156,7 @@ def live_viewer(trained_demo, monkeypatch):
 def test_moving_the_camera_changes_the_picture_then_sharpens(live_viewer, browser):
     live, port = live_viewer
     browser.goto(f"http://127.0.0.1:{port}")
-    wait_for(lambda: any(full for _, full in live.shown.values()), 30, "the first full-resolution picture")
+    wait_for(lambda: any(shown.full for shown in live.shown.values()), 30, "the first full-resolution picture")
     box = (0, 140, 300, 480)   # left of the panel, below the notice of software WebGL
     before = browser.screenshot()
     (client,) = live.server.get_clients().values()
@@ -140,13 +167,13 @@ def test_moving_the_camera_changes_the_picture_then_sharpens(live_viewer, browse
     turn = math.radians(40)      # orbit 40 degrees about the up direction (world z for the demo)
     rotation = np.array([[math.cos(turn), -math.sin(turn), 0], [math.sin(turn), math.cos(turn), 0], [0, 0, 1]])
     camera.position = target + rotation @ offset
-    preview = wait_for(lambda: live.shown.get(client.client_id, (0, True))[0] > version
-                       and not live.shown[client.client_id][1] and browser.screenshot(), 10, "the preview")
+    preview = wait_for(lambda: client.client_id in live.shown and live.shown[client.client_id].version > version
+                       and not live.shown[client.client_id].full and browser.screenshot(), 10, "the preview")
     time.sleep(0.3)
     preview = browser.screenshot()
     assert np.abs(iio.imread(preview).astype(int) - iio.imread(before).astype(int)).mean() > 2   # it changed
-    assert not live.shown[client.client_id][1]          # still the preview
-    wait_for(lambda: live.shown[client.client_id][1], 20, "the full-resolution picture")
+    assert not live.shown[client.client_id].full        # still the preview
+    wait_for(lambda: live.shown[client.client_id].full, 20, "the full-resolution picture")
     time.sleep(0.5)
     sharp = browser.screenshot()
     assert sharpness(sharp, box) > 1.3 * sharpness(preview, box)
@@ -263,8 +290,8 @@ def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo,
             live.cameras[-1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov,
                                                     24, 32, 1, 0.0)
             live.training_share.value = 0.25   # a render every step or two, however fast the steps run
-            real_work = live.work
-            live.work = lambda seconds: rendered.append(seconds) or real_work(seconds)
+            real_render = live._render_whole
+            live._render_whole = lambda picture: rendered.append(picture) or real_render(picture)
         return live
 
     monkeypatch.setattr(viewer, "training_viewer", watched)
@@ -349,30 +376,148 @@ def test_outputs_rgb_depth_and_accumulation(live_viewer):
     assert near_colour[0] + near_colour[1] > 2 * near_colour[2] and far_colour[2] > far_colour[0]
 
 
+class FakeClock:
+    """Stands in for the viewer's `time`: seconds pass only when the test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SimulatedBrowser:
+    """One browser as the viewer sees it (client id 5, its canvas `height` x
+    `width`, resting at the mean training camera), with a renderer of a known
+    speed on a fake clock: each slice of n rays takes n / rays_per_second, sees
+    the networks' current `weights` version, and returns black. `pictures`:
+    (time, h, w, the weights versions its slices saw) of each picture sent."""
+
+    def __init__(self, live, monkeypatch, rays_per_second: float, height: int = 500, width: int = 800):
+        import torch
+        from nerf import viewer
+
+        self.clock, self.weights, self.pictures, self.slices = FakeClock(), 0, [], []
+        self.render_seconds = 0.0
+        monkeypatch.setattr(viewer, "time", self.clock)
+
+        def render_rays(rays_o, rays_d):
+            seconds = len(rays_o) / rays_per_second
+            self.clock.now += seconds
+            self.render_seconds += seconds
+            self.slices.append(self.weights)
+            n = len(rays_o)
+            return torch.zeros(n, 3), torch.zeros(n), torch.zeros(n)
+
+        def send(image, **_):
+            self.pictures.append((self.clock.now, image.shape[0], image.shape[1], set(self.slices)))
+            self.slices = []
+
+        client = types.SimpleNamespace(scene=types.SimpleNamespace(set_background_image=send))
+        monkeypatch.setattr(live, "_render_rays", render_rays)
+        monkeypatch.setattr(live.server, "get_clients", lambda: {5: client})
+        live.stopped.set()          # no rendering thread: the test calls the viewer itself
+        time.sleep(0.2)
+        live.shown.clear()
+        live.job = None
+        live.rays_per_second = rays_per_second       # as measured at that speed
+        live.cameras = {5: viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov, height,
+                                                width, 1, self.clock.now)}
+
+    def move(self, live) -> None:
+        camera = live.cameras[5]
+        camera.version, camera.changed_at = camera.version + 1, self.clock.now
+
+
+@pytest.fixture()
+def training_viewer(trained_demo):
+    """A Viewer of the demo's fresh networks with the training panel, not serving from a thread."""
+    import run_nerf
+    from nerf import flags, viewer
+    from nerf.datasets import load_scene
+
+    demo_dir, basedir = trained_demo
+    args = flags.parse_args(run_nerf.config_parser(), demo_args(demo_dir, basedir))
+    scene = load_scene(args)
+    _, render_kwargs, _, _, _ = run_nerf.create_nerf(args)
+    render_kwargs.update(near=scene.near, far=scene.far)
+    live = viewer.Viewer(scene, render_kwargs, flags.choose_device(None), basedir / "demo", port=free_port(),
+                         training=True)
+    yield live
+    live.stop()
+
+
 @needs_viser
-def test_preview_while_moving_full_at_rest_and_redrawn_when_refreshed(live_viewer):
+@pytest.mark.parametrize("rays_per_second", [2e3, 2e4, 1e6])    # a loaded CPU's one thread .. a GPU
+@pytest.mark.parametrize("step_seconds", [0.01, 0.3])
+@pytest.mark.parametrize("share", [0.5, 0.9])
+def test_training_keeps_redrawing_whole_pictures_within_the_share(training_viewer, monkeypatch, rays_per_second,
+                                                                  step_seconds, share):
+    """Training steps (each changes the weights) with a browser at rest: every
+    picture is rendered against one set of weights, a new picture arrives at
+    least every REFRESH_SECONDS, the pictures grow (by at most REFINE times the
+    pixels) up to the canvas or what the share pays for within a refresh
+    period, and rendering takes no more than the share leaves it."""
     from nerf import viewer
 
-    live, _ = live_viewer
-    live.stopped.set()        # no rendering thread: the test asks for the jobs itself
-    time.sleep(0.3)
-    live.rays_per_second = 200 / viewer.PREVIEW_SECONDS          # previews of about 200 pixels
-    live.max_resolution.value = 128
-    pose = viewer.browser_pose([1, 0, 0, 0], live.home)
-    live.shown.clear()
-    live.cameras = {7: viewer.BrowserCamera(pose, live.fov, 300, 400, 1, time.perf_counter())}
-    job = live._next_job()
-    assert not job.full and job.h * job.w == pytest.approx(200, rel=0.15)
-    assert job.w / job.h == pytest.approx(4 / 3, rel=0.15)
-    live.shown[7] = (1, False)
-    assert live._next_job() is None                                 # moving: the preview stays
-    live.cameras[7].changed_at -= viewer.REST_SECONDS
-    job = live._next_job()
-    assert job.full and (job.h, job.w) == (96, 128)                # at rest: the canvas, capped at 128
-    live.shown[7] = (1, True)
-    assert live._next_job() is None
-    live._refresh()                                                 # training changed the networks
-    assert live._next_job().full
+    live = training_viewer
+    browser = SimulatedBrowser(live, monkeypatch, rays_per_second)
+    live.training_share.value = share
+    start = browser.clock.now
+    for step in range(int(12.0 / step_seconds)):       # 12 s of training
+        browser.clock.now += step_seconds
+        browser.weights += 1
+        live.training_step(step, {"loss": 0.01, "psnr": 20.0})
+    assert not live.failed
+    elapsed = browser.clock.now - start
+    times = [start] + [at for at, _, _, _ in browser.pictures]
+    assert len(times) > 4
+    for at, h, w, weights in browser.pictures:
+        assert len(weights) == 1, f"the {h}x{w} picture at {at - start:.2f} s saw weights {sorted(weights)}"
+    assert max(np.diff(times)) <= viewer.REFRESH_SECONDS
+    pixels = [h * w for _, h, w, _ in browser.pictures]
+    assert all(b <= viewer.REFINE * a * 1.1 for a, b in zip(pixels, pixels[1:]))     # 1.1: rounding of h, w
+    affordable = viewer.PICTURE_SHARE * viewer.REFRESH_SECONDS * (1 - share) * rays_per_second
+    canvas = 160 * 256                  # 500 x 800, its longer side capped at the slider's 256
+    assert pixels[-1] >= 0.9 * min(canvas, affordable) and pixels[-1] <= canvas       # 0.9: rounding of h, w
+    assert pixels[-1] >= 2 * pixels[0] or pixels[-1] == canvas                         # it grew from the preview
+    assert browser.render_seconds <= (1 - share) * elapsed * 1.02 + affordable / rays_per_second
+    if pixels[-1] < canvas:
+        assert "lower training share" in live.progress.content
+
+
+@needs_viser
+@pytest.mark.parametrize("rays_per_second", [2e3, 5e4])
+def test_a_resting_camera_gets_ever_sharper_pictures_with_progress_shown(training_viewer, monkeypatch,
+                                                                          rays_per_second):
+    """view.py's loop (the networks never change): at rest, each picture has
+    about REFINE times the pixels of the one before, from the preview to the
+    capped canvas; the panel says how far the picture under way has come; a
+    camera that moves gets a preview at once."""
+    from nerf import viewer
+
+    live = training_viewer
+    live.training_share = None                      # view.py's viewer: no training panel
+    browser = SimulatedBrowser(live, monkeypatch, rays_per_second)
+    progress = set()
+    while not browser.pictures or browser.pictures[-1][1:3] != (160, 256):
+        assert browser.clock.now < 1000.0 + 60
+        if not live.work(0.05):
+            browser.clock.now += 0.01
+        progress.add(live.progress.content)
+    pixels = [h * w for _, h, w, _ in browser.pictures]
+    assert pixels[0] <= 1.1 * rays_per_second * viewer.PREVIEW_SECONDS
+    assert all(a < b <= viewer.REFINE * a * 1.1 for a, b in zip(pixels, pixels[1:]))
+    assert len(pixels) >= 3
+    assert live.progress.content == "**Picture** 256 x 160 of 256 x 160"
+    if rays_per_second < 1e4:     # a last picture of many seconds: its progress is shown on the way
+        assert any("refining: 256 x 160, " in text and not text.endswith(" 0%") for text in progress), progress
+    browser.move(live)
+    live.work(1.5 * viewer.PREVIEW_SECONDS)
+    assert browser.pictures[-1][1] * browser.pictures[-1][2] == pixels[0]
 
 
 @pytest.mark.slow

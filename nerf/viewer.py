@@ -56,7 +56,7 @@ REFINE = 4                # each sharper picture has about this many times the p
 SLICE_SECONDS = 0.02      # rays rendered between checks of the clock and the camera
 DEFAULT_TRAINING_SHARE = 0.9
 REFRESH_SECONDS = 2.0     # during training, a picture on screen is redrawn at least this often
-PICTURE_SHARE = 0.75      # during training, the part of a refresh period's rendering time one picture may take
+PICTURE_SHARE = 0.5       # during training, the part of a refresh period's rendering time one picture may take
 PROGRESS_SECONDS = 0.5    # the panel's progress line changes at most this often
 OUTPUTS = ("RGB", "depth", "accumulation")
 
@@ -586,7 +586,10 @@ class Viewer:
         of training earn (1 - share) / share seconds of rendering each, saved up
         to what one picture may take, `PICTURE_SHARE` of a refresh period's
         rendering time; pictures are sized to fit that, so a picture at rest is
-        redrawn about every PICTURE_SHARE x REFRESH_SECONDS."""
+        redrawn about every PICTURE_SHARE x REFRESH_SECONDS. A picture that took
+        far longer than its size promised (on a loaded machine the process was
+        not running) is forgiven beyond one picture's time: it delays the next
+        by at most about one refresh period."""
         share = float(self.training_share.value)
         most = PICTURE_SHARE * REFRESH_SECONDS * (1.0 - share)
         self.render_credit = min(self.render_credit + step_seconds * (1.0 - share) / share, most)
@@ -597,7 +600,7 @@ class Viewer:
             return
         start = time.perf_counter()
         self._render_whole(picture)
-        self.render_credit -= time.perf_counter() - start
+        self.render_credit = max(self.render_credit - (time.perf_counter() - start), -most)
 
     def stop(self) -> None:
         """Stops rendering and the server."""

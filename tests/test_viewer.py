@@ -451,9 +451,8 @@ def training_viewer(trained_demo):
 
 
 @needs_viser
-@pytest.mark.parametrize("rays_per_second", [2e3, 2e4, 1e6])    # a loaded CPU's one thread .. a GPU
-@pytest.mark.parametrize("step_seconds", [0.01, 0.3])
-@pytest.mark.parametrize("share", [0.5, 0.9])
+@pytest.mark.parametrize("share, step_seconds, rays_per_second", [     # rays/s: a loaded CPU's one thread .. a GPU
+    (0.9, 0.01, 2e3), (0.9, 0.3, 2e4), (0.9, 0.05, 1e6), (0.5, 0.3, 2e3), (0.5, 0.01, 2e4), (0.5, 0.3, 1e6)])
 def test_training_keeps_redrawing_whole_pictures_within_the_share(training_viewer, monkeypatch, rays_per_second,
                                                                   step_seconds, share):
     """Training steps (each changes the weights) with a browser at rest: every
@@ -483,7 +482,7 @@ def test_training_keeps_redrawing_whole_pictures_within_the_share(training_viewe
     affordable = viewer.PICTURE_SHARE * viewer.REFRESH_SECONDS * (1 - share) * rays_per_second
     canvas = 160 * 256                  # 500 x 800, its longer side capped at the slider's 256
     assert pixels[-1] >= 0.9 * min(canvas, affordable) and pixels[-1] <= canvas       # 0.9: rounding of h, w
-    assert pixels[-1] >= 2 * pixels[0] or pixels[-1] == canvas                         # it grew from the preview
+    assert pixels[-1] > pixels[0] or pixels[0] == canvas                               # it grew from the preview
     assert browser.render_seconds <= (1 - share) * elapsed * 1.02 + affordable / rays_per_second
     if pixels[-1] < canvas:
         assert "lower training share" in live.progress.content

@@ -101,6 +101,7 @@ def test_view_py_shows_the_demo_solids_in_chromium(trained_demo, browser, tmp_pa
         server.wait(10)
 
 
+@pytest.mark.slow      # a view.py process: torch, the scene, the networks' warm-up
 @needs_viser
 def test_view_py_prints_its_device_first_and_no_viser_banner(trained_demo):
     """view.py's first line names the device, as run_nerf.py's does; viser's

@@ -2,17 +2,25 @@
 
 `Viewer` starts a viser server showing the training cameras (frustums with their
 images: a click moves the view there) and renders the scene from every connected
-browser's camera: at a preview resolution while the camera moves (sized from the
-measured rendering speed so that a picture takes about `PREVIEW_SECONDS`), then,
-once the camera has rested for `REST_SECONDS`, at full resolution (the canvas,
-capped by the resolution slider). Rendering proceeds in slices of rays, so a
-full-resolution render is dropped as soon as the camera moves again.
+browser's camera, refining progressively: a moving camera gets a preview (sized
+from the measured rendering speed so that it takes about `PREVIEW_SECONDS`);
+once the camera has rested for `REST_SECONDS`, each picture has `REFINE` times
+the pixels of the one before, up to the full canvas (capped by the browser's
+resolution slider). Each browser's panel says which resolution is on its
+screen and how far the next one has come.
 
-All rendering happens in the thread that calls `work(seconds)`: view.py calls it
-in a loop, training calls `training_step` after each step, which renders for a
-share of the time (the slider "training share" is the fraction of time left to
-training). With no browser connected `training_step` does nothing but check a
-flag, and it never reads the step's numbers from the device.
+All rendering happens in the thread that calls `work(seconds)` or
+`training_step`. view.py calls `work` in a loop: a picture proceeds in slices of
+rays between checks of the clock, and a refinement is dropped as soon as the
+camera moves again. Training calls `training_step` after each step, which
+renders for a share of the time (each browser's slider "training share" is
+the fraction of time it leaves to training; training gets the largest any
+connected browser asks for, see `Viewer.training_share`). There every picture is rendered whole within one
+call, against one set of weights, and sized so that the share pays for it
+within `REFRESH_SECONDS`: a picture at rest is redrawn as the weights change, at
+the largest size that keeps it that fresh. With no browser connected
+`training_step` does nothing but check a flag, and it never reads the step's
+numbers from the device.
 
 Cameras: viser's are OpenCV-style and NeRF's OpenGL-style (see
 nerf/camera_path.py). Forward-facing scenes are rendered in NDC as in training:
@@ -25,11 +33,14 @@ The browser is untrusted: viser's *Share* button (a public tunnel) is hidden and
 its requests refused; every camera and panel value a browser sends is checked
 (`clamp_camera`, `checked_number`, `checked_choice`): clamped into range or
 refused with one logged line, and the viewer goes on serving. Each browser has
-its own panel, keyframes and training cameras (`BrowserState`); its handlers run
+its own panel (settings and progress line), keyframes and training cameras
+(`BrowserState`); its handlers run
 in order on viser's event loop (async callbacks), so a camera message is never
 overtaken by an older one, and one that arrives after its browser left is dropped.
 """
+import contextlib
 import importlib.util
+import io
 import logging
 import math
 import socket
@@ -37,7 +48,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,15 +61,25 @@ import run_nerf_helpers as helpers     # get_rays looked up at call time: a fork
 log = logging.getLogger("nerf")
 
 PREVIEW_SECONDS = 0.06    # a moving camera's picture takes about this long to render
-REST_SECONDS = 0.2        # a camera still for this long gets its full-resolution picture
+REST_SECONDS = 0.2        # a camera still for this long gets sharper pictures
+REFINE = 4                # each sharper picture has about this many times the pixels of the one before
 SLICE_SECONDS = 0.02      # rays rendered between checks of the clock and the camera
 DEFAULT_TRAINING_SHARE = 0.9
-REFRESH_SECONDS = 2.0     # during training, pictures are redrawn this often (the networks change)
+REFRESH_SECONDS = 2.0     # during training, a picture on screen is redrawn at least this often
+PICTURE_SHARE = 0.5       # during training, the part of a refresh period's rendering time one picture may take
+PROGRESS_SECONDS = 0.5    # the panel's progress line changes at most this often
 OUTPUTS = ("RGB", "depth", "accumulation")
 MIN_FOV, MAX_FOV = math.radians(1.0), math.radians(170.0)   # a browser's vertical field of view is kept in here
 MAX_CANVAS = 8192         # a browser's canvas is taken as at most this many pixels a side
 MAX_POSITION = 1e6        # a camera farther than this from the origin is refused (float32 rays)
 MAX_SECONDS, MAX_FPS = 600.0, 120.0    # a saved camera path: at most 72000 frames
+
+
+def quiet_stdout():
+    """A context in which nothing printed reaches stdout: viser prints its banner
+    on start and a line on stop whatever its `verbose` says (the programs print
+    their own line with the address)."""
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def check_port(host: str, port: int, flag: str = "--port") -> None:
@@ -192,6 +213,19 @@ def clamp_camera(wxyz: Any, position: Any, fov: Any, height: Any, width: Any) ->
     return (browser_pose(q / length, t), *checked), "; ".join(problems) or None
 
 
+def progress_text(shown: tuple, canvas: tuple, refining: Optional[tuple] = None, training: bool = False) -> str:
+    """The panel's line on the picture: the size (h, w) on screen out of the
+    capped canvas (h, w); refining (h, w, fraction done) for a sharper picture
+    under way; training: a picture short of the canvas is what the share allows
+    (the largest any browser asks for: `Viewer.training_share`)."""
+    text = f"**Picture** {shown[1]} x {shown[0]} of {canvas[1]} x {canvas[0]}"
+    if refining is not None:
+        text += f"; refining: {refining[1]} x {refining[0]}, {100 * refining[2]:.0f}%"
+    elif training and tuple(shown) != tuple(canvas):
+        text += " (more: a lower training share, in every browser watching)"
+    return text
+
+
 def browser_rays(pose: np.ndarray, fov: float, h: int, w: int, device) -> tuple:
     """The rays of a camera (OpenGL pose (4, 4), vertical fov in radians) at
     h x w pixels, principal point at the centre: rays_o, rays_d, each (h w, 3)."""
@@ -229,8 +263,9 @@ class BrowserCamera:
 @dataclass
 class BrowserState:
     """One browser's own settings (checked values from its panel), keyframes
-    [(pose (4, 4), fov in degrees), ...] and the handles of its panel and
-    training cameras; a new browser starts from the defaults."""
+    [(pose (4, 4), fov in degrees), ...], the handles of its panel (its progress
+    line: last written at `progress_at`, time.perf_counter) and its training
+    cameras; a new browser starts from the defaults."""
     max_resolution: int
     output: str = "RGB"
     training_share: float = DEFAULT_TRAINING_SHARE
@@ -239,13 +274,39 @@ class BrowserState:
     keyframes: List[tuple] = field(default_factory=list)
     keyframe_count: Any = None     # markdown handles of its panel
     stats: Any = None
+    progress: Any = None
+    progress_at: float = 0.0
     frustums: List[Any] = field(default_factory=list)
+
+
+@dataclass
+class Shown:
+    """The picture on a client's screen: its camera's version, its size, whether
+    it fills the (capped) canvas, and when it was drawn (time.perf_counter)."""
+    version: int
+    h: int
+    w: int
+    full: bool
+    at: float
+
+
+class Picture(NamedTuple):
+    """The next picture to render for a client: h x w pixels of its camera;
+    full: the whole (capped) canvas, full_h x full_w; preview: for a camera that moved."""
+    client_id: int
+    camera: BrowserCamera
+    h: int
+    w: int
+    full_h: int
+    full_w: int
+    preview: bool
 
 
 @dataclass
 class RenderJob:
     """A picture being rendered for a client, slice by slice: its rays (n, 3)
-    each, and the maps rendered so far."""
+    each, and the maps rendered so far. preview: a moving camera's picture
+    (finished even if the camera moves on); canvas: the full picture's (h, w)."""
     client_id: int
     version: int
     full: bool
@@ -253,6 +314,8 @@ class RenderJob:
     w: int
     rays_o: torch.Tensor
     rays_d: torch.Tensor
+    preview: bool = True
+    canvas: tuple = (0, 0)
     done: int = 0
     maps: Dict[str, List[torch.Tensor]] = field(default_factory=lambda: {"rgb": [], "disp": [], "acc": []})
 
@@ -269,23 +332,25 @@ class Viewer:
         import viser    # optional dependency: requirements-viewer.txt
 
         check_port(host, port, port_flag)
+        logging.getLogger("websockets").setLevel(logging.WARNING)    # its "server listening", "closing"...
         self.scene, self.render_kwargs, self.device, self.expdir = scene, render_kwargs, device, Path(expdir)
         self.ndc = render_kwargs.get("ndc", True)
         self.training = training
         self.lock = threading.Lock()
         self.clients: Dict[int, BrowserState] = {}    # the connected browsers
         self.cameras: Dict[int, BrowserCamera] = {}
-        self.shown: Dict[int, tuple] = {}        # client id -> (camera version, full) on screen
+        self.shown: Dict[int, Shown] = {}        # client id -> the picture on its screen
         self.job: Optional[RenderJob] = None
         self.rays_per_second = 0.0
-        self.train_seconds = self.render_seconds = 0.0
-        self.last_stats_at = self.last_refresh = 0.0
+        self.render_credit = 0.0                 # training: seconds of rendering the share has paid for
+        self.last_stats_at = 0.0
         self.last_call: Optional[float] = None
         self.stopped = threading.Event()
 
-        self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        with quiet_stdout():
+            self.server = viser.ViserServer(host=host, port=port, verbose=False)
         if self.server.get_port() != port:     # taken between the check and the start
-            self.server.stop()
+            self._stop_server()
             raise DataError(port_flag, f"port {port} on {host} is in use; pick another port")
         self._refuse_sharing()
         self._set_up_scene()
@@ -354,6 +419,7 @@ class Viewer:
         show_cameras = gui.add_checkbox("Training cameras", initial_value=True)
         self._on_value(client, show_cameras, None, lambda value: (bool(value), None),
                        then=lambda visible: self._show_frustums(state, visible))
+        state.progress = gui.add_markdown("**Picture** waiting for a camera")
         if self.training:
             state.stats = gui.add_markdown("Training: starting")
             share = gui.add_slider("Training share", min=0.1, max=1.0, step=0.05, initial_value=state.training_share)
@@ -483,11 +549,6 @@ class Viewer:
         """The browser's settings (the defaults for a browser that has left)."""
         return self.clients.get(client_id) or BrowserState(max_resolution=self.default_resolution)
 
-    def _refresh(self) -> None:
-        """Full pictures are drawn again (without a preview first): the networks have changed."""
-        with self.lock:
-            self.shown = {client_id: (version, False) for client_id, (version, _) in self.shown.items()}
-
     # --- keyframes ---
 
     def _add_keyframe(self, client_id: int) -> None:
@@ -553,60 +614,97 @@ class Viewer:
         self._render_rays(*rays)
         self.rays_per_second = 256 / max(time.perf_counter() - start, 1e-6)
 
-    def _next_job(self) -> Optional[RenderJob]:
-        """The next picture to render: a preview for a camera that moved, a full
-        picture for one that has rested; None when every browser is up to date."""
+    def _full_size(self, client_id: int, camera: BrowserCamera) -> tuple:
+        """(h, w) of the camera's canvas, its longer side capped by its browser's resolution slider."""
+        cap = float(self._state(client_id).max_resolution)
+        scale = min(1.0, cap / max(camera.height, camera.width))
+        return picture_size(camera.height, camera.width, camera.height * camera.width * scale ** 2)
+
+    def _next_picture(self, max_pixels: float = math.inf, redraw: bool = False) -> Optional[Picture]:
+        """The next picture to render, for the client whose picture is oldest: a
+        preview for a camera that moved, `REFINE` times the pixels of the picture
+        on screen for one that has rested, at most `max_pixels` and the capped
+        canvas; redraw: a picture as sharp as it gets is drawn again (the
+        networks changed). None when every browser is up to date."""
         now = time.perf_counter()
         with self.lock:
-            cameras = dict(self.cameras)
-            shown = dict(self.shown)
-        for client_id, camera in cameras.items():
+            cameras, shown = dict(self.cameras), dict(self.shown)
+        preview_pixels = self.rays_per_second * PREVIEW_SECONDS
+        for client_id, camera in sorted(cameras.items(), key=lambda item: shown[item[0]].at if item[0] in shown
+                                        else -math.inf):
             if camera.height <= 0 or camera.width <= 0:
                 continue
             on_screen = shown.get(client_id)
-            if on_screen is not None and on_screen[0] == camera.version and on_screen[1]:
-                continue
-            full = on_screen is not None and on_screen[0] == camera.version and now - camera.changed_at >= REST_SECONDS
-            if on_screen is not None and on_screen[0] == camera.version and not full:
-                continue    # preview shown; waiting for the camera to rest
-            cap = float(self._state(client_id).max_resolution)
-            full_pixels = camera.height * camera.width * min(1.0, cap / max(camera.height, camera.width)) ** 2
-            pixels = full_pixels if full else min(full_pixels, self.rays_per_second * PREVIEW_SECONDS)
-            h, w = picture_size(camera.height, camera.width, pixels)
-            return RenderJob(client_id, camera.version, full, h, w, *self._rays(camera, h, w))
+            moved = on_screen is None or on_screen.version != camera.version
+            if not moved and now - camera.changed_at < REST_SECONDS:
+                continue    # the camera may move on: its preview stays
+            pixels = preview_pixels if moved else max(preview_pixels, REFINE * on_screen.h * on_screen.w)
+            full_h, full_w = self._full_size(client_id, camera)
+            h, w = picture_size(full_h, full_w, min(pixels, max_pixels))
+            if moved or redraw or h * w > on_screen.h * on_screen.w:
+                return Picture(client_id, camera, h, w, full_h, full_w, moved)
         return None
 
+    def _start(self, picture: Picture) -> RenderJob:
+        full = (picture.h, picture.w) == (picture.full_h, picture.full_w)
+        return RenderJob(picture.client_id, picture.camera.version, full, picture.h, picture.w,
+                         *self._rays(picture.camera, picture.h, picture.w), picture.preview,
+                         (picture.full_h, picture.full_w))
+
+    def _current_job(self) -> Optional[RenderJob]:
+        """The job under way, unless its browser left or (for a sharper picture)
+        its camera moved on; else the next one, or None."""
+        job = self.job
+        if job is not None:
+            with self.lock:
+                camera = self.cameras.get(job.client_id)
+            if camera is None or (not job.preview and camera.version != job.version):
+                job = None
+        if job is None:
+            picture = self._next_picture()
+            job = self._start(picture) if picture is not None else None
+        self.job = job
+        return job
+
+    def _render_slice(self, job: RenderJob) -> bool:
+        """Renders the job's next slice of rays (about `SLICE_SECONDS` of them),
+        updating the measured speed; returns whether the job is complete."""
+        n = max(64, int(self.rays_per_second * SLICE_SECONDS))
+        start = time.perf_counter()
+        part = slice(job.done, job.done + n)
+        for name, value in zip(("rgb", "disp", "acc"), self._render_rays(job.rays_o[part], job.rays_d[part])):
+            job.maps[name].append(value)
+        rays = min(n, len(job.rays_o) - job.done)
+        job.done += rays
+        elapsed = time.perf_counter() - start
+        self.rays_per_second = 0.7 * self.rays_per_second + 0.3 * rays / max(elapsed, 1e-6)
+        return job.done >= len(job.rays_o)
+
     def work(self, seconds: float) -> bool:
-        """Renders for about `seconds` (at least one slice when there is work);
-        returns whether there was anything to render."""
+        """Renders for about `seconds` (at least one slice when there is work),
+        a picture possibly over several calls (view.py: the networks never
+        change); returns whether there was anything to render."""
         deadline = time.perf_counter() + seconds
         busy = False
         while True:
-            job = self.job
-            if job is not None:
-                with self.lock:
-                    camera = self.cameras.get(job.client_id)
-                if camera is None or (job.full and camera.version != job.version):
-                    job = self.job = None   # the browser left, or its camera moved on
+            job = self._current_job()
             if job is None:
-                job = self.job = self._next_job()
-                if job is None:
-                    return busy
+                return busy
             busy = True
-            n = max(64, int(self.rays_per_second * SLICE_SECONDS))
-            start = time.perf_counter()
-            part = slice(job.done, job.done + n)
-            for name, value in zip(("rgb", "disp", "acc"), self._render_rays(job.rays_o[part], job.rays_d[part])):
-                job.maps[name].append(value)
-            rays = min(n, len(job.rays_o) - job.done)
-            job.done += rays
-            elapsed = time.perf_counter() - start
-            self.rays_per_second = 0.7 * self.rays_per_second + 0.3 * rays / max(elapsed, 1e-6)
-            if job.done >= len(job.rays_o):
+            if self._render_slice(job):
                 self._show(job)
                 self.job = None
+            else:
+                self._report_progress(job)
             if time.perf_counter() >= deadline:
                 return busy
+
+    def _render_whole(self, picture: Picture) -> None:
+        """Renders the picture and shows it, all in this call: one set of weights."""
+        job = self._start(picture)
+        while not self._render_slice(job):
+            pass
+        self._show(job)
 
     def picture(self, job: RenderJob) -> np.ndarray:
         """The finished job's picture (h, w, 3) uint8 for the chosen output."""
@@ -623,25 +721,54 @@ class Viewer:
             image = maps["rgb"]
         return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
-    def _show(self, job: RenderJob) -> None:
+    def _send(self, job: RenderJob) -> bool:
+        """Sends the finished job's picture to its browser; whether it is still there to receive it."""
         client = self.server.get_clients().get(job.client_id)
         if client is None:
-            return
+            return False
         try:
             client.scene.set_background_image(self.picture(job), format="jpeg", jpeg_quality=90)
         except Exception as exc:   # a browser that left mid-render costs nothing
             log.debug("viewer: client %s: %s", job.client_id, exc)
+            return False
+        return True
+
+    def _show(self, job: RenderJob) -> None:
+        if not self._send(job):
             return
+        now = time.perf_counter()
         with self.lock:
-            self.shown[job.client_id] = (job.version, job.full)
+            self.shown[job.client_id] = Shown(job.version, job.h, job.w, job.full, now)
+            state = self.clients.get(job.client_id)
+        if state is not None and state.progress is not None:
+            state.progress.content = progress_text((job.h, job.w), job.canvas, training=self.training)
+            state.progress_at = now
+
+    def _report_progress(self, job: RenderJob) -> None:
+        """The job's browser's progress line for a sharper picture under way (at
+        most every `PROGRESS_SECONDS`)."""
+        now = time.perf_counter()
+        with self.lock:
+            on_screen, state = self.shown.get(job.client_id), self.clients.get(job.client_id)
+        if (job.preview or on_screen is None or state is None or state.progress is None
+                or now - state.progress_at < PROGRESS_SECONDS):
+            return
+        state.progress.content = progress_text((on_screen.h, on_screen.w), job.canvas,
+                                               (job.h, job.w, job.done / len(job.rays_o)))
+        state.progress_at = now
 
     def _drop_failed_pictures(self, exc: Exception) -> None:
         """After a failed render: one line, and the pictures on screen count as
         up to date until a camera moves (or training refreshes them)."""
         log.warning("viewer: a picture failed (%s: %s); the viewer goes on", type(exc).__name__, exc)
         self.job = None
+        now = time.perf_counter()
         with self.lock:
-            self.shown.update({client_id: (camera.version, True) for client_id, camera in self.cameras.items()})
+            cameras = dict(self.cameras)
+        shown = {client_id: Shown(camera.version, *self._full_size(client_id, camera), True, now)
+                 for client_id, camera in cameras.items()}
+        with self.lock:
+            self.shown.update(shown)
 
     def serve_forever(self) -> None:
         """Renders for the browsers until `stop` (or Ctrl-C: view.py)."""
@@ -659,17 +786,14 @@ class Viewer:
     def training_step(self, step: int, stats: dict) -> None:
         """Called after each training step: shows the step's numbers (at most
         twice a second, and only to a browser) and renders for the share of
-        time the slider leaves to the viewer, counting as training time what
-        passed since the previous call (the smallest share any browser asks
-        for). Never raises: a failed picture is a warning and training goes on."""
+        time the sliders leave to the viewer (`training_share`), counting as
+        training time what passed since the previous call. Never raises: a
+        failed picture is a warning and training goes on."""
         now = time.perf_counter()
         step_seconds, self.last_call = now - (self.last_call or now), now
         if not self.cameras:
             return
         try:
-            if now - self.last_refresh > REFRESH_SECONDS:
-                self.last_refresh = now
-                self._refresh()
             if now - self.last_stats_at > 0.5:
                 self.last_stats_at = now
                 numbers = (f"**Step** {step}  \n**Loss** {float(stats['loss']):.5f}  \n"
@@ -679,23 +803,54 @@ class Viewer:
                 for state in states:
                     if state.stats is not None:
                         state.stats.content = numbers
-            with self.lock:
-                share = min((state.training_share for state in self.clients.values()), default=DEFAULT_TRAINING_SHARE)
-            self.train_seconds += step_seconds
-            allowed = self.train_seconds * (1.0 - share) / share - self.render_seconds
-            if allowed > 0:
-                self.work(allowed)
-                self.render_seconds += time.perf_counter() - now
-            if self.train_seconds > 2.0:    # the account covers the last few seconds
-                self.train_seconds, self.render_seconds = self.train_seconds / 2, self.render_seconds / 2
+            self._render_for_training(step_seconds)
         except Exception as exc:
             self._drop_failed_pictures(exc)
         self.last_call = time.perf_counter()     # rendering is not training time
 
+    def training_share(self) -> float:
+        """The fraction of time left to training: the largest share any
+        connected browser asks for (its "Training share" slider), the default
+        with none. Every browser is untrusted and the viewer's time is shared by
+        all of them, so no browser can take training time that another has not
+        also given: rendering gets more than the default's 10% only when every
+        connected browser asks for it, and any browser may give training more."""
+        with self.lock:
+            return max((state.training_share for state in self.clients.values()), default=DEFAULT_TRAINING_SHARE)
+
+    def _render_for_training(self, step_seconds: float) -> None:
+        """Renders one whole picture when the share has paid for it: `step_seconds`
+        of training earn (1 - share) / share seconds of rendering each, saved up
+        to what one picture may take, `PICTURE_SHARE` of a refresh period's
+        rendering time; pictures are sized to fit that, so a picture at rest is
+        redrawn about every PICTURE_SHARE x REFRESH_SECONDS. A picture that took
+        far longer than its size promised (on a loaded machine the process was
+        not running) is forgiven beyond one picture's time: it delays the next
+        by at most about one refresh period. A share of 1 leaves the viewer no
+        time: nothing is rendered."""
+        share = self.training_share()
+        if share >= 1.0:
+            self.render_credit = 0.0
+            return
+        most = PICTURE_SHARE * REFRESH_SECONDS * (1.0 - share)
+        self.render_credit = min(self.render_credit + step_seconds * (1.0 - share) / share, most)
+        picture = self._next_picture(max_pixels=most * self.rays_per_second, redraw=True)
+        affordable = picture is not None and (picture.h * picture.w <= self.render_credit * self.rays_per_second
+                                              or self.render_credit >= most)    # saved up all it may
+        if not affordable:
+            return
+        start = time.perf_counter()
+        self._render_whole(picture)
+        self.render_credit = max(self.render_credit - (time.perf_counter() - start), -most)
+
     def stop(self) -> None:
         """Stops rendering and the server."""
         self.stopped.set()
-        self.server.stop()
+        self._stop_server()
+
+    def _stop_server(self) -> None:
+        with quiet_stdout():
+            self.server.stop()
 
 
 def check_flag(args) -> None:

@@ -6,11 +6,13 @@ requirements-viewer.txt or the system's chromium (CI installs both)."""
 import importlib.util
 import math
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -99,6 +101,32 @@ def test_view_py_shows_the_demo_solids_in_chromium(trained_demo, browser, tmp_pa
         server.wait(10)
 
 
+@pytest.mark.slow      # a view.py process: torch, the scene, the networks' warm-up
+@needs_viser
+def test_view_py_prints_its_device_first_and_no_viser_banner(trained_demo):
+    """view.py's first line names the device, as run_nerf.py's does; viser's
+    banner (printed whatever its `verbose` says) and its "Server stopped" line
+    never reach the output, up to the exit after Ctrl-C."""
+    demo_dir, basedir = trained_demo
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "view.py"), *demo_args(demo_dir, basedir),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        lines = [server.stdout.readline()]
+        while lines[-1] and not lines[-1].startswith("Viewing"):
+            lines.append(server.stdout.readline())
+        server.send_signal(signal.SIGINT)
+        rest, _ = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert lines[0] == "device: cpu\n" and lines[-1].startswith("Viewing"), lines
+    output = "".join(lines) + rest
+    for banner in ("viser", "Websocket", "ws://", "Server stopped"):
+        assert banner not in output, output
+    assert server.returncode == 0, output
+
+
 @pytest.fixture()
 def live_viewer(trained_demo, monkeypatch):
     """A Viewer of the trained demo serving from a thread of this process, with
@@ -129,7 +157,7 @@ def live_viewer(trained_demo, monkeypatch):
 def test_moving_the_camera_changes_the_picture_then_sharpens(live_viewer, browser):
     live, port = live_viewer
     browser.goto(f"http://127.0.0.1:{port}")
-    wait_for(lambda: any(full for _, full in live.shown.values()), 30, "the first full-resolution picture")
+    wait_for(lambda: any(shown.full for shown in live.shown.values()), 30, "the first full-resolution picture")
     # No Share button (viser draws it as this icon; it is there without the viewer's theme), and the
     # browser's own panel is shown.
     assert browser.locator(".tabler-icon-share").count() == 0
@@ -144,13 +172,13 @@ def test_moving_the_camera_changes_the_picture_then_sharpens(live_viewer, browse
     turn = math.radians(40)      # orbit 40 degrees about the up direction (world z for the demo)
     rotation = np.array([[math.cos(turn), -math.sin(turn), 0], [math.sin(turn), math.cos(turn), 0], [0, 0, 1]])
     camera.position = target + rotation @ offset
-    preview = wait_for(lambda: live.shown.get(client.client_id, (0, True))[0] > version
-                       and not live.shown[client.client_id][1] and browser.screenshot(), 10, "the preview")
+    preview = wait_for(lambda: client.client_id in live.shown and live.shown[client.client_id].version > version
+                       and not live.shown[client.client_id].full and browser.screenshot(), 10, "the preview")
     time.sleep(0.3)
     preview = browser.screenshot()
     assert np.abs(iio.imread(preview).astype(int) - iio.imread(before).astype(int)).mean() > 2   # it changed
-    assert not live.shown[client.client_id][1]          # still the preview
-    wait_for(lambda: live.shown[client.client_id][1], 20, "the full-resolution picture")
+    assert not live.shown[client.client_id].full        # still the preview
+    wait_for(lambda: live.shown[client.client_id].full, 20, "the full-resolution picture")
     time.sleep(0.5)
     sharp = browser.screenshot()
     assert sharpness(sharp, box) > 1.3 * sharpness(preview, box)
@@ -268,8 +296,8 @@ def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo,
                                                     24, 32, 1, 0.0)
             live.clients[-1] = viewer.BrowserState(max_resolution=256, training_share=0.25)   # a render every
             # step or two, however fast the steps run
-            real_work = live.work
-            live.work = lambda seconds: rendered.append(seconds) or real_work(seconds)
+            real_render = live._render_whole
+            live._render_whole = lambda picture: rendered.append(picture) or real_render(picture)
         return live
 
     monkeypatch.setattr(viewer, "training_viewer", watched)
@@ -355,30 +383,224 @@ def test_outputs_rgb_depth_and_accumulation(live_viewer):
     assert near_colour[0] + near_colour[1] > 2 * near_colour[2] and far_colour[2] > far_colour[0]
 
 
+class FakeClock:
+    """Stands in for the viewer's `time`: seconds pass only when the test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SimulatedBrowser:
+    """One browser as the viewer sees it (client id 5, its canvas `height` x
+    `width`, resting at the mean training camera, its panel's settings the
+    defaults and its progress line `live.clients[5].progress`), with a renderer of a known
+    speed on a fake clock: each slice of n rays takes n / rays_per_second, sees
+    the networks' current `weights` version, and returns black. `pictures`:
+    (time, h, w, the weights versions its slices saw) of each picture sent."""
+
+    def __init__(self, live, monkeypatch, rays_per_second: float, height: int = 500, width: int = 800):
+        import torch
+        from nerf import viewer
+
+        self.clock, self.weights, self.pictures, self.slices = FakeClock(), 0, [], []
+        self.render_seconds = 0.0
+        monkeypatch.setattr(viewer, "time", self.clock)
+
+        def render_rays(rays_o, rays_d):
+            seconds = len(rays_o) / rays_per_second
+            self.clock.now += seconds
+            self.render_seconds += seconds
+            self.slices.append(self.weights)
+            n = len(rays_o)
+            return torch.zeros(n, 3), torch.zeros(n), torch.zeros(n)
+
+        def send(image, **_):
+            self.pictures.append((self.clock.now, image.shape[0], image.shape[1], set(self.slices)))
+            self.slices = []
+
+        client = types.SimpleNamespace(scene=types.SimpleNamespace(set_background_image=send))
+        monkeypatch.setattr(live, "_render_rays", render_rays)
+        monkeypatch.setattr(live.server, "get_clients", lambda: {5: client})
+        live.stopped.set()          # no rendering thread: the test calls the viewer itself
+        time.sleep(0.2)
+        live.shown.clear()
+        live.job = None
+        live.rays_per_second = rays_per_second       # as measured at that speed
+        live.cameras = {5: viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov, height,
+                                                width, 1, self.clock.now)}
+        live.clients = {5: viewer.BrowserState(max_resolution=live.default_resolution,
+                                               progress=types.SimpleNamespace(content=""))}
+
+    def move(self, live) -> None:
+        camera = live.cameras[5]
+        camera.version, camera.changed_at = camera.version + 1, self.clock.now
+
+
+@pytest.fixture()
+def training_viewer(trained_demo):
+    """A Viewer of the demo's fresh networks with the training panel, not serving from a thread."""
+    import run_nerf
+    from nerf import flags, viewer
+    from nerf.datasets import load_scene
+
+    demo_dir, basedir = trained_demo
+    args = flags.parse_args(run_nerf.config_parser(), demo_args(demo_dir, basedir))
+    scene = load_scene(args)
+    _, render_kwargs, _, _, _ = run_nerf.create_nerf(args)
+    render_kwargs.update(near=scene.near, far=scene.far)
+    live = viewer.Viewer(scene, render_kwargs, flags.choose_device(None), basedir / "demo", port=free_port(),
+                         training=True)
+    yield live
+    live.stop()
+
+
 @needs_viser
-def test_preview_while_moving_full_at_rest_and_redrawn_when_refreshed(live_viewer):
+@pytest.mark.parametrize("share, step_seconds, rays_per_second", [     # rays/s: a loaded CPU's one thread .. a GPU
+    (0.9, 0.01, 2e3), (0.9, 0.3, 2e4), (0.9, 0.05, 1e6), (0.5, 0.3, 2e3), (0.5, 0.01, 2e4), (0.5, 0.3, 1e6)])
+def test_training_keeps_redrawing_whole_pictures_within_the_share(training_viewer, monkeypatch, caplog,
+                                                                  rays_per_second, step_seconds, share):
+    """Training steps (each changes the weights) with a browser at rest: every
+    picture is rendered against one set of weights, a new picture arrives at
+    least every REFRESH_SECONDS, the pictures grow (by at most REFINE times the
+    pixels) up to the canvas or what the share pays for within a refresh
+    period, and rendering takes no more than the share leaves it."""
+    from nerf import viewer
+
+    live = training_viewer
+    browser = SimulatedBrowser(live, monkeypatch, rays_per_second)
+    live.clients[5].training_share = share
+    caplog.clear()
+    start = browser.clock.now
+    for step in range(int(12.0 / step_seconds)):       # 12 s of training
+        browser.clock.now += step_seconds
+        browser.weights += 1
+        live.training_step(step, {"loss": 0.01, "psnr": 20.0})
+    assert not viewer_warnings(caplog)          # no picture failed
+    elapsed = browser.clock.now - start
+    times = [start] + [at for at, _, _, _ in browser.pictures]
+    assert len(times) > 4
+    for at, h, w, weights in browser.pictures:
+        assert len(weights) == 1, f"the {h}x{w} picture at {at - start:.2f} s saw weights {sorted(weights)}"
+    assert max(np.diff(times)) <= viewer.REFRESH_SECONDS
+    pixels = [h * w for _, h, w, _ in browser.pictures]
+    assert all(b <= viewer.REFINE * a * 1.1 for a, b in zip(pixels, pixels[1:]))     # 1.1: rounding of h, w
+    affordable = viewer.PICTURE_SHARE * viewer.REFRESH_SECONDS * (1 - share) * rays_per_second
+    canvas = 160 * 256                  # 500 x 800, its longer side capped at the slider's 256
+    assert pixels[-1] >= 0.9 * min(canvas, affordable) and pixels[-1] <= canvas       # 0.9: rounding of h, w
+    assert pixels[-1] > pixels[0] or pixels[0] == canvas                               # it grew from the preview
+    assert browser.render_seconds <= (1 - share) * elapsed * 1.02 + affordable / rays_per_second
+    if pixels[-1] < canvas:
+        assert "lower training share" in live.clients[5].progress.content
+
+
+@needs_viser
+@pytest.mark.parametrize("rays_per_second", [2e3, 5e4])
+def test_a_resting_camera_gets_ever_sharper_pictures_with_progress_shown(training_viewer, monkeypatch,
+                                                                          rays_per_second):
+    """view.py's loop (the networks never change): at rest, each picture has
+    about REFINE times the pixels of the one before, from the preview to the
+    capped canvas; the panel says how far the picture under way has come; a
+    camera that moves gets a preview at once."""
+    from nerf import viewer
+
+    live = training_viewer
+    live.training = False                           # view.py's viewer: no training panel
+    browser = SimulatedBrowser(live, monkeypatch, rays_per_second)
+    progress = set()
+    while not browser.pictures or browser.pictures[-1][1:3] != (160, 256):
+        assert browser.clock.now < 1000.0 + 60
+        if not live.work(0.05):
+            browser.clock.now += 0.01
+        progress.add(live.clients[5].progress.content)
+    pixels = [h * w for _, h, w, _ in browser.pictures]
+    assert pixels[0] <= 1.1 * rays_per_second * viewer.PREVIEW_SECONDS
+    assert all(a < b <= viewer.REFINE * a * 1.1 for a, b in zip(pixels, pixels[1:]))
+    assert len(pixels) >= 3
+    assert live.clients[5].progress.content == "**Picture** 256 x 160 of 256 x 160"
+    if rays_per_second < 1e4:     # a last picture of many seconds: its progress is shown on the way
+        assert any("refining: 256 x 160, " in text and not text.endswith(" 0%") for text in progress), progress
+    browser.move(live)
+    live.work(1.5 * viewer.PREVIEW_SECONDS)
+    assert browser.pictures[-1][1] * browser.pictures[-1][2] == pixels[0]
+
+
+@needs_viser
+def test_preview_while_moving_then_sharper_up_to_the_browsers_own_cap(live_viewer):
+    """Without rendering: a moving camera's picture is a preview of about
+    PREVIEW_SECONDS' pixels at the canvas' aspect; at rest each next picture has
+    at most REFINE times the pixels, up to the canvas capped by that browser's
+    own Max resolution; redrawn when the networks change (training)."""
     from nerf import viewer
 
     live, _ = live_viewer
-    live.stopped.set()        # no rendering thread: the test asks for the jobs itself
+    live.stopped.set()        # no rendering thread: the test asks for the pictures itself
     time.sleep(0.3)
     live.rays_per_second = 200 / viewer.PREVIEW_SECONDS          # previews of about 200 pixels
-    live.clients[7] = viewer.BrowserState(max_resolution=128)
+    live.clients = {7: viewer.BrowserState(max_resolution=128), 8: viewer.BrowserState(max_resolution=64)}
     pose = viewer.browser_pose([1, 0, 0, 0], live.home)
     live.shown.clear()
     live.cameras = {7: viewer.BrowserCamera(pose, live.fov, 300, 400, 1, time.perf_counter())}
-    job = live._next_job()
-    assert not job.full and job.h * job.w == pytest.approx(200, rel=0.15)
-    assert job.w / job.h == pytest.approx(4 / 3, rel=0.15)
-    live.shown[7] = (1, False)
-    assert live._next_job() is None                                 # moving: the preview stays
+    picture = live._next_picture()
+    assert picture.preview and picture.h * picture.w == pytest.approx(200, rel=0.15)
+    assert picture.w / picture.h == pytest.approx(4 / 3, rel=0.15)
+    assert (picture.full_h, picture.full_w) == (96, 128)         # the canvas, capped at this browser's 128
+    live.shown[7] = viewer.Shown(1, picture.h, picture.w, False, time.perf_counter())
+    assert live._next_picture() is None                          # moving: the preview stays
     live.cameras[7].changed_at -= viewer.REST_SECONDS
-    job = live._next_job()
-    assert job.full and (job.h, job.w) == (96, 128)                # at rest: the canvas, capped at 128
-    live.shown[7] = (1, True)
-    assert live._next_job() is None
-    live._refresh()                                                 # training changed the networks
-    assert live._next_job().full
+    pixels = [picture.h * picture.w]
+    while (picture := live._next_picture()) is not None:
+        assert not picture.preview and len(pixels) < 10
+        pixels.append(picture.h * picture.w)
+        live.shown[7] = viewer.Shown(1, picture.h, picture.w, (picture.h, picture.w) == (96, 128),
+                                     time.perf_counter())
+    assert (live.shown[7].h, live.shown[7].w) == (96, 128) and live.shown[7].full
+    assert len(pixels) >= 3 and all(a < b <= viewer.REFINE * a * 1.1 for a, b in zip(pixels, pixels[1:]))
+    picture = live._next_picture(redraw=True)                    # training changed the networks
+    assert picture is not None and (picture.h, picture.w) == (96, 128)
+    live.cameras[8] = viewer.BrowserCamera(pose, live.fov, 300, 400, 1, time.perf_counter())
+    picture = live._next_picture()                               # another browser: its own cap
+    assert picture.client_id == 8 and (picture.full_h, picture.full_w) == (48, 64)
+
+
+@needs_viser
+def test_training_takes_the_largest_share_any_browser_asks_for_and_each_browser_has_its_progress(idle_viewer):
+    """The share of time left to training is the largest any connected browser
+    asks for (one browser cannot take training time the others have not given);
+    at 1 nothing is rendered. Each browser's panel shows its own picture's size."""
+    from nerf import viewer
+
+    live = idle_viewer
+    assert live.training_share() == viewer.DEFAULT_TRAINING_SHARE          # no browser
+    a, b = FakeBrowser(live, 21, height=12, width=16), FakeBrowser(live, 22, height=24, width=32)
+    time.sleep(viewer.REST_SECONDS)
+    while live.work(1.0):
+        pass
+    assert live.clients[21].progress.content == "**Picture** 16 x 12 of 16 x 12"
+    assert live.clients[22].progress.content == "**Picture** 32 x 24 of 32 x 24"
+    a.set("Training share", 0.3)
+    assert live.training_share() == viewer.DEFAULT_TRAINING_SHARE          # b still asks for the default
+    b.set("Training share", 0.5)
+    assert live.training_share() == 0.5
+    b.set("Training share", 1.0)
+    rendered = []
+    real_render = live._render_rays
+    live._render_rays = lambda rays_o, rays_d: rendered.append(len(rays_o)) or real_render(rays_o, rays_d)
+    a.send_camera(position=tuple(live.home + [0.0, 0.0, 0.2]))              # a moved: a picture is due
+    live.render_credit = 10.0
+    for step in range(3):
+        live.training_step(step, {"loss": 0.1, "psnr": 20.0})
+    assert rendered == []
+    b.leave()
+    assert live.training_share() == 0.3
+    live.render_credit = 10.0     # saved up all it may: the picture is rendered
+    live.training_step(3, {"loss": 0.1, "psnr": 20.0})
+    assert rendered and live.shown[21].version == live.cameras[21].version
 
 
 @pytest.mark.slow
@@ -605,8 +827,8 @@ def test_bad_values_from_a_browser_are_one_line_each_and_the_viewer_keeps_servin
 
     def render_and_check(what):
         camera = live.cameras[3]
-        live.shown[3] = (camera.version, False)             # a preview on screen and the camera at rest:
-        camera.changed_at -= viewer.REST_SECONDS            # the full picture is next
+        live.shown[3] = viewer.Shown(camera.version, 1, 1, False, 0.0)    # a preview on screen and the camera
+        camera.changed_at -= viewer.REST_SECONDS            # at rest: sharper pictures up to the full one are next
         while live.work(1.0):
             pass
         assert pictures, what
@@ -646,8 +868,13 @@ def test_bad_values_from_a_browser_are_one_line_each_and_the_viewer_keeps_servin
             assert state.output in viewer.OUTPUTS
             browser.set("Max resolution", 32)     # back to small pictures for the next render
     render_and_check("after the panel's values")
-    live.training_step(1, {"loss": 0.1, "psnr": 20.0})   # training's hook with the clamped share: no error
-    assert live.train_seconds >= 0 and live.render_seconds >= 0
+    caplog.clear()
+    for share in (0.1, 1.0):      # the clamped ends of the range: no division by zero, the account bounded
+        state.training_share = share
+        live.training_step(1, {"loss": 0.1, "psnr": 20.0})
+        live.training_step(2, {"loss": 0.1, "psnr": 20.0})
+        most = viewer.PICTURE_SHARE * viewer.REFRESH_SECONDS * (1 - share)
+        assert -most <= live.render_credit <= most and not viewer_warnings(caplog)
 
 
 def torch_finite(job) -> bool:
@@ -678,6 +905,7 @@ def test_a_camera_message_after_its_browser_left_is_dropped(idle_viewer):
     assert live.cameras == {} and live.clients == {}
     worked = []
     live.work = lambda seconds: worked.append(seconds)
+    live._render_rays = lambda rays_o, rays_d: worked.append(len(rays_o))      # no rendering of any kind
     for step in range(3):
         live.training_step(step, {"loss": 0.1, "psnr": 20.0})
     assert worked == []
@@ -771,10 +999,10 @@ def test_a_failed_picture_during_training_is_one_line_and_the_viewer_goes_on(idl
     caplog.clear()
     for step, position in enumerate((live.home, live.home + [0.0, 0.0, 0.2])):
         browser.send_camera(position=tuple(position))
-        live.train_seconds, live.render_seconds = 1.0, 0.0    # the viewer is owed 9 s: renders until done
+        live.render_credit = 10.0     # the viewer has saved up all it may: a picture is rendered
         live.training_step(step, {"loss": 0.1, "psnr": 20.0})
     assert failures and len(viewer_warnings(caplog)) == 1 and "out of memory" in viewer_warnings(caplog)[0]
-    assert live.shown[9][0] == live.cameras[9].version     # the moved camera's picture is on screen
+    assert live.shown[9].version == live.cameras[9].version     # the moved camera's picture is on screen
 
     # view.py's loop likewise: it goes on serving after a failed picture.
     failures.clear()
@@ -782,9 +1010,10 @@ def test_a_failed_picture_during_training_is_one_line_and_the_viewer_goes_on(idl
     serving.start()
     browser.send_camera(position=tuple(live.home + [0.0, 0.0, 0.4]))
     failed_version = live.cameras[9].version
-    wait_for(lambda: live.shown.get(9) == (failed_version, True), 30, "the failed render, counted as shown")
+    wait_for(lambda: 9 in live.shown and (live.shown[9].version, live.shown[9].full) == (failed_version, True), 30,
+             "the failed render, counted as shown")
     browser.send_camera(position=tuple(live.home + [0.0, 0.0, 0.6]))
-    wait_for(lambda: live.shown.get(9, (0,))[0] == failed_version + 1, 30, "the next picture")
+    wait_for(lambda: 9 in live.shown and live.shown[9].version == failed_version + 1, 30, "the next picture")
     live.stopped.set()
     serving.join(10)
     assert len(failures) == 1 and len(viewer_warnings(caplog)) == 2

@@ -23,6 +23,7 @@ in between, so a change in machine load hits all of them alike.
 `--small` (the default unless --as_is) is the issue's small configuration:
 networks 4 x 64, --N_rand 512 --N_samples 32 --N_importance 32.
 """
+import nerf.omp_wait  # noqa: F401 (first: OpenMP reads its wait policy when torch loads)
 import argparse
 import ctypes
 import json

@@ -15,6 +15,7 @@ resolution and, for Blender, all 200 test views; the notes say why not).
 """
 from __future__ import annotations
 
+import nerf.omp_wait  # noqa: F401 (first: OpenMP reads its wait policy when torch loads)
 import argparse
 import json
 import math

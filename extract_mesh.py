@@ -18,6 +18,7 @@ docs/geometry.md explains the defaults (level and box) and the limits.
 The file is written whole or not at all (nerf/outputs.py): a full disk is
 one line, `error: <file>: <reason>`, exit status 1.
 """
+import nerf.omp_wait  # noqa: F401 (first: OpenMP reads its wait policy when torch loads)
 import logging
 import math
 import sys

@@ -33,6 +33,7 @@ so unregistered ones are left out of training instead of being mis-paired.
 """
 from __future__ import annotations
 
+import nerf.omp_wait  # noqa: F401 (first: OpenMP reads its wait policy when torch loads)
 import argparse
 import json
 import sys

@@ -32,6 +32,7 @@ its current step (saved, as `run_nerf.py` does) and writes the table so far.
 """
 from __future__ import annotations
 
+import nerf.omp_wait  # noqa: F401 (first: OpenMP reads its wait policy when torch loads)
 import argparse
 import copy
 import json

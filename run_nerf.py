@@ -3,6 +3,7 @@
 Command line, model creation and the training loop; the rendering math is in
 nerf/rendering.py, the building blocks in run_nerf_helpers.py.
 """
+import nerf.omp_wait  # noqa: F401 (first: OpenMP reads its wait policy when torch loads)
 import copy
 import logging
 import os

@@ -3,6 +3,7 @@
 Serves the newest checkpoint of the run (or --ft_path) at http://127.0.0.1:8080
 (--host, --port) with viser; see nerf/viewer.py. Needs requirements-viewer.txt.
 """
+import nerf.omp_wait  # noqa: F401 (first: OpenMP reads its wait policy when torch loads)
 import importlib.util
 import logging
 import sys
@@ -27,17 +28,18 @@ def view(argv=None) -> int:
     if importlib.util.find_spec("viser") is None:
         raise DataError("view.py", "needs viser: pip install -r requirements-viewer.txt")
     check_port(args.host, args.port)
+    device = flags.choose_device(args.device)
+    print(f"device: {device}", flush=True)              # first, as run_nerf.py's
     expdir = Path(args.basedir) / str(args.expname)
     ckpt_path, ckpt = find_checkpoint(expdir, args.ft_path, no_reload=False)
     if ckpt is None:
         raise DataError(args.ft_path or expdir, "no checkpoint to show (train the run first, or pass --ft_path)")
-    device = flags.choose_device(args.device)
     scene = load_scene(args)
     _, render_kwargs, step, _, _ = run_nerf.create_nerf(args, device, ckpt, ckpt_path)
     render_kwargs.update(near=scene.near, far=scene.far)
     viewer = Viewer(scene, render_kwargs, device, expdir, args.host, args.port)
-    print(f"Viewing {ckpt_path} (step {step}) at http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
     try:
+        print(f"Viewing {ckpt_path} (step {step}) at http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
         viewer.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -17,21 +17,31 @@
    makes a shared machine's load hit the modes alike; the browser's own CPU use
    (software WebGL) slows all of them. `--no_browser`: no browser at all, plain
    steps against steps with the idle viewer's hook.
+3. Refresh (`--only refresh`): `--refresh_steps` training steps with --viewer
+   and a simulated browser (a 500 x 800 canvas resting at the mean training
+   camera; its pictures are made, JPEG included, then dropped), alone and then
+   beside `--busy` busy-loop processes: the seconds between pictures, their
+   sizes, and the share of the time spent rendering (the default share leaves
+   it 10%).
 """
 import argparse
 import math
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import nerf.omp_wait  # noqa: E402,F401 (before torch: OpenMP reads its wait policy when torch loads)
 import run_nerf  # noqa: E402
 from nerf import flags, viewer  # noqa: E402
 from nerf.checkpoints import find_checkpoint  # noqa: E402
@@ -103,7 +113,12 @@ def measure_pictures(args, argv) -> None:
     render_kwargs.update(near=scene.near, far=scene.far)
     connected = []
     real_connect = viewer.Viewer._connect
-    viewer.Viewer._connect = lambda self, client: connected.append(time.perf_counter()) or real_connect(self, client)
+
+    async def timed_connect(self, client):
+        connected.append(time.perf_counter())
+        await real_connect(self, client)
+
+    viewer.Viewer._connect = timed_connect
     shown = count_pictures(viewer.Viewer)
     live = viewer.Viewer(scene, render_kwargs, flags.choose_device(None), expdir, port=args.port)
     thread = threading.Thread(target=live.serve_forever, daemon=True)
@@ -121,8 +136,7 @@ def measure_pictures(args, argv) -> None:
         if args.screenshot:
             (client,) = live.server.get_clients().values()
             pose = scene.poses[scene.i_test[args.screenshot_view]]
-            live.show_cameras.value = False
-            live._show_frustums(False)
+            live._show_frustums(live.clients[client.client_id], False)
             time.sleep(1.0)
             live._go_to(client, pose)
             time.sleep(1.0)
@@ -223,6 +237,67 @@ def measure_training(args, argv) -> None:
               f"training's steps/s (by the median step time: {plain_median / median:.3f})")
 
 
+def busy_loops(n: int) -> list:
+    """n processes that keep a core busy each (the load of a shared machine)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def measure_refresh(args, argv) -> None:
+    """--viewer training runs (fresh weights, `--refresh_steps` steps each) with
+    a simulated browser: a 500 x 800 canvas resting at the mean training camera,
+    as viser would report it, whose pictures are made (JPEG included) and then
+    dropped. First with nothing else started, then beside `--busy` busy-loop
+    processes. Reported: the seconds between pictures, their sizes, and the
+    share of the time spent rendering."""
+    real_viewer = viewer.training_viewer
+    for load in (0, args.busy):
+        pictures, rendering, created, steps = [], [], [], []
+
+        def simulated(*a, **kw):
+            live = real_viewer(*a, **kw)
+            client = SimpleNamespace(scene=SimpleNamespace(
+                set_background_image=lambda image, **_: pictures.append((time.perf_counter(), *image.shape[:2]))))
+            live.server.get_clients = lambda: {1: client}
+            created.append(time.perf_counter())
+            live.cameras[1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov, 500, 800,
+                                                   1, time.perf_counter())
+            real_render = live._render_whole
+
+            def timed(picture):
+                start = time.perf_counter()
+                real_render(picture)
+                rendering.append(time.perf_counter() - start)
+            live._render_whole = timed
+            real_hook = live.training_step
+            live.training_step = lambda step, stats: steps.append(time.perf_counter()) or real_hook(step, stats)
+            return live
+
+        busy = busy_loops(load)
+        viewer.training_viewer = simulated
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                code = run_nerf.main(argv + ["--basedir", tmp, "--expname", "bench", "--no_reload", "--N_iters",
+                                             str(args.refresh_steps), "--viewer", "--viewer_port",
+                                             str(args.port + 2), *QUIET])
+                elapsed = time.perf_counter() - start
+        finally:
+            viewer.training_viewer = real_viewer
+            for process in busy:
+                process.kill()
+                process.wait()
+        assert code == 0, code
+        times = np.array(created + [at for at, _, _ in pictures])
+        gaps = np.diff(times[1:])
+        sizes = [f"{w}x{h}" for _, h, w in pictures]
+        print(f"{load} busy processes (load average {os.getloadavg()[0]:.1f}): {len(pictures)} pictures in "
+              f"{elapsed:.0f} s of training; the first {times[1] - times[0]:.1f} s after the viewer started; between pictures: "
+              f"median {np.median(gaps):.2f} s, max {gaps.max():.2f} s; sizes {sizes[0]} .. largest "
+              f"{max(sizes, key=lambda s: int(s.split('x')[0]))}, last {sizes[-1]} (canvas capped at 256x160); "
+              f"rendering {sum(rendering) / elapsed:.1%} of the time; training steps (with the viewer's turn after "
+              f"each): median {np.median(np.diff(steps)):.2f} s, longest {np.diff(steps).max():.2f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the trained run's config (or its args.txt)")
@@ -235,13 +310,16 @@ def main() -> None:
                         help="training part without any browser: plain steps against the idle viewer's")
     parser.add_argument("--screenshot", help="also save a screenshot of a test view here")
     parser.add_argument("--screenshot_view", type=int, default=0)
-    parser.add_argument("--skip", choices=["pictures", "training"], help="leave out one part")
+    parser.add_argument("--refresh_steps", type=int, default=300, help="training steps of each refresh run")
+    parser.add_argument("--busy", type=int, default=3, help="busy-loop processes beside the loaded refresh run")
+    parser.add_argument("--only", choices=["pictures", "training", "refresh"], help="run only this part")
+    parser.add_argument("--skip", choices=["pictures", "training", "refresh"], help="leave out one part")
     args, rest = parser.parse_known_args()
     argv = ["--config", args.config, *rest]
-    if args.skip != "pictures":
-        measure_pictures(args, argv)
-    if args.skip != "training":
-        measure_training(args, argv)
+    for part, measure in (("pictures", measure_pictures), ("training", measure_training),
+                          ("refresh", measure_refresh)):
+        if args.skip != part and args.only in (None, part):
+            measure(args, argv)
 
 
 if __name__ == "__main__":

@@ -18,4 +18,5 @@ One concern a module:
 - viewer: the live web viewer (viser)
 - camera_path: camera paths in nerfstudio's format, OpenGL and OpenCV camera conventions
 - errors: the one-line errors the programs print
+- omp_wait: OpenMP's threads wait passively unless the user chose (imported by every program before torch)
 """

@@ -6,11 +6,13 @@ requirements-viewer.txt or the system's chromium (CI installs both)."""
 import importlib.util
 import math
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -99,6 +101,32 @@ def test_view_py_shows_the_demo_solids_in_chromium(trained_demo, browser, tmp_pa
         server.wait(10)
 
 
+@pytest.mark.slow      # a view.py process: torch, the scene, the networks' warm-up
+@needs_viser
+def test_view_py_prints_its_device_first_and_no_viser_banner(trained_demo):
+    """view.py's first line names the device, as run_nerf.py's does; viser's
+    banner (printed whatever its `verbose` says) and its "Server stopped" line
+    never reach the output, up to the exit after Ctrl-C."""
+    demo_dir, basedir = trained_demo
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "view.py"), *demo_args(demo_dir, basedir),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        lines = [server.stdout.readline()]
+        while lines[-1] and not lines[-1].startswith("Viewing"):
+            lines.append(server.stdout.readline())
+        server.send_signal(signal.SIGINT)
+        rest, _ = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert lines[0] == "device: cpu\n" and lines[-1].startswith("Viewing"), lines
+    output = "".join(lines) + rest
+    for banner in ("viser", "Websocket", "ws://", "Server stopped"):
+        assert banner not in output, output
+    assert server.returncode == 0, output
+
+
 @pytest.fixture()
 def live_viewer(trained_demo, monkeypatch):
     """A Viewer of the trained demo serving from a thread of this process, with
@@ -129,7 +157,11 @@ def live_viewer(trained_demo, monkeypatch):
 def test_moving_the_camera_changes_the_picture_then_sharpens(live_viewer, browser):
     live, port = live_viewer
     browser.goto(f"http://127.0.0.1:{port}")
-    wait_for(lambda: any(full for _, full in live.shown.values()), 30, "the first full-resolution picture")
+    wait_for(lambda: any(shown.full for shown in live.shown.values()), 30, "the first full-resolution picture")
+    # No Share button (viser draws it as this icon; it is there without the viewer's theme), and the
+    # browser's own panel is shown.
+    assert browser.locator(".tabler-icon-share").count() == 0
+    assert browser.get_by_text("Max resolution").count() > 0 and browser.get_by_text("Add keyframe").count() > 0
     box = (0, 140, 300, 480)   # left of the panel, below the notice of software WebGL
     before = browser.screenshot()
     (client,) = live.server.get_clients().values()
@@ -140,13 +172,13 @@ def test_moving_the_camera_changes_the_picture_then_sharpens(live_viewer, browse
     turn = math.radians(40)      # orbit 40 degrees about the up direction (world z for the demo)
     rotation = np.array([[math.cos(turn), -math.sin(turn), 0], [math.sin(turn), math.cos(turn), 0], [0, 0, 1]])
     camera.position = target + rotation @ offset
-    preview = wait_for(lambda: live.shown.get(client.client_id, (0, True))[0] > version
-                       and not live.shown[client.client_id][1] and browser.screenshot(), 10, "the preview")
+    preview = wait_for(lambda: client.client_id in live.shown and live.shown[client.client_id].version > version
+                       and not live.shown[client.client_id].full and browser.screenshot(), 10, "the preview")
     time.sleep(0.3)
     preview = browser.screenshot()
     assert np.abs(iio.imread(preview).astype(int) - iio.imread(before).astype(int)).mean() > 2   # it changed
-    assert not live.shown[client.client_id][1]          # still the preview
-    wait_for(lambda: live.shown[client.client_id][1], 20, "the full-resolution picture")
+    assert not live.shown[client.client_id].full        # still the preview
+    wait_for(lambda: live.shown[client.client_id].full, 20, "the full-resolution picture")
     time.sleep(0.5)
     sharp = browser.screenshot()
     assert sharpness(sharp, box) > 1.3 * sharpness(preview, box)
@@ -262,9 +294,10 @@ def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo,
         if live is not None:   # a browser that never receives its pictures keeps the viewer rendering
             live.cameras[-1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov,
                                                     24, 32, 1, 0.0)
-            live.training_share.value = 0.25   # a render every step or two, however fast the steps run
-            real_work = live.work
-            live.work = lambda seconds: rendered.append(seconds) or real_work(seconds)
+            live.clients[-1] = viewer.BrowserState(max_resolution=256, training_share=0.25)   # a render every
+            # step or two, however fast the steps run
+            real_render = live._render_whole
+            live._render_whole = lambda picture: rendered.append(picture) or real_render(picture)
         return live
 
     monkeypatch.setattr(viewer, "training_viewer", watched)
@@ -335,11 +368,12 @@ def test_outputs_rgb_depth_and_accumulation(live_viewer):
     job = viewer.RenderJob(0, 1, True, h, w, torch.zeros(h * w, 3), torch.zeros(h * w, 3))
     for name, value in (("rgb", rgb), ("disp", disp), ("acc", acc)):   # two slices each
         job.maps[name] = [torch.as_tensor(value[:7]), torch.as_tensor(value[7:])]
-    live.output.value = "RGB"
+    live.clients[0] = viewer.BrowserState(max_resolution=256)
+    live.clients[0].output = "RGB"
     np.testing.assert_array_equal(live.picture(job), np.round(rgb.reshape(h, w, 3) * 255))
-    live.output.value = "accumulation"
+    live.clients[0].output = "accumulation"
     np.testing.assert_array_equal(live.picture(job), np.round(np.repeat(acc.reshape(h, w, 1), 3, -1) * 255))
-    live.output.value = "depth"
+    live.clients[0].output = "depth"
     depth = live.picture(job).astype(int)
     empty = (acc < 0.5).reshape(h, w)
     assert (depth[empty] == 0).all() and (depth[~empty].sum(-1) > 0).all()     # nothing hit: black
@@ -349,30 +383,224 @@ def test_outputs_rgb_depth_and_accumulation(live_viewer):
     assert near_colour[0] + near_colour[1] > 2 * near_colour[2] and far_colour[2] > far_colour[0]
 
 
+class FakeClock:
+    """Stands in for the viewer's `time`: seconds pass only when the test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SimulatedBrowser:
+    """One browser as the viewer sees it (client id 5, its canvas `height` x
+    `width`, resting at the mean training camera, its panel's settings the
+    defaults and its progress line `live.clients[5].progress`), with a renderer of a known
+    speed on a fake clock: each slice of n rays takes n / rays_per_second, sees
+    the networks' current `weights` version, and returns black. `pictures`:
+    (time, h, w, the weights versions its slices saw) of each picture sent."""
+
+    def __init__(self, live, monkeypatch, rays_per_second: float, height: int = 500, width: int = 800):
+        import torch
+        from nerf import viewer
+
+        self.clock, self.weights, self.pictures, self.slices = FakeClock(), 0, [], []
+        self.render_seconds = 0.0
+        monkeypatch.setattr(viewer, "time", self.clock)
+
+        def render_rays(rays_o, rays_d):
+            seconds = len(rays_o) / rays_per_second
+            self.clock.now += seconds
+            self.render_seconds += seconds
+            self.slices.append(self.weights)
+            n = len(rays_o)
+            return torch.zeros(n, 3), torch.zeros(n), torch.zeros(n)
+
+        def send(image, **_):
+            self.pictures.append((self.clock.now, image.shape[0], image.shape[1], set(self.slices)))
+            self.slices = []
+
+        client = types.SimpleNamespace(scene=types.SimpleNamespace(set_background_image=send))
+        monkeypatch.setattr(live, "_render_rays", render_rays)
+        monkeypatch.setattr(live.server, "get_clients", lambda: {5: client})
+        live.stopped.set()          # no rendering thread: the test calls the viewer itself
+        time.sleep(0.2)
+        live.shown.clear()
+        live.job = None
+        live.rays_per_second = rays_per_second       # as measured at that speed
+        live.cameras = {5: viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov, height,
+                                                width, 1, self.clock.now)}
+        live.clients = {5: viewer.BrowserState(max_resolution=live.default_resolution,
+                                               progress=types.SimpleNamespace(content=""))}
+
+    def move(self, live) -> None:
+        camera = live.cameras[5]
+        camera.version, camera.changed_at = camera.version + 1, self.clock.now
+
+
+@pytest.fixture()
+def training_viewer(trained_demo):
+    """A Viewer of the demo's fresh networks with the training panel, not serving from a thread."""
+    import run_nerf
+    from nerf import flags, viewer
+    from nerf.datasets import load_scene
+
+    demo_dir, basedir = trained_demo
+    args = flags.parse_args(run_nerf.config_parser(), demo_args(demo_dir, basedir))
+    scene = load_scene(args)
+    _, render_kwargs, _, _, _ = run_nerf.create_nerf(args)
+    render_kwargs.update(near=scene.near, far=scene.far)
+    live = viewer.Viewer(scene, render_kwargs, flags.choose_device(None), basedir / "demo", port=free_port(),
+                         training=True)
+    yield live
+    live.stop()
+
+
 @needs_viser
-def test_preview_while_moving_full_at_rest_and_redrawn_when_refreshed(live_viewer):
+@pytest.mark.parametrize("share, step_seconds, rays_per_second", [     # rays/s: a loaded CPU's one thread .. a GPU
+    (0.9, 0.01, 2e3), (0.9, 0.3, 2e4), (0.9, 0.05, 1e6), (0.5, 0.3, 2e3), (0.5, 0.01, 2e4), (0.5, 0.3, 1e6)])
+def test_training_keeps_redrawing_whole_pictures_within_the_share(training_viewer, monkeypatch, caplog,
+                                                                  rays_per_second, step_seconds, share):
+    """Training steps (each changes the weights) with a browser at rest: every
+    picture is rendered against one set of weights, a new picture arrives at
+    least every REFRESH_SECONDS, the pictures grow (by at most REFINE times the
+    pixels) up to the canvas or what the share pays for within a refresh
+    period, and rendering takes no more than the share leaves it."""
+    from nerf import viewer
+
+    live = training_viewer
+    browser = SimulatedBrowser(live, monkeypatch, rays_per_second)
+    live.clients[5].training_share = share
+    caplog.clear()
+    start = browser.clock.now
+    for step in range(int(12.0 / step_seconds)):       # 12 s of training
+        browser.clock.now += step_seconds
+        browser.weights += 1
+        live.training_step(step, {"loss": 0.01, "psnr": 20.0})
+    assert not viewer_warnings(caplog)          # no picture failed
+    elapsed = browser.clock.now - start
+    times = [start] + [at for at, _, _, _ in browser.pictures]
+    assert len(times) > 4
+    for at, h, w, weights in browser.pictures:
+        assert len(weights) == 1, f"the {h}x{w} picture at {at - start:.2f} s saw weights {sorted(weights)}"
+    assert max(np.diff(times)) <= viewer.REFRESH_SECONDS
+    pixels = [h * w for _, h, w, _ in browser.pictures]
+    assert all(b <= viewer.REFINE * a * 1.1 for a, b in zip(pixels, pixels[1:]))     # 1.1: rounding of h, w
+    affordable = viewer.PICTURE_SHARE * viewer.REFRESH_SECONDS * (1 - share) * rays_per_second
+    canvas = 160 * 256                  # 500 x 800, its longer side capped at the slider's 256
+    assert pixels[-1] >= 0.9 * min(canvas, affordable) and pixels[-1] <= canvas       # 0.9: rounding of h, w
+    assert pixels[-1] > pixels[0] or pixels[0] == canvas                               # it grew from the preview
+    assert browser.render_seconds <= (1 - share) * elapsed * 1.02 + affordable / rays_per_second
+    if pixels[-1] < canvas:
+        assert "lower training share" in live.clients[5].progress.content
+
+
+@needs_viser
+@pytest.mark.parametrize("rays_per_second", [2e3, 5e4])
+def test_a_resting_camera_gets_ever_sharper_pictures_with_progress_shown(training_viewer, monkeypatch,
+                                                                          rays_per_second):
+    """view.py's loop (the networks never change): at rest, each picture has
+    about REFINE times the pixels of the one before, from the preview to the
+    capped canvas; the panel says how far the picture under way has come; a
+    camera that moves gets a preview at once."""
+    from nerf import viewer
+
+    live = training_viewer
+    live.training = False                           # view.py's viewer: no training panel
+    browser = SimulatedBrowser(live, monkeypatch, rays_per_second)
+    progress = set()
+    while not browser.pictures or browser.pictures[-1][1:3] != (160, 256):
+        assert browser.clock.now < 1000.0 + 60
+        if not live.work(0.05):
+            browser.clock.now += 0.01
+        progress.add(live.clients[5].progress.content)
+    pixels = [h * w for _, h, w, _ in browser.pictures]
+    assert pixels[0] <= 1.1 * rays_per_second * viewer.PREVIEW_SECONDS
+    assert all(a < b <= viewer.REFINE * a * 1.1 for a, b in zip(pixels, pixels[1:]))
+    assert len(pixels) >= 3
+    assert live.clients[5].progress.content == "**Picture** 256 x 160 of 256 x 160"
+    if rays_per_second < 1e4:     # a last picture of many seconds: its progress is shown on the way
+        assert any("refining: 256 x 160, " in text and not text.endswith(" 0%") for text in progress), progress
+    browser.move(live)
+    live.work(1.5 * viewer.PREVIEW_SECONDS)
+    assert browser.pictures[-1][1] * browser.pictures[-1][2] == pixels[0]
+
+
+@needs_viser
+def test_preview_while_moving_then_sharper_up_to_the_browsers_own_cap(live_viewer):
+    """Without rendering: a moving camera's picture is a preview of about
+    PREVIEW_SECONDS' pixels at the canvas' aspect; at rest each next picture has
+    at most REFINE times the pixels, up to the canvas capped by that browser's
+    own Max resolution; redrawn when the networks change (training)."""
     from nerf import viewer
 
     live, _ = live_viewer
-    live.stopped.set()        # no rendering thread: the test asks for the jobs itself
+    live.stopped.set()        # no rendering thread: the test asks for the pictures itself
     time.sleep(0.3)
     live.rays_per_second = 200 / viewer.PREVIEW_SECONDS          # previews of about 200 pixels
-    live.max_resolution.value = 128
+    live.clients = {7: viewer.BrowserState(max_resolution=128), 8: viewer.BrowserState(max_resolution=64)}
     pose = viewer.browser_pose([1, 0, 0, 0], live.home)
     live.shown.clear()
     live.cameras = {7: viewer.BrowserCamera(pose, live.fov, 300, 400, 1, time.perf_counter())}
-    job = live._next_job()
-    assert not job.full and job.h * job.w == pytest.approx(200, rel=0.15)
-    assert job.w / job.h == pytest.approx(4 / 3, rel=0.15)
-    live.shown[7] = (1, False)
-    assert live._next_job() is None                                 # moving: the preview stays
+    picture = live._next_picture()
+    assert picture.preview and picture.h * picture.w == pytest.approx(200, rel=0.15)
+    assert picture.w / picture.h == pytest.approx(4 / 3, rel=0.15)
+    assert (picture.full_h, picture.full_w) == (96, 128)         # the canvas, capped at this browser's 128
+    live.shown[7] = viewer.Shown(1, picture.h, picture.w, False, time.perf_counter())
+    assert live._next_picture() is None                          # moving: the preview stays
     live.cameras[7].changed_at -= viewer.REST_SECONDS
-    job = live._next_job()
-    assert job.full and (job.h, job.w) == (96, 128)                # at rest: the canvas, capped at 128
-    live.shown[7] = (1, True)
-    assert live._next_job() is None
-    live._refresh()                                                 # training changed the networks
-    assert live._next_job().full
+    pixels = [picture.h * picture.w]
+    while (picture := live._next_picture()) is not None:
+        assert not picture.preview and len(pixels) < 10
+        pixels.append(picture.h * picture.w)
+        live.shown[7] = viewer.Shown(1, picture.h, picture.w, (picture.h, picture.w) == (96, 128),
+                                     time.perf_counter())
+    assert (live.shown[7].h, live.shown[7].w) == (96, 128) and live.shown[7].full
+    assert len(pixels) >= 3 and all(a < b <= viewer.REFINE * a * 1.1 for a, b in zip(pixels, pixels[1:]))
+    picture = live._next_picture(redraw=True)                    # training changed the networks
+    assert picture is not None and (picture.h, picture.w) == (96, 128)
+    live.cameras[8] = viewer.BrowserCamera(pose, live.fov, 300, 400, 1, time.perf_counter())
+    picture = live._next_picture()                               # another browser: its own cap
+    assert picture.client_id == 8 and (picture.full_h, picture.full_w) == (48, 64)
+
+
+@needs_viser
+def test_training_takes_the_largest_share_any_browser_asks_for_and_each_browser_has_its_progress(idle_viewer):
+    """The share of time left to training is the largest any connected browser
+    asks for (one browser cannot take training time the others have not given);
+    at 1 nothing is rendered. Each browser's panel shows its own picture's size."""
+    from nerf import viewer
+
+    live = idle_viewer
+    assert live.training_share() == viewer.DEFAULT_TRAINING_SHARE          # no browser
+    a, b = FakeBrowser(live, 21, height=12, width=16), FakeBrowser(live, 22, height=24, width=32)
+    time.sleep(viewer.REST_SECONDS)
+    while live.work(1.0):
+        pass
+    assert live.clients[21].progress.content == "**Picture** 16 x 12 of 16 x 12"
+    assert live.clients[22].progress.content == "**Picture** 32 x 24 of 32 x 24"
+    a.set("Training share", 0.3)
+    assert live.training_share() == viewer.DEFAULT_TRAINING_SHARE          # b still asks for the default
+    b.set("Training share", 0.5)
+    assert live.training_share() == 0.5
+    b.set("Training share", 1.0)
+    rendered = []
+    real_render = live._render_rays
+    live._render_rays = lambda rays_o, rays_d: rendered.append(len(rays_o)) or real_render(rays_o, rays_d)
+    a.send_camera(position=tuple(live.home + [0.0, 0.0, 0.2]))              # a moved: a picture is due
+    live.render_credit = 10.0
+    for step in range(3):
+        live.training_step(step, {"loss": 0.1, "psnr": 20.0})
+    assert rendered == []
+    b.leave()
+    assert live.training_share() == 0.3
+    live.render_credit = 10.0     # saved up all it may: the picture is rendered
+    live.training_step(3, {"loss": 0.1, "psnr": 20.0})
+    assert rendered and live.shown[21].version == live.cameras[21].version
 
 
 @pytest.mark.slow
@@ -428,3 +656,364 @@ def test_a_render_only_run_never_checks_the_viewers_port():
         if importlib.util.find_spec("viser") is not None:
             with pytest.raises(DataError, match="--viewer_port"):
                 viewer.check_flag(SimpleNamespace(**{**vars(args), "render_only": False}))
+
+
+# --- the browser as an untrusted client (issue 27, items 1, 2, 3, 5) ---
+
+@pytest.fixture()
+def idle_viewer(trained_demo):
+    """A Viewer of the trained demo with no rendering thread: the tests render with `work`."""
+    import run_nerf
+    from nerf import flags, viewer
+    from nerf.datasets import load_scene
+
+    demo_dir, basedir = trained_demo
+    args = flags.parse_args(run_nerf.config_parser(), demo_args(demo_dir, basedir))
+    scene = load_scene(args)
+    _, render_kwargs, _, _, _ = run_nerf.create_nerf(args)
+    render_kwargs.update(near=scene.near, far=scene.far)
+    live = viewer.Viewer(scene, render_kwargs, flags.choose_device(None), basedir / "demo", port=free_port(),
+                         training=True)
+    yield live
+    live.stop()
+
+
+class FakeBrowser:
+    """A browser as viser's server sees one: a connection whose messages go
+    through viser's own handlers on the server's event loop, as a websocket's
+    would; each call returns once the message has been handled."""
+
+    def __init__(self, live, client_id: int, **camera):
+        from viser import infra
+        from viser.infra._async_message_buffer import AsyncMessageBuffer
+        from viser.infra._infra import _ClientHandleState
+
+        self.live, self.client_id = live, client_id
+        self.websock = live.server._websock_server
+        loop = live.server._event_loop
+        self.connection = infra.WebsockClientConnection(
+            client_id, _ClientHandleState(AsyncMessageBuffer(loop, persistent_messages=False), loop))
+        for connect in list(self.websock._client_connect_cb):
+            self.run(connect(self.connection))
+        self.send_camera(**camera)         # viser counts a browser connected from its first camera
+
+    def run(self, coroutine):
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coroutine, self.live.server._event_loop).result(10)
+
+    def send(self, message) -> None:
+        self.run(self.websock._handle_incoming_message(self.client_id, message))
+        self.run(self.connection._handle_incoming_message(self.client_id, message))
+
+    def send_camera(self, wxyz=(1.0, 0.0, 0.0, 0.0), position=None, fov=0.8, height=24, width=32) -> None:
+        from viser import _messages
+        position = tuple(self.live.home) if position is None else position
+        self.send(_messages.ViewerCameraMessage(wxyz, position, fov, 0.01, 1000.0, height, width, (0.0, 0.0, 0.0),
+                                                (0.0, 0.0, 1.0)))
+
+    @property
+    def client(self):
+        return self.live.server.get_clients()[self.client_id]
+
+    def handle(self, label: str):
+        (handle,) = [h for h in self.client.gui._gui_input_handle_from_uuid.values() if h.label == label]
+        return handle
+
+    def set(self, label: str, value) -> None:
+        """What the browser sends when its user changes the panel's `label` field (or clicks that button)."""
+        from viser import _messages
+        self.send(_messages.GuiUpdateMessage(self.handle(label)._impl.uuid, {"value": value}))
+
+    def leave(self) -> None:
+        for disconnect in list(self.websock._client_disconnect_cb):
+            self.run(disconnect(self.connection))
+
+
+def viewer_warnings(caplog) -> list:
+    return [r.getMessage() for r in caplog.records if r.name == "nerf" and r.levelno >= 30]
+
+
+@needs_viser
+def test_a_browsers_share_request_publishes_nothing(idle_viewer, monkeypatch, caplog):
+    """viser would open a public tunnel (share.viser.studio) for any browser's
+    ShareUrlRequest: the viewer hides the button and refuses the request."""
+    import viser._viser
+    from viser import _messages
+
+    tunnels = []
+
+    class RecordingTunnel:     # stands in for the tunnel: records, connects nowhere
+        def __init__(self, *args, **kwargs):
+            tunnels.append(args)
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: "failed"
+
+    monkeypatch.setattr(viser._viser, "ViserTunnel", RecordingTunnel)
+    browser = FakeBrowser(idle_viewer, 5)
+    caplog.clear()
+    for message in (_messages.ShareUrlRequest(), _messages.ShareUrlRequest(), _messages.ShareUrlDisconnect()):
+        browser.send(message)
+    time.sleep(0.5)     # viser's own handler ran on its thread pool: time for it to have started
+    assert tunnels == []
+    refusals = viewer_warnings(caplog)
+    assert len(refusals) == 3 and all("share" in line and "refused" in line for line in refusals), refusals
+    themes = [m for m in idle_viewer.server._websock_server._broadcast_buffer.message_from_id.values()
+              if isinstance(m, _messages.ThemeConfigurationMessage)]
+    assert themes and not themes[-1].show_share_button
+
+
+BAD_NUMBERS = [0, -1, -1e308, float("nan"), float("inf"), float("-inf"), 1e300, "x", None, [1.0], True]
+
+
+@pytest.mark.parametrize("value", BAD_NUMBERS, ids=repr)
+def test_checked_number_clamps_or_refuses(value):
+    from nerf import viewer
+    for low, high, integer in ((0.1, 1.0, False), (32, 2048, True)):
+        try:
+            number, problem = viewer.checked_number(value, low, high, integer)
+        except ValueError as exc:
+            assert repr(value) in str(exc) or "NaN" in str(exc)
+            assert isinstance(value, (str, list, bool, type(None))) or math.isnan(value)
+            continue
+        assert low <= number <= high and math.isfinite(number) and (not integer or isinstance(number, int))
+        assert (problem is None) == (low <= value <= high)
+
+
+def test_clamp_camera_sweep():
+    """Every camera either comes out usable (a rotation, finite rays, fov and
+    canvas in range) or is refused with a line; good cameras pass unchanged."""
+    from nerf import viewer
+    good = dict(wxyz=(1.0, 0.0, 0.0, 0.0), position=(0.0, -4.0, 1.0), fov=0.8, height=480, width=640)
+    (pose, fov, h, w), problem = viewer.clamp_camera(**good)
+    assert problem is None and (fov, h, w) == (0.8, 480, 640)
+    np.testing.assert_allclose(pose, viewer.browser_pose(good["wxyz"], good["position"]))
+    bad = {"fov": BAD_NUMBERS, "height": BAD_NUMBERS + [100000, 0.4], "width": BAD_NUMBERS + [100000],
+           "wxyz": [(0, 0, 0, 0), (float("nan"), 0, 0, 0), (float("inf"), 0, 0, 0), (2.0, 0, 0, 0), (1e-300, 0, 0, 0),
+                    "abcd", (1, 0, 0), None],
+           "position": [(float("nan"), 0, 0), (0, float("inf"), 0), (1e30, 0, 0), "xyz", (1, 2), None]}
+    refused = clamped = 0
+    for name, values in bad.items():
+        for value in values:
+            try:
+                (pose, fov, h, w), problem = viewer.clamp_camera(**{**good, name: value})
+            except ValueError as exc:
+                refused += 1
+                assert str(exc) and "\n" not in str(exc)
+                continue
+            clamped += 1
+            assert problem, (name, value)
+            assert viewer.MIN_FOV <= fov <= viewer.MAX_FOV and 1 <= h <= viewer.MAX_CANVAS
+            assert 1 <= w <= viewer.MAX_CANVAS and isinstance(h, int) and isinstance(w, int)
+            np.testing.assert_allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-9)
+            rays_o, rays_d = viewer.browser_rays(pose, fov, 4, 5, "cpu")
+            assert rays_o.isfinite().all() and rays_d.isfinite().all()
+    assert refused > 10 and clamped > 10
+
+
+@needs_viser
+def test_bad_values_from_a_browser_are_one_line_each_and_the_viewer_keeps_serving(idle_viewer, caplog):
+    """A sweep of bad camera and panel values sent as a browser sends them:
+    each is one warning, the stored camera and settings stay usable, and the
+    viewer goes on rendering finite pictures no larger than the resolution cap."""
+    from nerf import viewer
+
+    live = idle_viewer
+    browser = FakeBrowser(live, 3)
+    browser.set("Max resolution", 32)
+    pictures = []
+    real_show = live._show
+    live._show = lambda job: pictures.append((job.h, job.w, torch_finite(job))) or real_show(job)
+
+    def render_and_check(what):
+        camera = live.cameras[3]
+        live.shown[3] = viewer.Shown(camera.version, 1, 1, False, 0.0)    # a preview on screen and the camera
+        camera.changed_at -= viewer.REST_SECONDS            # at rest: sharper pictures up to the full one are next
+        while live.work(1.0):
+            pass
+        assert pictures, what
+        h, w, finite = pictures[-1]
+        assert 1 <= h <= 32 and 1 <= w <= 32 and finite, (what, h, w)
+        pictures.clear()
+
+    bad_cameras = [dict(fov=v) for v in BAD_NUMBERS] + [dict(height=v) for v in BAD_NUMBERS + [100000]] + \
+        [dict(width=v) for v in (0, float("nan"), 100000, "x")] + \
+        [dict(wxyz=v) for v in ((0.0, 0.0, 0.0, 0.0), (float("nan"), 0.0, 0.0, 0.0), (2.0, 0.0, 0.0, 0.0), "abcd")] + \
+        [dict(position=v) for v in ((float("nan"), 0.0, 0.0), (1e30, 0.0, 0.0), "xyz")]
+    for n, camera in enumerate(bad_cameras):
+        caplog.clear()
+        before = live.cameras[3]
+        browser.send_camera(**{"position": tuple(live.home + [0.0, 0.0, 0.01 * (n + 1)]), **camera})
+        assert len(viewer_warnings(caplog)) == 1, (camera, viewer_warnings(caplog))
+        stored = live.cameras[3]
+        assert viewer.MIN_FOV <= stored.fov <= viewer.MAX_FOV and 1 <= stored.height <= viewer.MAX_CANVAS
+        assert 1 <= stored.width <= viewer.MAX_CANVAS and np.isfinite(stored.pose).all()
+        if "refused" in viewer_warnings(caplog)[0]:
+            assert stored is before                           # the browser's previous camera stays
+        else:
+            render_and_check(camera)                          # a clamped camera renders
+    fields = {"Max resolution": (0, -5, float("nan"), float("inf"), 1e9, "x", [1], None),
+              "Training share": (0, -1, float("nan"), float("inf"), 2, "x"),
+              "Seconds": (0, -1, float("nan"), float("inf"), 1e12, "x"),
+              "FPS": (0, float("nan"), float("-inf"), 1e9, "x"),
+              "Output": ("x", 1, None, "../../etc/passwd")}
+    state = live.clients[3]
+    for label, values in fields.items():
+        for value in values:
+            caplog.clear()
+            browser.set(label, value)
+            assert len(viewer_warnings(caplog)) == 1, (label, value, viewer_warnings(caplog))
+            assert 32 <= state.max_resolution <= 2048 and 0.1 <= state.training_share <= 1.0
+            assert 0.1 <= state.seconds <= viewer.MAX_SECONDS and 1 <= state.fps <= viewer.MAX_FPS
+            assert state.output in viewer.OUTPUTS
+            browser.set("Max resolution", 32)     # back to small pictures for the next render
+    render_and_check("after the panel's values")
+    caplog.clear()
+    for share in (0.1, 1.0):      # the clamped ends of the range: no division by zero, the account bounded
+        state.training_share = share
+        live.training_step(1, {"loss": 0.1, "psnr": 20.0})
+        live.training_step(2, {"loss": 0.1, "psnr": 20.0})
+        most = viewer.PICTURE_SHARE * viewer.REFRESH_SECONDS * (1 - share)
+        assert -most <= live.render_credit <= most and not viewer_warnings(caplog)
+
+
+def torch_finite(job) -> bool:
+    import torch
+    return bool(all(torch.cat(values).isfinite().all() for values in job.maps.values()))
+
+
+def call_handler(browser, result) -> None:
+    """A handler's result: awaited on viser's loop when it is a coroutine (as viser does)."""
+    import inspect
+    if inspect.iscoroutine(result):
+        browser.run(result)
+
+
+@needs_viser
+def test_a_camera_message_after_its_browser_left_is_dropped(idle_viewer):
+    """The disconnect handled before a late camera message of the same browser:
+    the viewer keeps no camera for it, so training gives it no time."""
+    live = idle_viewer
+    browser = FakeBrowser(live, 4)
+    camera = browser.client.camera
+    assert 4 in live.cameras
+    browser.leave()
+    assert 4 not in live.cameras
+    camera._state.update_timestamp += 1.0       # a newer message, handled after the disconnect
+    call_handler(browser, live._camera_moved(camera))
+    time.sleep(0.2)
+    assert live.cameras == {} and live.clients == {}
+    worked = []
+    live.work = lambda seconds: worked.append(seconds)
+    live._render_rays = lambda rays_o, rays_d: worked.append(len(rays_o))      # no rendering of any kind
+    for step in range(3):
+        live.training_step(step, {"loss": 0.1, "psnr": 20.0})
+    assert worked == []
+
+
+@needs_viser
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1)])
+def test_an_older_camera_message_never_overwrites_a_newer_one(idle_viewer, order):
+    """Camera messages handled in any order (as a thread pool may): the newest
+    pose (by viser's time stamp) is the one kept."""
+    from types import SimpleNamespace
+    from nerf import viewer
+
+    live = idle_viewer
+    browser = FakeBrowser(live, 6)
+    stamp = time.time() + 10
+    poses = [tuple(live.home + [0.0, 0.0, 0.1 * (k + 1)]) for k in range(3)]
+    for k in order:
+        camera = SimpleNamespace(client=browser.client, wxyz=np.array([1.0, 0, 0, 0]), position=np.array(poses[k]),
+                                 fov=0.8, image_height=24, image_width=32, update_timestamp=stamp + k)
+        call_handler(browser, live._camera_moved(camera))
+    time.sleep(0.1)
+    np.testing.assert_allclose(live.cameras[6].pose, viewer.browser_pose([1, 0, 0, 0], poses[2]))
+
+
+@needs_viser
+def test_the_first_camera_message_is_taken(idle_viewer):
+    """viser counts a browser connected from its first camera message; that
+    message is the viewer's first camera for it, taken before viser has
+    finished handling it (no thread pool in between)."""
+    live = idle_viewer
+    FakeBrowser(live, 8, fov=0.7, height=30, width=40)
+    camera = live.cameras[8]
+    assert (camera.fov, camera.height, camera.width, camera.version) == (0.7, 30, 40, 1)
+
+
+@needs_viser
+def test_each_browser_has_its_own_panel_and_keyframes_and_a_new_one_starts_fresh(idle_viewer):
+    live = idle_viewer
+    a, b = FakeBrowser(live, 11), FakeBrowser(live, 12)
+    a.set("Max resolution", 64)
+    a.set("Output", "depth")
+    a.set("Training share", 0.5)
+    a.set("Seconds", 9.0)
+    a.set("Training cameras", False)
+    a.set("Add keyframe", True)
+    a.send_camera(position=tuple(live.home + [0.0, 0.0, 0.2]))
+    a.set("Add keyframe", True)
+    defaults = (live.default_resolution, "RGB", 0.9, 4.0, 24.0, 0)
+
+    def settings(browser):
+        state = live.clients[browser.client_id]
+        return (state.max_resolution, state.output, state.training_share, state.seconds, state.fps,
+                len(state.keyframes))
+
+    assert settings(a) == (64, "depth", 0.5, 9.0, 24.0, 2)
+    assert settings(b) == defaults
+    assert b.handle("Max resolution").value == live.default_resolution and b.handle("Output").value == "RGB"
+    assert b.handle("Training cameras").value is True
+    assert not any(f.visible for f in live.clients[11].frustums)
+    assert all(f.visible for f in live.clients[12].frustums) and len(live.clients[12].frustums) == len(
+        live.scene.i_train)
+    assert "2 keyframes" in live.clients[11].keyframe_count.content
+    assert "0 keyframes" in live.clients[12].keyframe_count.content
+    b.set("Save camera_path.json", True)            # b has no keyframes: nothing saved
+    assert not (live.expdir / "camera_path.json").exists() or "add a keyframe" in \
+        live.clients[12].keyframe_count.content
+    a.leave()
+    c = FakeBrowser(live, 13)
+    assert settings(c) == defaults
+    assert c.handle("Max resolution").value == live.default_resolution and c.handle("Seconds").value == 4.0
+    assert 11 not in live.clients and set(live.clients) == {12, 13}
+
+
+@needs_viser
+def test_a_failed_picture_during_training_is_one_line_and_the_viewer_goes_on(idle_viewer, caplog):
+    """A render that raises (once) while training: one warning, and the next
+    camera move is rendered again (the viewer is not switched off for the run)."""
+    live = idle_viewer
+    browser = FakeBrowser(live, 9, height=12, width=16)
+    real_render, failures = live._render_rays, []
+
+    def render_failing_once(rays_o, rays_d):
+        if not failures:
+            failures.append(len(rays_o))
+            raise RuntimeError("out of memory")
+        return real_render(rays_o, rays_d)
+
+    live._render_rays = render_failing_once
+    live.clients[9].training_share = 0.1
+    caplog.clear()
+    for step, position in enumerate((live.home, live.home + [0.0, 0.0, 0.2])):
+        browser.send_camera(position=tuple(position))
+        live.render_credit = 10.0     # the viewer has saved up all it may: a picture is rendered
+        live.training_step(step, {"loss": 0.1, "psnr": 20.0})
+    assert failures and len(viewer_warnings(caplog)) == 1 and "out of memory" in viewer_warnings(caplog)[0]
+    assert live.shown[9].version == live.cameras[9].version     # the moved camera's picture is on screen
+
+    # view.py's loop likewise: it goes on serving after a failed picture.
+    failures.clear()
+    serving = threading.Thread(target=live.serve_forever, daemon=True)
+    serving.start()
+    browser.send_camera(position=tuple(live.home + [0.0, 0.0, 0.4]))
+    failed_version = live.cameras[9].version
+    wait_for(lambda: 9 in live.shown and (live.shown[9].version, live.shown[9].full) == (failed_version, True), 30,
+             "the failed render, counted as shown")
+    browser.send_camera(position=tuple(live.home + [0.0, 0.0, 0.6]))
+    wait_for(lambda: 9 in live.shown and live.shown[9].version == failed_version + 1, 30, "the next picture")
+    live.stopped.set()
+    serving.join(10)
+    assert len(failures) == 1 and len(viewer_warnings(caplog)) == 2

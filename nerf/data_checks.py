@@ -184,6 +184,7 @@ def _check_deepvoxels(datadir: Path, shape: str, testskip: int) -> Tuple[int, in
     intrinsics = datadir / "train" / shape / "intrinsics.txt"
     if not intrinsics.is_file():
         raise DataError(intrinsics, "missing")
+    files = []
     for split in ("train", "validation", "test"):
         folder = datadir / split / shape
         counts = {}
@@ -193,7 +194,10 @@ def _check_deepvoxels(datadir: Path, shape: str, testskip: int) -> Tuple[int, in
             counts[sub] = len([f for f in os.listdir(folder / sub) if f.endswith(ext)])
         if counts["rgb"] != counts["pose"] or counts["rgb"] == 0:
             raise DataError(folder, f"has {counts['rgb']} images in rgb/ and {counts['pose']} poses in pose/")
-    return 512, 512
+        names = sorted(f for f in os.listdir(folder / "rgb") if f.endswith(".png"))
+        files += [folder / "rgb" / f for f in names[::1 if split == "train" else testskip or 1]]
+    w, h = _same_size(files)
+    return h, w
 
 
 def _check_ray_count(args, H: int, W: int) -> None:

@@ -413,6 +413,24 @@ def test_demo_in_the_deepvoxels_and_linemod_layouts_loads_as_the_blender_one(tmp
     np.testing.assert_array_equal(dv_render, dv_poses[i_split[2]])
 
 
+@pytest.mark.parametrize("N_rand,ok", [(24 * 32, True), (24 * 32 + 1, False)])
+def test_deepvoxels_checks_use_the_images_size(tmp_path, N_rand, ok):
+    """The data check reads the DeepVoxels images' size (it said 512 x 512):
+    --no_batching draws at most one image's pixels."""
+    import run_nerf
+    from nerf import data_checks
+    from nerf.demo_scene import ensure_demo_scene, write_deepvoxels_layout
+    blender = ensure_demo_scene(str(tmp_path / "b"), verbose=False, H=24, W=32, n_train=2, n_val=1, n_test=1)
+    dv = write_deepvoxels_layout(blender, str(tmp_path / "dv"))
+    args = run_nerf.config_parser().parse_args(["--dataset_type", "deepvoxels", "--datadir", dv, "--shape", "demo",
+                                                "--no_batching", "--N_rand", str(N_rand), "--testskip", "1"])
+    if ok:
+        assert data_checks.check_data(args) == (24, 32)
+    else:
+        with pytest.raises(DataError, match="from the 32x24 = 768 pixels of one image"):
+            data_checks.check_data(args)
+
+
 @pytest.mark.slow
 def test_demo_in_the_deepvoxels_and_linemod_layouts_trains_like_the_blender_one(trained_demo, tmp_path):
     """The demo trained 300 steps through run_nerf.py from each layout, with the

@@ -378,9 +378,10 @@ def test_truncated_newest_checkpoint_is_skipped_kept_and_training_resumes(tmp_pa
         assert run_nerf.main(argv) == 0
 
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert [w for w in warnings if "skipped" in w] == [f"warning: {run / '000004.tar'}: is cut short ({len(damaged)} bytes, its zip archive has no "
-                        "end): the save or copy did not finish; skipped and kept as it is (move it away, or name a good checkpoint with --ft_path); "
-                        "trying the one before, 000002.tar"]
+    assert [w for w in warnings if "skipped" in w] == [
+        f"warning: {run / '000004.tar'}: is cut short ({len(damaged)} bytes, its zip archive has no end): the save or "
+        "copy did not finish; skipped and kept as it is (move it away, or name a good checkpoint with --ft_path); "
+        "trying the one before, 000002.tar"]
     assert any(f"reloading from {run / '000002.tar'}" in r.getMessage() for r in caplog.records)
     # the damaged file is kept byte for byte under another name, never deleted or overwritten
     assert (run / "000004.tar.corrupt").read_bytes() == damaged
@@ -450,7 +451,8 @@ DAMAGED_CHECKPOINTS = [
     *[(f"global_step-{value!r}", lambda data, ckpt, value=value: _saved({**ckpt, "global_step": value}),
        f"is not a usable NeRF checkpoint: 'global_step' is {value!r}, not a step number")
       for value in ("4", 4.0, True, -5, None)],
-    *[(f"network_fn_state_dict-{kind}", lambda data, ckpt, value=value: _saved({**ckpt, "network_fn_state_dict": value}),
+    *[(f"network_fn_state_dict-{kind}",
+       lambda data, ckpt, value=value: _saved({**ckpt, "network_fn_state_dict": value}),
        "is not a usable NeRF checkpoint: 'network_fn_state_dict' is not a dict of named tensors")
       for kind, value in (("int", 5), ("list", [1, 2]), ("strings", {"pts_linears.0.weight": "w"}), ("none", None))],
     ("network_fine_state_dict-list", lambda data, ckpt: _saved({**ckpt, "network_fine_state_dict": [torch.ones(1)]}),

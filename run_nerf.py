@@ -793,7 +793,8 @@ def main(argv=None) -> int:
         if debug:
             raise
         if ranks.is_main:
-            print("error: interrupted outside the training loop; no checkpoint was saved", file=sys.stderr)
+            print("error: interrupted before training or rendering started, or after it ended: there was nothing "
+                  "to save", file=sys.stderr)
         return 130
     finally:
         parallel.stop()

@@ -698,6 +698,19 @@ def test_a_signal_during_render_only_stops_it_without_a_word_about_checkpoints(s
            {k: v for k, v in before.items() if k.endswith(".tar")}
 
 
+@pytest.mark.parametrize("render_only", [True, False])
+def test_ctrl_c_while_loading_does_not_speak_of_a_lost_checkpoint(render_only, tmp_path, blender_scene, trained,
+                                                                 monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_nerf, "load_scene", interrupted)
+    basedir = copy_run(trained, tmp_path)
+    argv = blender_argv(blender_scene, basedir, "--N_importance", "4", "--use_viewdirs", "--N_iters", "8")
+    assert run_nerf.main(argv + (["--render_only"] if render_only else [])) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "error: interrupted before training or rendering started, or after it ended: there was nothing to save"]
+
+
 @pytest.mark.slow
 def test_sigint_mid_run_saves_current_step_and_resume_matches_uninterrupted(tmp_path, blender_scene):
     def cmd(basedir, *extra):

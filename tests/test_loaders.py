@@ -413,6 +413,29 @@ def test_demo_in_the_deepvoxels_and_linemod_layouts_loads_as_the_blender_one(tmp
     np.testing.assert_array_equal(dv_render, dv_poses[i_split[2]])
 
 
+def test_linemod_file_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """The original LINEMOD loader read each `file_path` as given, relative to
+    where it ran: such a scene loads (and passes the data check) here too."""
+    import run_nerf
+    from nerf import data_checks
+    from nerf.demo_scene import ensure_demo_scene, write_linemod_layout
+    blender = ensure_demo_scene(str(tmp_path / "b"), verbose=False, H=16, W=16, n_train=2, n_val=1, n_test=1)
+    scene = Path(write_linemod_layout(blender, str(tmp_path / "data" / "lm")))
+    want = load_LINEMOD_data(str(scene), testskip=1)[0]
+    for split in ("train", "val", "test"):
+        meta = json.loads((scene / f"transforms_{split}.json").read_text())
+        for frame in meta["frames"]:
+            frame["file_path"] = str(Path("data") / "lm" / frame["file_path"])
+        (scene / f"transforms_{split}.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(load_LINEMOD_data(str(scene), testskip=1)[0], want)
+    args = run_nerf.config_parser().parse_args(["--dataset_type", "LINEMOD", "--datadir", str(scene)])
+    assert data_checks.check_data(args) == (16, 16)
+    monkeypatch.chdir(scene)      # from elsewhere, the files are not found, and the error names one
+    with pytest.raises(DataError, match="missing"):
+        load_LINEMOD_data(str(scene), testskip=1)
+
+
 @pytest.mark.parametrize("N_rand,ok", [(24 * 32, True), (24 * 32 + 1, False)])
 def test_deepvoxels_checks_use_the_images_size(tmp_path, N_rand, ok):
     """The data check reads the DeepVoxels images' size (it said 512 x 512):

@@ -485,6 +485,8 @@ def test_demo_in_the_deepvoxels_and_linemod_layouts_trains_like_the_blender_one(
                                    "--shape", "demo", "--expname", "dv", *steps)) == 0
     dv_psnr = psnr_of_folder(tmp_path / "dv" / "testset_000300", truth)
     white = float(np.mean([-10 * np.log10(np.mean((1 - t) ** 2)) for t in truth]))
-    # Measured (seed 0, this 32x32 scene): Blender 22.24 dB, DeepVoxels 22.71 dB.
-    assert abs(dv_psnr - blender_psnr) < 1.5, (dv_psnr, blender_psnr)
+    # Measured, these settings, DeepVoxels minus Blender: seed 0 (this test) +0.48 dB (22.71 vs 22.24), seeds 2, 3,
+    # 4: -0.83, -0.08, -1.17 (the two layouts sample different depths, so each seed's run differs). 2 dB: 1.7x the
+    # largest; the all-white render scores ~9.9 dB, a loader's wrong camera far less than the Blender run.
+    assert abs(dv_psnr - blender_psnr) < 2.0, (dv_psnr, blender_psnr)
     assert dv_psnr > white + 5, (dv_psnr, white)

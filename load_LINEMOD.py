@@ -1,8 +1,9 @@
 """LINEMOD objects in the Blender layout, with per-frame intrinsics and bounds.
 
 Frames give `file_path` (with its extension, absolute or relative to the
-scene folder), `transform_matrix` and `intrinsic_matrix`; the train and test
-JSONs give `near` and `far`.
+scene folder, or else to the working directory, where the original looked),
+`transform_matrix` and `intrinsic_matrix`; the train and test JSONs give
+`near` and `far`.
 """
 import numpy as np
 

@@ -87,13 +87,23 @@ def read_transforms(basedir: Path, split: str) -> dict:
     return meta
 
 
+def frame_file(basedir, file_path: str, suffix: str = ".png") -> Path:
+    """The image a frame names: `file_path` + `suffix` in the scene folder. A
+    LINEMOD frame (no suffix) whose file is not there may name it relative to
+    the working directory, as the original's LINEMOD loader read it."""
+    path = Path(basedir) / (file_path + suffix)
+    if not suffix and not path.exists() and Path(file_path).is_file():
+        return Path(file_path)
+    return path
+
+
 def read_split(basedir: Path, meta: dict, skip: int, half_res: bool, suffix: str = ".png"
                ) -> Tuple[np.ndarray, np.ndarray]:
     """Every `skip`-th frame of a split: images (n, H, W, C) in [0, 1] (halved
     by area averaging with `half_res`) and poses (n, 4, 4), float32."""
     imgs, poses = [], []
     for frame in meta["frames"][::skip]:
-        fname = Path(basedir) / (frame["file_path"] + suffix)
+        fname = frame_file(basedir, frame["file_path"], suffix)
         if not fname.exists():
             raise DataError(fname, "missing (referenced by a transforms file)")
         try:

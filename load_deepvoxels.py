@@ -1,8 +1,9 @@
 """DeepVoxels scenes: `{train,validation,test}/<scene>/{rgb,pose}` and `intrinsics.txt`.
 
 Poses are 4x4 camera-to-world matrices in OpenCV axes (y down, z forward),
-turned into NeRF's OpenGL axes by negating the y and z columns. Images are
-rendered at 512 x 512.
+turned into NeRF's OpenGL axes by negating the y and z columns. The
+intrinsics are rescaled to the images' side (DeepVoxels' renders are 512 x 512;
+the original assumed that size whatever the images were).
 """
 import os
 from pathlib import Path
@@ -12,9 +13,6 @@ import imageio.v3 as iio
 import numpy as np
 
 from nerf.errors import DataError
-
-H = W = 512
-
 
 def parse_intrinsics(filepath: Path, trgt_sidelength: int) -> Tuple[np.ndarray, np.ndarray, float, float, bool]:
     """Reads `f cx cy`, the grid barycentre, near plane, scale, `height width`
@@ -66,20 +64,21 @@ def _read_rgb(folder: Path, skip: int) -> np.ndarray:
 
 
 def load_dv_data(scene: str = 'cube', basedir: str = '/data/deepvoxels', testskip: int = 8):
-    """Returns imgs (N, 512, 512, C), poses (N, 3, 4), render_poses (the test
+    """Returns imgs (N, H, W, C), poses (N, 3, 4), render_poses (the test
     poses), [H, W, focal] and i_split [train, val, test]."""
     base = Path(basedir)
+    testskip = testskip or 1    # 0 keeps every frame, as for the Blender loader
     train_dir = base / "train" / scene
+    all_imgs = [_read_rgb(train_dir / "rgb", 1),
+                _read_rgb(base / "validation" / scene / "rgb", testskip),
+                _read_rgb(base / "test" / scene / "rgb", testskip)]
+    H, W = all_imgs[0].shape[1:3]
     full_intrinsic, _, _, _, _ = parse_intrinsics(train_dir / "intrinsics.txt", H)
     focal = full_intrinsic[0, 0]
 
     poses = dir2poses(train_dir / "pose")
     valposes = dir2poses(base / "validation" / scene / "pose")[::testskip]
     testposes = dir2poses(base / "test" / scene / "pose")[::testskip]
-
-    all_imgs = [_read_rgb(train_dir / "rgb", 1),
-                _read_rgb(base / "validation" / scene / "rgb", testskip),
-                _read_rgb(base / "test" / scene / "rgb", testskip)]
     counts = np.cumsum([0] + [x.shape[0] for x in all_imgs])
     i_split = [np.arange(counts[i], counts[i + 1]) for i in range(3)]
     imgs = np.concatenate(all_imgs, 0)

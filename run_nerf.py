@@ -23,7 +23,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from nerf import (camera_path, collapse, data_checks, flags, geometry, lpips_vgg, outputs, parallel, run_folder,
                   scoring, viewer)
-from nerf.checkpoints import find_checkpoint, load_network_state, rng_state, save_checkpoint, set_rng_state, steps_done
+from nerf.checkpoints import (explain_mismatch, find_checkpoint, load_network_state, rng_state, save_checkpoint,
+                              set_rng_state, steps_done)
 from nerf.datasets import Scene, load_scene
 from nerf.errors import DataError, WriteError
 from nerf.rendering import batchify, batchify_rays, raw2outputs, render, render_path, render_rays, run_network  # noqa: F401 (public API)
@@ -193,11 +194,12 @@ def config_parser() -> configargparse.ArgumentParser:
 
 
 def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict] = None,
-                ckpt_path: Optional[Path] = None):
+                ckpt_path: Optional[Path] = None, search: bool = True):
     """Builds the coarse (and fine) MLPs, their encodings and Adam.
 
-    Restores `ckpt` when given; without one, looks for a checkpoint itself
-    (ft_path, else the newest in basedir/expname, unless no_reload).
+    Restores `ckpt` when given; without one and with `search` (False: the
+    caller looked already), looks for a checkpoint itself (ft_path, else the
+    newest in basedir/expname, unless no_reload).
     Returns (render_kwargs_train, render_kwargs_test, start, grad_vars,
     optimizer), `start` being the number of training steps already done.
     """
@@ -228,7 +230,7 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
 
     optimizer = torch.optim.Adam(params=grad_vars, lr=args.lrate, betas=(0.9, 0.999))
 
-    if ckpt is None:
+    if ckpt is None and search:
         ckpt_path, ckpt = find_checkpoint(Path(args.basedir) / str(args.expname), args.ft_path, args.no_reload)
     start = 0
     if ckpt is not None:
@@ -237,15 +239,18 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
         if trained_with != getattr(args, "density_activation", "relu"):
             raise DataError(ckpt_path, f"was trained with --density_activation {trained_with}; "
                                        f"add --density_activation {trained_with}")
-        load_network_state(model, ckpt["network_fn_state_dict"], ckpt_path, "network_fn_state_dict")
-        if model_fine is not None:
-            if ckpt.get("network_fine_state_dict") is None:
-                raise DataError(ckpt_path, "has no fine network but --N_importance > 0")
-            load_network_state(model_fine, ckpt["network_fine_state_dict"], ckpt_path, "network_fine_state_dict")
         try:
-            optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-        except (KeyError, ValueError) as exc:
-            raise DataError(ckpt_path, f"optimizer state does not match the networks ({exc})") from None
+            load_network_state(model, ckpt["network_fn_state_dict"], ckpt_path, "network_fn_state_dict")
+            if model_fine is not None:
+                if ckpt.get("network_fine_state_dict") is None:
+                    raise DataError(ckpt_path, "has no fine network but --N_importance > 0")
+                load_network_state(model_fine, ckpt["network_fine_state_dict"], ckpt_path, "network_fine_state_dict")
+            try:
+                optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+            except (KeyError, ValueError) as exc:
+                raise DataError(ckpt_path, f"optimizer state does not match the networks ({exc})") from None
+        except DataError as err:
+            raise explain_mismatch(err, ckpt_path, args) from None
         start = steps_done(ckpt)
 
     render_kwargs_train = {
@@ -536,6 +541,15 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+class RenderStop(StopRequest):
+    """As StopRequest, for --render_only: the signal stops the render at once
+    (as a KeyboardInterrupt, so that its partial folder is removed)."""
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+
 def make_sampler(args, scene: Scene, device, ranks: parallel.Ranks = parallel.Ranks(), pinned: bool = False):
     """This rank's share of each step's rays: all images' rays shuffled
     (batching) or one image per step (--no_batching). Processes sharing a
@@ -606,16 +620,16 @@ def train(argv=None) -> int:
     Returns the process exit status."""
     parser = config_parser()
     args = flags.parse_args(parser, argv)   # config file and flags, as one-line errors
-    data_checks.check_data(args)                   # the data folder, before any image is loaded
-    camera_path.check_flag(args)                  # --camera_path's file, before any work
-    viewer.check_flag(args)                       # --viewer's port
-    run_folder.check_writable(args)               # and where the run will write
     ranks = parallel.ranks_from_env()             # set by torchrun; rank 0 of 1 otherwise
     flags.check_world_size(args, ranks.world_size)
     device = flags.choose_device(args.device, ranks.local_rank, ranks.world_size)
     args.world_size = ranks.world_size
     if ranks.is_main:
-        tqdm.write(f"device: {device}")
+        tqdm.write(f"device: {device}")           # a run's first line (before the demo scene is written)
+    data_checks.check_data(args)                   # the data folder, before any image is loaded
+    camera_path.check_flag(args)                  # --camera_path's file, before any work
+    viewer.check_flag(args)                       # --viewer's port
+    run_folder.check_writable(args)               # and where the run will write
     if device.type == "cuda":
         torch.cuda.set_device(device)             # streams, events and new tensors default to this GPU
     np.random.seed(args.seed)
@@ -627,7 +641,8 @@ def train(argv=None) -> int:
     if args.render_only and ckpt is None:
         raise DataError(expdir, "holds no checkpoint to render (--render_only renders a trained network: "
                                 "train first, or name one with --ft_path)")
-    render_kwargs_train, render_kwargs_test, start, grad_vars, optimizer = create_nerf(args, device, ckpt, ckpt_path)
+    render_kwargs_train, render_kwargs_test, start, grad_vars, optimizer = create_nerf(
+        args, device, ckpt, ckpt_path, search=False)
     bounds = {'near': scene.near, 'far': scene.far}
     render_kwargs_train.update(bounds)
     render_kwargs_test.update(bounds)
@@ -643,7 +658,14 @@ def train(argv=None) -> int:
         if ranks.is_main:
             write_run_files(args, expdir, collapse.notes_from_checkpoint(ckpt))
         step = int(ckpt['global_step'])
-        savedir = render_only(run, step)
+        try:
+            with RenderStop() as stop:
+                savedir = render_only(run, step)
+        except KeyboardInterrupt:
+            if ranks.is_main:
+                tqdm.write("Interrupted: the render stopped and its unfinished frames were removed (--render_only "
+                           "writes no checkpoint, so nothing else is lost)", file=sys.stderr)
+            return 128 + (stop.signum or signal.SIGINT)
         if ranks.is_main:
             tqdm.write(f"Rendered to {savedir} (the video is {savedir / 'video.mp4'})")
         return 0
@@ -792,7 +814,8 @@ def main(argv=None) -> int:
         if debug:
             raise
         if ranks.is_main:
-            print("error: interrupted outside the training loop; no checkpoint was saved", file=sys.stderr)
+            print("error: interrupted before training or rendering started, or after it ended: there was nothing "
+                  "to save", file=sys.stderr)
         return 130
     finally:
         parallel.stop()

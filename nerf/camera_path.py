@@ -145,20 +145,36 @@ def interpolate_poses(keyframes: Sequence[np.ndarray], n_frames: int) -> np.ndar
 
 
 def _slerp(R0: np.ndarray, R1: np.ndarray, t: float) -> np.ndarray:
-    """R0 (R0^T R1)^t via the axis-angle of the relative rotation (Rodrigues)."""
-    rel = R0.T @ R1
-    angle = math.acos(max(-1.0, min(1.0, (np.trace(rel) - 1.0) / 2.0)))
-    if angle < 1e-9:
+    """R0 (R0^T R1)^t: the rotation t of the way along the shorter arc from R0 (3, 3)
+    to R1 (3, 3), through the unit quaternion of the relative rotation."""
+    w, v = rotation_quaternion(R0.T @ R1)
+    sin_half = np.linalg.norm(v)
+    if sin_half < 1e-12:
         return R0.copy()
-    axis = np.array([rel[2, 1] - rel[1, 2], rel[0, 2] - rel[2, 0], rel[1, 0] - rel[0, 1]])
-    norm = np.linalg.norm(axis)
-    if norm < 1e-9:    # a half turn: the axis from the symmetric part
-        axis = np.sqrt(np.clip((np.diag(rel) + 1.0) / 2.0, 0.0, None))
-        norm = np.linalg.norm(axis)
-    axis = axis / norm
+    axis = v / sin_half
+    angle = 2.0 * math.atan2(sin_half, w)   # in [0, pi]: w >= 0 is the shorter arc
     cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     a = t * angle
     return R0 @ (np.eye(3) + math.sin(a) * cross + (1 - math.cos(a)) * cross @ cross)
+
+
+def rotation_quaternion(R: np.ndarray) -> Tuple[float, np.ndarray]:
+    """The unit quaternion (w, (x, y, z)) of a rotation matrix R (3, 3), w >= 0.
+    Each component's square is read off the diagonal, and the largest one is taken
+    from it (well conditioned, half turns included), the others from the
+    off-diagonal sums and differences, which carry their signs."""
+    R = np.asarray(R, dtype=np.float64)
+    tr = np.trace(R)
+    squares = [1 + tr, 1 + 2 * R[0, 0] - tr, 1 + 2 * R[1, 1] - tr, 1 + 2 * R[2, 2] - tr]   # 4 w^2, 4 x^2, ...
+    big = int(np.argmax(squares))
+    root = math.sqrt(max(squares[big], 0.0))   # 2 |q_big|
+    sums = {(0, 1): R[2, 1] - R[1, 2], (0, 2): R[0, 2] - R[2, 0], (0, 3): R[1, 0] - R[0, 1],
+            (1, 2): R[0, 1] + R[1, 0], (1, 3): R[0, 2] + R[2, 0], (2, 3): R[1, 2] + R[2, 1]}   # 4 q_i q_j
+    q = np.array([root / 2 if i == big else sums[min(i, big), max(i, big)] / (2 * root) for i in range(4)])
+    q /= np.linalg.norm(q)
+    if q[0] < 0:
+        q = -q
+    return float(q[0]), q[1:]
 
 
 def camera_path_json(poses: np.ndarray, fovs: Sequence[float], H: int, W: int, fps: float,

@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -44,30 +45,77 @@ def list_checkpoints(expdir: Path) -> List[Path]:
 
 def read_checkpoint(path: Path) -> dict:
     """Loads one checkpoint safely onto the CPU; DataError names the file when
-    it can't. Only tensors and plain containers are accepted
-    (`weights_only=True`): a file that pickles any other object is refused,
-    and none of it runs."""
+    it can't, with what is wrong in a sentence (`unreadable_reason`). Only
+    tensors and plain containers are accepted (`weights_only=True`): a file
+    that pickles any other object is refused, and none of it runs. The keys
+    the networks are rebuilt from must hold what they should."""
     if not Path(path).is_file():
         raise DataError(path, "no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower():
-            raise DataError(path, f"cannot be loaded as a checkpoint (truncated or corrupt: {_first_line(exc)})") from None
-        found = re.search(r"GLOBAL (\S+)", str(exc), re.IGNORECASE)
-        culprit = f" ({found.group(1)})" if found else ""
-        raise DataError(path, f"refused: it pickles a Python object{culprit}, not only tensors; loading it could "
-                              f"run code (checkpoints are read with torch.load(weights_only=True))") from None
     except Exception as exc:
-        raise DataError(path, f"cannot be loaded as a checkpoint (truncated or corrupt: {_first_line(exc)})") from None
+        raise DataError(path, unreadable_reason(Path(path), exc)) from None
     if not isinstance(ckpt, dict) or "network_fn_state_dict" not in ckpt or "global_step" not in ckpt:
         raise DataError(path, "is not a NeRF checkpoint (no network_fn_state_dict / global_step)")
+    problem = _content_problem(ckpt)
+    if problem:
+        raise DataError(path, f"is not a usable NeRF checkpoint: {problem}")
     return ckpt
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else exc.__class__.__name__
+ZIP_HEADER = b"PK\x03\x04"      # torch.save's format since PyTorch 1.6
+PICKLE_HEADER = b"\x80"          # the legacy format: a pickle stream
+
+
+def unreadable_reason(path: Path, exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed on `path`, as one sentence:
+    refused (it pickles code), empty, cut short, a damaged archive, or not a
+    PyTorch file at all (judged from the file's first bytes and its zip
+    directory, not from torch's wording)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and re.search(r"global", text, re.IGNORECASE):
+        found = re.search(r"GLOBAL (\S+)", text, re.IGNORECASE)
+        culprit = f" ({found.group(1)})" if found else ""
+        return (f"refused: it pickles a Python object{culprit}, not only tensors; loading it could run code "
+                f"(checkpoints are read with torch.load(weights_only=True))")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_HEADER))
+    if size == 0:
+        return "is empty (0 bytes): not a checkpoint"
+    if head == ZIP_HEADER or ZIP_HEADER.startswith(head):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return f"is cut short ({size} bytes, its zip archive has no end): the save or copy did not finish"
+        missing = re.search(r"failed locating file (\S+?):", text)
+        what = f"lacks {missing.group(1)}" if missing else f"cannot be unpacked ({exc.__class__.__name__})"
+        return f"is a damaged checkpoint archive (it {what})"
+    if not head.startswith(PICKLE_HEADER):
+        return f"is not a PyTorch checkpoint ({size} bytes that begin with neither a zip nor a pickle header)"
+    return f"is a damaged or cut short checkpoint ({size} bytes in the legacy pickle format, {exc.__class__.__name__})"
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _content_problem(ckpt: dict) -> Optional[str]:
+    """What is wrong with the values a checkpoint's networks and step are
+    rebuilt from, or None."""
+    step = ckpt["global_step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+        return f"'global_step' is {step!r}, not a step number"
+    if not _is_state_dict(ckpt["network_fn_state_dict"]):
+        return "'network_fn_state_dict' is not a dict of named tensors"
+    if ckpt.get("network_fine_state_dict") is not None and not _is_state_dict(ckpt["network_fine_state_dict"]):
+        return "'network_fine_state_dict' is not a dict of named tensors"
+    if "optimizer_state_dict" not in ckpt:
+        return "it has no 'optimizer_state_dict'"
+    if not isinstance(ckpt["optimizer_state_dict"], dict):
+        return "'optimizer_state_dict' is not a dict"
+    return None
 
 
 def steps_done(ckpt: dict) -> int:
@@ -77,22 +125,21 @@ def steps_done(ckpt: dict) -> int:
 
 def find_checkpoint(expdir: Path, ft_path: Optional[str], no_reload: bool):
     """The checkpoint to resume from: `ft_path` if given, else the newest
-    loadable one in `expdir` (a corrupt newer file is skipped with a warning,
-    never deleted), or None with `no_reload` or when there is none.
+    loadable one in `expdir` (a corrupt newer file is skipped with a one-line
+    warning, never deleted), or None with `no_reload` or when there is none.
     Returns (path, ckpt) or (None, None)."""
     if ft_path:
         return Path(ft_path), read_checkpoint(Path(ft_path))
     if no_reload:
         return None, None
     candidates = list_checkpoints(expdir)
-    for path in reversed(candidates):
+    for k in reversed(range(len(candidates))):
         try:
-            return path, read_checkpoint(path)
+            return candidates[k], read_checkpoint(candidates[k])
         except DataError as err:
-            log.warning("warning: %s: %s; skipped (the file is kept), trying the previous checkpoint",
-                        err.where, err.what)
-    if candidates:
-        log.warning("warning: %s: no readable checkpoint; starting from step 0", expdir)
+            then = f"trying the one before, {candidates[k - 1].name}" if k else "no earlier checkpoint to fall back on"
+            log.warning("warning: %s: %s; skipped and kept as it is (move it away, or name a good checkpoint with "
+                        "--ft_path); %s", err.where, err.what, then)
     return None, None
 
 
@@ -179,3 +226,33 @@ def load_network_state(module: torch.nn.Module, state: dict, path: Path, what: s
     if problems:
         raise DataError(path, f"{what} does not match the network ({'; '.join(problems)})")
     module.load_state_dict(state, strict=True)
+
+
+# The flags that shape the networks a checkpoint holds.
+NETWORK_FLAGS = ("netdepth", "netwidth", "netdepth_fine", "netwidth_fine", "N_importance", "use_viewdirs",
+                 "i_embed", "multires", "multires_views")
+
+
+def recorded_flags(args_txt: Path) -> dict:
+    """{flag: value as written} of a run's args.txt (`name = value` lines); {} when unreadable."""
+    try:
+        lines = Path(args_txt).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return dict(tuple(part.strip() for part in line.split("=", 1)) for line in lines
+                if "=" in line and not line.startswith("#"))
+
+
+def explain_mismatch(err: DataError, ckpt_path: Path, args) -> DataError:
+    """The error for a checkpoint whose networks do not fit this run's flags:
+    where the args.txt beside it recorded other network flags, one line naming
+    them and how to reuse them (`--config <that args.txt>`); else `err`."""
+    args_txt = Path(ckpt_path).parent / "args.txt"
+    recorded = recorded_flags(args_txt)
+    differ = [flag for flag in NETWORK_FLAGS if flag in recorded and recorded[flag] != str(getattr(args, flag))]
+    if not differ:
+        return err
+    theirs = " ".join(f"--{flag} {recorded[flag]}" for flag in differ)
+    ours = " ".join(f"--{flag} {getattr(args, flag)}" for flag in differ)
+    return DataError(ckpt_path, f"was trained with {theirs} (its run's {args_txt}), not {ours}: add those flags, "
+                                f"or take all the run's flags with --config {args_txt}")

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from nerf.errors import DataError
-from load_blender import SPLITS, read_transforms
+from load_blender import SPLITS, frame_file, read_transforms
 from nerf.load_transforms import downscaled_file, held_out_split, read_capture
 from load_llff import _select_registered, list_images
 
@@ -152,7 +152,7 @@ def _check_transforms(datadir: Path, testskip: int, half_res: bool, linemod: boo
                 raise DataError(datadir / name, f"frame {k}: 'transform_matrix' holds a value that is not a number")
         skip = 1 if split == "train" or testskip == 0 else testskip
         for frame in meta["frames"][::skip]:
-            path = datadir / (frame["file_path"] + ("" if linemod else ".png"))
+            path = frame_file(datadir, frame["file_path"], "" if linemod else ".png")
             if not path.is_file():
                 raise DataError(path, f"missing (referenced by {name})")
             files.append(path)
@@ -184,6 +184,7 @@ def _check_deepvoxels(datadir: Path, shape: str, testskip: int) -> Tuple[int, in
     intrinsics = datadir / "train" / shape / "intrinsics.txt"
     if not intrinsics.is_file():
         raise DataError(intrinsics, "missing")
+    files = []
     for split in ("train", "validation", "test"):
         folder = datadir / split / shape
         counts = {}
@@ -193,7 +194,10 @@ def _check_deepvoxels(datadir: Path, shape: str, testskip: int) -> Tuple[int, in
             counts[sub] = len([f for f in os.listdir(folder / sub) if f.endswith(ext)])
         if counts["rgb"] != counts["pose"] or counts["rgb"] == 0:
             raise DataError(folder, f"has {counts['rgb']} images in rgb/ and {counts['pose']} poses in pose/")
-    return 512, 512
+        names = sorted(f for f in os.listdir(folder / "rgb") if f.endswith(".png"))
+        files += [folder / "rgb" / f for f in names[::1 if split == "train" else testskip or 1]]
+    w, h = _same_size(files)
+    return h, w
 
 
 def _check_ray_count(args, H: int, W: int) -> None:

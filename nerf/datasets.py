@@ -114,6 +114,7 @@ def load_scene(args) -> Scene:
             scene=args.shape, basedir=args.datadir, testskip=args.testskip)
         hemi_R = np.mean(np.linalg.norm(poses[:, :3, -1], axis=-1))
         near, far = float(hemi_R - 1.0), float(hemi_R + 1.0)
+        images = composite(images, args.white_bkgd)
     elif args.dataset_type == "nerfstudio":
         images, poses, render_poses, K, (i_train, i_val, i_test), bounds = load_transforms_data(
             args.datadir, args.factor, args.testskip, args.llffhold)

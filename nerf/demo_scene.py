@@ -18,8 +18,10 @@ origin c2w[:3, 3], f = .5 W / tan(.5 camera_angle_x). Antialiasing takes 2x2
 sub-rays placed symmetrically around that ray (+-1/4 pixel), so the pixel's
 footprint is centred on it.
 
-Usage: `python -m nerf.demo_scene [outdir] [--force]`, or from Python
-`ensure_demo_scene("./data/demo")` (writes only when the scene is missing).
+Usage: `python -m nerf.demo_scene [outdir] [--force] [--layout deepvoxels|LINEMOD]`,
+or from Python `ensure_demo_scene("./data/demo")` (writes only when the scene is
+missing). `write_deepvoxels_layout` and `write_linemod_layout` write a Blender-layout
+scene again in the layouts of the original's other two loaders.
 """
 import argparse
 import json
@@ -393,16 +395,92 @@ def ensure_demo_scene(outdir="./data/demo", verbose=True, **kwargs):
     return outdir
 
 
+# --------------------------------------------------------------------------
+# The same scene in the layouts of the original's other loaders.
+
+# DeepVoxels' ray bounds are the mean camera distance -1 and +1 (SPEC.md section 4): its
+# scenes fit in a unit ball. Scaling the whole world (cameras included) leaves every
+# image as it is; this factor puts the demo's solids (radius SCENE_RADIUS) inside the bounds.
+DEEPVOXELS_WORLD_SCALE = 0.75
+DEEPVOXELS_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+LINEMOD_NEAR, LINEMOD_FAR = 2.0, 6.0    # the Blender loader's bounds, which hold the demo's solids
+
+
+def _blender_frames(blender_dir, split):
+    """(frames of transforms_<split>.json, focal) of a Blender-layout folder."""
+    with open(os.path.join(blender_dir, f"transforms_{split}.json")) as f:
+        meta = json.load(f)
+    first = imageio.imread(os.path.join(blender_dir, meta["frames"][0]["file_path"] + ".png"))
+    return meta["frames"], focal_from_angle(first.shape[1], meta["camera_angle_x"])
+
+
+def write_deepvoxels_layout(blender_dir, basedir, scene="demo", world_scale=DEEPVOXELS_WORLD_SCALE):
+    """The Blender-layout scene in `blender_dir` again in DeepVoxels' layout, as
+    `load_dv_data(scene, basedir)` reads it: `{train,validation,test}/<scene>/`
+    each with `intrinsics.txt` (`f cx cy 0`, the grid barycentre, near plane,
+    scale, `height width`), `pose/<k:06d>.txt` (16 numbers, a camera-to-world
+    matrix in OpenCV axes: y down, z forward) and `rgb/<k:06d>.png` (RGB,
+    composited on white like DeepVoxels' renders). Positions are multiplied by
+    `world_scale`. Returns `basedir`."""
+    for split, dv_split in DEEPVOXELS_SPLITS.items():
+        frames, focal = _blender_frames(blender_dir, split)
+        folder = os.path.join(basedir, dv_split, scene)
+        os.makedirs(os.path.join(folder, "rgb"), exist_ok=True)
+        os.makedirs(os.path.join(folder, "pose"), exist_ok=True)
+        for k, frame in enumerate(frames):
+            rgba = imageio.imread(os.path.join(blender_dir, frame["file_path"] + ".png")).astype(np.float64) / 255
+            rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
+            imageio.imwrite(os.path.join(folder, "rgb", f"{k:06d}.png"), np.round(rgb * 255).astype(np.uint8))
+            c2w = np.array(frame["transform_matrix"], dtype=np.float64) @ np.diag([1.0, -1.0, -1.0, 1.0])
+            c2w[:3, 3] *= world_scale
+            with open(os.path.join(folder, "pose", f"{k:06d}.txt"), "w") as f:
+                f.write(" ".join(repr(float(v)) for v in c2w.ravel()) + "\n")
+        H, W = rgba.shape[:2]
+        with open(os.path.join(folder, "intrinsics.txt"), "w") as f:
+            f.write(f"{float(focal)!r} {W / 2!r} {H / 2!r} 0.\n0. 0. 0.\n0.\n1.\n{H} {W}\n")
+    return basedir
+
+
+def write_linemod_layout(blender_dir, outdir, near=LINEMOD_NEAR, far=LINEMOD_FAR):
+    """The Blender-layout scene in `blender_dir` again in the LINEMOD layout, as
+    `load_LINEMOD_data(outdir)` reads it: `transforms_{train,val,test}.json` with
+    `near`, `far` and frames holding `file_path` (with its extension, relative to
+    `outdir`), `transform_matrix` and `intrinsic_matrix` (3x3, principal point
+    at the image centre), beside the same RGBA PNGs. Returns `outdir`."""
+    for split in SPLITS:
+        frames, focal = _blender_frames(blender_dir, split)
+        os.makedirs(os.path.join(outdir, split), exist_ok=True)
+        out = []
+        for frame in frames:
+            name = frame["file_path"] + ".png"
+            shutil.copyfile(os.path.join(blender_dir, name), os.path.join(outdir, name))
+            H, W = imageio.imread(os.path.join(outdir, name)).shape[:2]
+            K = [[float(focal), 0.0, W / 2], [0.0, float(focal), H / 2], [0.0, 0.0, 1.0]]
+            out.append({"file_path": name, "transform_matrix": frame["transform_matrix"], "intrinsic_matrix": K})
+        with open(os.path.join(outdir, f"transforms_{split}.json"), "w") as f:
+            json.dump({"near": near, "far": far, "frames": out}, f, indent=4)
+    return outdir
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("outdir", nargs="?", default="./data/demo")
     p.add_argument("--force", action="store_true", help="rewrite even if present")
     p.add_argument("--H", type=int, default=H_DEFAULT)
     p.add_argument("--W", type=int, default=W_DEFAULT)
+    p.add_argument("--layout", choices=("blender", "deepvoxels", "LINEMOD"), default="blender",
+                   help="deepvoxels: outdir/{train,validation,test}/demo (--dataset_type deepvoxels --shape demo); "
+                        "LINEMOD: transforms files with intrinsics and bounds (--dataset_type LINEMOD)")
     args = p.parse_args(argv)
     if args.force and os.path.isdir(args.outdir):
         shutil.rmtree(args.outdir)
-    ensure_demo_scene(args.outdir, H=args.H, W=args.W)
+    if args.layout == "blender":
+        ensure_demo_scene(args.outdir, H=args.H, W=args.W)
+        return 0
+    with tempfile.TemporaryDirectory() as blender_dir:
+        make_demo_scene(blender_dir, H=args.H, W=args.W)
+        write = write_deepvoxels_layout if args.layout == "deepvoxels" else write_linemod_layout
+        write(blender_dir, args.outdir)
     return 0
 
 

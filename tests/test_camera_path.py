@@ -98,6 +98,50 @@ def test_interpolation_ends_on_the_keyframes_and_halves_the_turn():
         np.testing.assert_allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-12)
 
 
+def axis_angle_rotation(axis, degrees: float) -> np.ndarray:
+    """Rodrigues' formula in float64, written out for the test."""
+    x, y, z = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    a = math.radians(degrees)
+    c, s, C = math.cos(a), math.sin(a), 1 - math.cos(a)
+    return np.array([[c + x * x * C, x * y * C - z * s, x * z * C + y * s],
+                     [y * x * C + z * s, c + y * y * C, y * z * C - x * s],
+                     [z * x * C - y * s, z * y * C + x * s, c + z * z * C]])
+
+
+TURN_AXES = [(1, 0, 0), (0, -1, 0), (0, 0, 1), (1, -1, 0), (1, 2, -3), (-2, 1, 0.5), (-1, -1, -1)]
+
+
+@pytest.mark.parametrize("degrees", [0, 1e-6, 1, 45, 90, 135, 170, 179, 179.9999, 180])
+def test_interpolation_through_keyframes_along_the_geodesic(degrees):
+    """Three keyframes, each turned `degrees` from the previous one about an axis
+    of the sweep (signs mixed: a half turn's axis must keep them), from a random
+    start: frames 0, M and 2M are the keyframes to rounding, and frame j of a
+    segment is the start turned j / M of the angle about the same axis (for a
+    half turn, either sense of the axis is a shortest path)."""
+    M = 8
+    rng = np.random.default_rng(round(degrees * 1000))
+    for axis_index, axis in enumerate(TURN_AXES):
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        keys = [np.eye(4) for _ in range(3)]
+        keys[0][:3, :3] = q * np.sign(np.linalg.det(q))
+        second_axis = TURN_AXES[(axis_index + 3) % len(TURN_AXES)]
+        for k, turn_axis in ((1, axis), (2, second_axis)):
+            keys[k][:3, :3] = keys[k - 1][:3, :3] @ axis_angle_rotation(turn_axis, degrees)
+            keys[k][:3, 3] = rng.normal(size=3)
+        poses = camera_path.interpolate_poses(keys, 2 * M + 1)
+        for k in range(3):
+            np.testing.assert_allclose(poses[k * M], keys[k], atol=1e-12, err_msg=f"keyframe {k}, axis {axis}")
+        for k, turn_axis in ((0, axis), (1, second_axis)):
+            for j in range(1, M):
+                pose = poses[k * M + j]
+                senses = [1] if degrees < 180 else [1, -1]
+                errors = [np.abs(pose[:3, :3] - keys[k][:3, :3] @ axis_angle_rotation(
+                    sense * np.asarray(turn_axis), degrees * j / M)).max() for sense in senses]
+                assert min(errors) < 1e-12, (k, j, turn_axis, errors)
+                np.testing.assert_allclose(pose[:3, 3], keys[k][:3, 3] + j / M * (keys[k + 1][:3, 3] - keys[k][:3, 3]),
+                                           atol=1e-12)
+
+
 def test_written_matrices_are_row_major():
     poses = np.stack([np.eye(4)[:3], np.eye(4)[:3] + 0.5 * np.eye(3, 4, 3)])
     content = camera_path.camera_path_json(poses, [40.0, 50.0], 30, 40, 12)

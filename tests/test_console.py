@@ -62,3 +62,27 @@ def test_rerunning_a_finished_run_says_so_and_does_nothing(logged):
     assert f"{basedir / 'run'} is already at step 4 of --N_iters 4: nothing was done" in proc.stdout
     assert "\r" not in proc.stdout + proc.stderr and "it/s" not in proc.stdout + proc.stderr
     assert snapshot(basedir) == before
+
+
+def test_the_first_line_is_the_device_also_when_the_demo_scene_is_written(tmp_path, monkeypatch, capsys):
+    """The demo's first run writes its scene (saying so) after the device line;
+    a later run, with the scene there, starts with the device line as well."""
+    import functools
+
+    import run_nerf
+    from nerf import demo_scene
+    monkeypatch.setattr(demo_scene, "make_demo_scene",      # a small scene: the layout is the same
+                        functools.partial(demo_scene.make_demo_scene, H=16, W=16, n_train=3, n_val=1, n_test=1))
+    datadir = tmp_path / "data" / "demo"
+    argv = ["--dataset_type", "demo", "--datadir", str(datadir), "--basedir", str(tmp_path / "logs"),
+            "--expname", "demo", "--white_bkgd", "--netdepth", "1", "--netwidth", "8", "--N_samples", "4",
+            "--N_rand", "32", "--i_print", "1000000", "--i_img", "1000000", "--i_testset", "1000000",
+            "--i_video", "1000000", "--i_weights", "1000000"]
+    capsys.readouterr()
+    for n_iters, writes in (("1", True), ("2", False)):
+        assert run_nerf.main(argv + ["--N_iters", n_iters]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "device: cpu", lines
+        assert (f"Writing the built-in demo scene to {datadir}" in lines) == writes, lines
+        if writes:
+            assert lines[1] == f"Writing the built-in demo scene to {datadir}"

@@ -21,6 +21,10 @@ from load_blender import load_blender_data
 from load_deepvoxels import load_dv_data
 from load_LINEMOD import load_LINEMOD_data
 from load_llff import load_llff_data
+from test_camera_path import demo_args
+import test_camera_path
+
+trained_demo = test_camera_path.trained_demo     # the fixture, shared
 
 
 def normalize(v):
@@ -314,8 +318,8 @@ def test_deepvoxels_synthetic(tmp_path):
     kept = written["train"] + written["validation"][::2] + written["test"][::2]
     assert imgs.shape == (3 + 2 + 3, 8, 8, 3) and poses.shape == (8, 3, 4)
     assert [list(s) for s in i_split] == [[0, 1, 2], [3, 4], [5, 6, 7]]
-    assert hwf[0] == 512 and hwf[1] == 512
-    assert hwf[2] == pytest.approx(512 / 8 * 10.0)
+    assert hwf[0] == 8 and hwf[1] == 8                   # the images' size (the original said 512 whatever they were)
+    assert hwf[2] == pytest.approx(10.0)
     for k, (img, pose) in enumerate(kept):
         np.testing.assert_allclose(imgs[k], img / 255.0, atol=1e-6)
         # OpenCV -> OpenGL camera axes: y and z columns negated, x and centre kept.
@@ -369,3 +373,120 @@ def test_linemod_synthetic(tmp_path, half_res):
             want = want.reshape(4, 2, 4, 2, 4).mean((1, 3))
         np.testing.assert_allclose(imgs[k], want, atol=1e-6)
         np.testing.assert_allclose(poses[k], pose, atol=1e-6)
+
+
+# --- The demo scene in the DeepVoxels and LINEMOD layouts, trained ------------------
+
+def psnr_of_folder(folder: Path, truth: np.ndarray) -> float:
+    """Mean PSNR of `folder`/000.png, 001.png, ... against truth (n, H, W, 3) in [0, 1]."""
+    renders = [iio.imread(folder / f"{k:03d}.png")[..., :3] / 255.0 for k in range(len(truth))]
+    return float(np.mean([-10 * np.log10(np.mean((r - t) ** 2)) for r, t in zip(renders, truth)]))
+
+
+def demo_test_truth(demo_dir: Path) -> np.ndarray:
+    """The Blender-layout demo's test views composited on white, (n, H, W, 3), float64."""
+    meta = json.loads((demo_dir / "transforms_test.json").read_text())
+    rgba = np.stack([iio.imread(demo_dir / (f["file_path"] + ".png")) / 255.0 for f in meta["frames"]])
+    return rgba[..., :3] * rgba[..., 3:] + 1 - rgba[..., 3:]
+
+
+def test_demo_in_the_deepvoxels_and_linemod_layouts_loads_as_the_blender_one(tmp_path):
+    from nerf.demo_scene import DEEPVOXELS_WORLD_SCALE, ensure_demo_scene, write_deepvoxels_layout, \
+        write_linemod_layout
+    blender = Path(ensure_demo_scene(str(tmp_path / "b"), verbose=False, H=24, W=32, n_train=4, n_val=2, n_test=3))
+    imgs, poses, _, (H, W, focal), i_split = load_blender_data(str(blender), testskip=1)
+    lm = load_LINEMOD_data(write_linemod_layout(str(blender), str(tmp_path / "lm")), testskip=1)
+    np.testing.assert_array_equal(lm[0], imgs)
+    np.testing.assert_array_equal(lm[1], poses)
+    assert lm[3] == [H, W, focal] and (lm[6], lm[7]) == (2.0, 6.0)
+    np.testing.assert_array_equal(lm[4], [[focal, 0, W / 2], [0, focal, H / 2], [0, 0, 1]])
+    dv_imgs, dv_poses, dv_render, dv_hwf, dv_split = load_dv_data(
+        "demo", write_deepvoxels_layout(str(blender), str(tmp_path / "dv")), testskip=1)
+    assert dv_hwf[:2] == [H, W] and dv_hwf[2] == pytest.approx(focal, rel=1e-12)
+    for got, want in zip(dv_split + lm[5], i_split + i_split):
+        np.testing.assert_array_equal(got, want)
+    # The same cameras (rotations in OpenGL axes again; the world scaled) and the
+    # same pictures on white, to the 8-bit rounding of the composite.
+    np.testing.assert_allclose(dv_poses[:, :3, :3], poses[:, :3, :3], atol=1e-6)
+    np.testing.assert_allclose(dv_poses[:, :3, 3], DEEPVOXELS_WORLD_SCALE * poses[:, :3, 3], atol=1e-6)
+    np.testing.assert_allclose(dv_imgs, imgs[..., :3] * imgs[..., 3:] + 1 - imgs[..., 3:], atol=0.5 / 255 + 1e-6)
+    np.testing.assert_array_equal(dv_render, dv_poses[i_split[2]])
+
+
+def test_linemod_file_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """The original LINEMOD loader read each `file_path` as given, relative to
+    where it ran: such a scene loads (and passes the data check) here too."""
+    import run_nerf
+    from nerf import data_checks
+    from nerf.demo_scene import ensure_demo_scene, write_linemod_layout
+    blender = ensure_demo_scene(str(tmp_path / "b"), verbose=False, H=16, W=16, n_train=2, n_val=1, n_test=1)
+    scene = Path(write_linemod_layout(blender, str(tmp_path / "data" / "lm")))
+    want = load_LINEMOD_data(str(scene), testskip=1)[0]
+    for split in ("train", "val", "test"):
+        meta = json.loads((scene / f"transforms_{split}.json").read_text())
+        for frame in meta["frames"]:
+            frame["file_path"] = str(Path("data") / "lm" / frame["file_path"])
+        (scene / f"transforms_{split}.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(load_LINEMOD_data(str(scene), testskip=1)[0], want)
+    args = run_nerf.config_parser().parse_args(["--dataset_type", "LINEMOD", "--datadir", str(scene)])
+    assert data_checks.check_data(args) == (16, 16)
+    monkeypatch.chdir(scene)      # from elsewhere, the files are not found, and the error names one
+    with pytest.raises(DataError, match="missing"):
+        load_LINEMOD_data(str(scene), testskip=1)
+
+
+@pytest.mark.parametrize("N_rand,ok", [(24 * 32, True), (24 * 32 + 1, False)])
+def test_deepvoxels_checks_use_the_images_size(tmp_path, N_rand, ok):
+    """The data check reads the DeepVoxels images' size (it said 512 x 512):
+    --no_batching draws at most one image's pixels."""
+    import run_nerf
+    from nerf import data_checks
+    from nerf.demo_scene import ensure_demo_scene, write_deepvoxels_layout
+    blender = ensure_demo_scene(str(tmp_path / "b"), verbose=False, H=24, W=32, n_train=2, n_val=1, n_test=1)
+    dv = write_deepvoxels_layout(blender, str(tmp_path / "dv"))
+    args = run_nerf.config_parser().parse_args(["--dataset_type", "deepvoxels", "--datadir", dv, "--shape", "demo",
+                                                "--no_batching", "--N_rand", str(N_rand), "--testskip", "1"])
+    if ok:
+        assert data_checks.check_data(args) == (24, 32)
+    else:
+        with pytest.raises(DataError, match="from the 32x24 = 768 pixels of one image"):
+            data_checks.check_data(args)
+
+
+@pytest.mark.slow
+def test_demo_in_the_deepvoxels_and_linemod_layouts_trains_like_the_blender_one(trained_demo, tmp_path):
+    """The demo trained 300 steps through run_nerf.py from each layout, with the
+    settings of the shared Blender-layout run: LINEMOD gives that run's very
+    weights (the same images and rays); DeepVoxels (its world scaled to its
+    fixed bounds, the mean camera distance +-1) renders the held-out views
+    about as well."""
+    import torch
+    import run_nerf
+    from nerf.demo_scene import write_deepvoxels_layout, write_linemod_layout
+    demo_dir, basedir = trained_demo
+    truth = demo_test_truth(demo_dir)
+    assert run_nerf.main(demo_args(demo_dir, basedir, "--render_only", "--render_test")) == 0
+    blender_psnr = psnr_of_folder(basedir / "demo" / "renderonly_test_000300", truth)
+    steps = ["--N_iters", "300", "--i_weights", "300", "--i_testset", "300"]
+
+    lm_dir = write_linemod_layout(str(demo_dir), str(tmp_path / "lm"))
+    assert run_nerf.main(demo_args(demo_dir, tmp_path, "--dataset_type", "LINEMOD", "--datadir", lm_dir,
+                                   "--expname", "lm", *steps)) == 0
+    ours = torch.load(tmp_path / "lm" / "000300.tar", weights_only=True)
+    theirs = torch.load(basedir / "demo" / "000300.tar", weights_only=True)
+    for key in ("network_fn_state_dict", "network_fine_state_dict"):
+        for name, value in theirs[key].items():
+            assert torch.equal(ours[key][name], value), (key, name)
+    assert psnr_of_folder(tmp_path / "lm" / "testset_000300", truth) == blender_psnr
+
+    dv_dir = write_deepvoxels_layout(str(demo_dir), str(tmp_path / "dv"))
+    assert run_nerf.main(demo_args(demo_dir, tmp_path, "--dataset_type", "deepvoxels", "--datadir", dv_dir,
+                                   "--shape", "demo", "--expname", "dv", *steps)) == 0
+    dv_psnr = psnr_of_folder(tmp_path / "dv" / "testset_000300", truth)
+    white = float(np.mean([-10 * np.log10(np.mean((1 - t) ** 2)) for t in truth]))
+    # Measured, these settings, DeepVoxels minus Blender: seed 0 (this test) +0.48 dB (22.71 vs 22.24), seeds 2, 3,
+    # 4: -0.83, -0.08, -1.17 (the two layouts sample different depths, so each seed's run differs). 2 dB: 1.7x the
+    # largest; the all-white render scores ~9.9 dB, a loader's wrong camera far less than the Blender run.
+    assert abs(dv_psnr - blender_psnr) < 2.0, (dv_psnr, blender_psnr)
+    assert dv_psnr > white + 5, (dv_psnr, white)

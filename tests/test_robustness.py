@@ -240,16 +240,19 @@ BROKEN = [
      "--lrate_decay", "must be at least 1, got 0 (set in "),
     # checkpoints and earlier outputs
     ("ckpt-shape-mismatch", "blender", None, ["--N_importance", "4", "--use_viewdirs", "--netwidth", "32"],
-     "000004.tar", "network_fn_state_dict does not match the network (shapes (file vs network) "
-                   "pts_linears.0.weight (16, 15) vs "
-                   "(32, 15)"),
+     "000004.tar", "was trained with --netwidth 16 (its run's "),
     ("ckpt-fine-missing-layers", "blender", None, ["--N_importance", "4", "--use_viewdirs", "--netdepth_fine", "3"],
-     "000004.tar", "network_fine_state_dict does not match the network (missing pts_linears.2.bias"),
+     "000004.tar", "was trained with --netdepth_fine 2 (its run's "),
+    # without the run's args.txt, the layers that differ
+    ("ckpt-shape-mismatch-no-args.txt", "blender", lambda d, b, t: (b / "run" / "args.txt").unlink(),
+     ["--N_importance", "4", "--use_viewdirs", "--netwidth", "32"],
+     "000004.tar", "network_fn_state_dict does not match the network (shapes (file vs network) "
+                   "pts_linears.0.weight (16, 15) vs (32, 15)"),
     ("ft_path-missing", "blender", None, ["--ft_path", "/nonexistent/010000.tar"], "010000.tar",
      "no such checkpoint file"),
     ("ft_path-truncated", "blender", lambda d, b, t: (_truncate(b / "run" / "000002.tar"),
                                                        ["--ft_path", str(b / "run" / "000002.tar")])[1], [],
-     "000002.tar", "cannot be loaded as a checkpoint (truncated or corrupt"),
+     "000002.tar", "is cut short ("),
     ("ft_path-pickled-object", "blender", lambda d, b, t: (_evil_checkpoint(t / "evil.tar", t / "pwned"),
                                                             ["--ft_path", str(t / "evil.tar")])[1], [],
      "evil.tar", "refused: it pickles a Python object (io.open)"),
@@ -375,7 +378,10 @@ def test_truncated_newest_checkpoint_is_skipped_kept_and_training_resumes(tmp_pa
         assert run_nerf.main(argv) == 0
 
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any(str(run / "000004.tar") in w and "cannot be loaded" in w and "skipped" in w for w in warnings)
+    assert [w for w in warnings if "skipped" in w] == [
+        f"warning: {run / '000004.tar'}: is cut short ({len(damaged)} bytes, its zip archive has no end): the save or "
+        "copy did not finish; skipped and kept as it is (move it away, or name a good checkpoint with --ft_path); "
+        "trying the one before, 000002.tar"]
     assert any(f"reloading from {run / '000002.tar'}" in r.getMessage() for r in caplog.records)
     # the damaged file is kept byte for byte under another name, never deleted or overwritten
     assert (run / "000004.tar.corrupt").read_bytes() == damaged
@@ -399,6 +405,108 @@ def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
         checkpoints.save_checkpoint(path, 3, net, None, opt, {}, [checkpoints.rng_state()])
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000002.tar"]   # no partial file left behind
+
+
+def _rezipped(data: bytes, keep) -> bytes:
+    """The zip archive `data` (torch.save's format) again, with only the entries `keep(name)` accepts."""
+    import io
+    import zipfile
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        entries = [(name, archive.read(name)) for name in archive.namelist() if keep(name)]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, content in entries:
+            archive.writestr(name, content)
+    return out.getvalue()
+
+
+def _saved(ckpt: dict) -> bytes:
+    import io
+    out = io.BytesIO()
+    torch.save(ckpt, out)
+    return out.getvalue()
+
+
+# (id, the damaged file's bytes from the good file's bytes and its content, the reason's words)
+DAMAGED_CHECKPOINTS = [
+    *[(f"truncated-to-{n}", lambda data, ckpt, n=n: data[:n], "is cut short (") for n in (1, 3, 10, 100, 1000)],
+    *[(f"truncated-by-{n}", lambda data, ckpt, n=n: data[:-n], "is cut short (") for n in (1, 100, 5000)],
+    ("truncated-to-half", lambda data, ckpt: data[:len(data) // 2], "is cut short ("),
+    ("zero-bytes", lambda data, ckpt: b"", "is empty (0 bytes): not a checkpoint"),
+    *[(f"random-bytes-{seed}", lambda data, ckpt, seed=seed: b"\x17" + np.random.default_rng(seed).bytes(5000),
+       "is not a PyTorch checkpoint (5001 bytes that begin with neither a zip nor a pickle header)")
+      for seed in range(3)],
+    ("text", lambda data, ckpt: b"step = 4\n", "is not a PyTorch checkpoint (9 bytes"),
+    ("random-pickle-stream", lambda data, ckpt: b"\x80\x02" + np.random.default_rng(7).bytes(300),
+     "is a damaged or cut short checkpoint (302 bytes in the legacy pickle format"),
+    ("zip-without-data.pkl", lambda data, ckpt: _rezipped(data, lambda n: not n.endswith("/data.pkl")),
+     "is a damaged checkpoint archive (it lacks data.pkl)"),
+    ("zip-without-a-tensor", lambda data, ckpt: _rezipped(data, lambda n: not n.endswith("/data/0")),
+     "is a damaged checkpoint archive (it lacks data/0)"),
+    ("no-global_step", lambda data, ckpt: _saved({k: v for k, v in ckpt.items() if k != "global_step"}),
+     "is not a NeRF checkpoint (no network_fn_state_dict / global_step)"),
+    ("no-optimizer", lambda data, ckpt: _saved({k: v for k, v in ckpt.items() if k != "optimizer_state_dict"}),
+     "is not a usable NeRF checkpoint: it has no 'optimizer_state_dict'"),
+    ("not-a-dict", lambda data, ckpt: _saved([1, 2, 3]), "is not a NeRF checkpoint"),
+    *[(f"global_step-{value!r}", lambda data, ckpt, value=value: _saved({**ckpt, "global_step": value}),
+       f"is not a usable NeRF checkpoint: 'global_step' is {value!r}, not a step number")
+      for value in ("4", 4.0, True, -5, None)],
+    *[(f"network_fn_state_dict-{kind}",
+       lambda data, ckpt, value=value: _saved({**ckpt, "network_fn_state_dict": value}),
+       "is not a usable NeRF checkpoint: 'network_fn_state_dict' is not a dict of named tensors")
+      for kind, value in (("int", 5), ("list", [1, 2]), ("strings", {"pts_linears.0.weight": "w"}), ("none", None))],
+    ("network_fine_state_dict-list", lambda data, ckpt: _saved({**ckpt, "network_fine_state_dict": [torch.ones(1)]}),
+     "is not a usable NeRF checkpoint: 'network_fine_state_dict' is not a dict of named tensors"),
+    ("optimizer_state_dict-list", lambda data, ckpt: _saved({**ckpt, "optimizer_state_dict": []}),
+     "is not a usable NeRF checkpoint: 'optimizer_state_dict' is not a dict"),
+]
+
+
+@pytest.mark.parametrize("case", DAMAGED_CHECKPOINTS, ids=[c[0] for c in DAMAGED_CHECKPOINTS])
+def test_each_damaged_checkpoint_is_one_whole_sentence(case, tmp_path, trained):
+    """Reading a damaged file: DataError naming it, whose reason is one line
+    that says what is wrong in whole words (not torch's text cut off, not an
+    internal error such as "pop from empty list")."""
+    _, damage, reason = case
+    good = trained / "run" / "000004.tar"
+    path = tmp_path / "000004.tar"
+    path.write_bytes(damage(good.read_bytes(), torch.load(good, weights_only=True)))
+    with pytest.raises(DataError) as err:
+        checkpoints.read_checkpoint(path)
+    assert err.value.where == str(path)
+    assert err.value.what.startswith(reason), err.value.what
+    assert "\n" not in err.value.what and len(err.value.what) < 200, err.value.what
+    if reason == "is cut short (":
+        assert err.value.what == (f"is cut short ({path.stat().st_size} bytes, its zip archive has no end): "
+                                  "the save or copy did not finish")
+
+
+@pytest.mark.parametrize("case", [c for c in DAMAGED_CHECKPOINTS if c[0] in
+                                  ("truncated-to-half", "zero-bytes", "global_step-'4'")], ids=lambda c: c[0])
+def test_a_damaged_only_checkpoint_is_one_warning_line(case, tmp_path, blender_scene, trained, caplog, capsys):
+    """The run folder's only checkpoint is damaged: training warns once, in one
+    line naming the file, why, and what to do, then starts from step 0 and
+    keeps the file; --render_only adds only its error."""
+    _, damage, reason = case
+    basedir = copy_run(trained, tmp_path)
+    run = basedir / "run"
+    (run / "000002.tar").unlink()
+    damaged = damage((run / "000004.tar").read_bytes(), torch.load(run / "000004.tar", weights_only=True))
+    (run / "000004.tar").write_bytes(damaged)
+    argv = blender_argv(blender_scene, basedir, "--N_importance", "4", "--use_viewdirs")
+    with caplog.at_level("INFO", logger="nerf"):
+        assert run_nerf.main(argv + ["--render_only"]) == 2
+        assert run_nerf.main(argv + ["--N_iters", "1", "--i_weights", "1"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "000004.tar" in r.getMessage()]
+    assert len(warnings) == 2 and warnings[0] == warnings[1], warnings        # once per run
+    assert warnings[0].startswith(f"warning: {run / '000004.tar'}: {reason}"), warnings[0]
+    assert warnings[0].endswith("; skipped and kept as it is (move it away, or name a good checkpoint with "
+                                "--ft_path); no earlier checkpoint to fall back on"), warnings[0]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {run}: holds no checkpoint to render (--render_only renders a trained network: "
+                      "train first, or name one with --ft_path)"]
+    assert (run / "000004.tar").read_bytes() == damaged
+    assert checkpoints.read_checkpoint(run / "000001.tar")["global_step"] == 1
 
 
 def test_pickled_object_checkpoint_is_refused_without_running_it(tmp_path):
@@ -438,6 +546,57 @@ def test_keep_earlier_renames_instead_of_overwriting(tmp_path):
     run_folder.keep_earlier(tmp_path / "000004.tar")
     assert (tmp_path / "000004.tar.corrupt").read_bytes() == b"not a checkpoint"
     assert run_folder.keep_earlier(tmp_path / "absent.mp4") == tmp_path / "absent.mp4"
+
+
+# --- Rendering a run without the network flags it was trained with ----------------------
+
+RUN_NETWORK = {"netdepth": "1", "netwidth": "24", "netdepth_fine": "1", "netwidth_fine": "12", "N_importance": "4",
+               "use_viewdirs": "True", "multires": "3", "multires_views": "1"}
+
+
+def network_argv(dropped=()) -> list:
+    return [arg for flag, value in RUN_NETWORK.items() if flag not in dropped
+            for arg in ([f"--{flag}"] if flag == "use_viewdirs" else [f"--{flag}", value])]
+
+
+@pytest.fixture(scope="module")
+def demo_with_network_flags(tmp_path_factory):
+    """The demo (16x16) trained 2 steps with command-line network flags: (common argv, run folder)."""
+    from nerf.demo_scene import ensure_demo_scene
+    root = tmp_path_factory.mktemp("network_flags")
+    ensure_demo_scene(str(root / "demo"), verbose=False, H=16, W=16, n_train=4, n_val=1, n_test=1)
+    common = ["--dataset_type", "demo", "--datadir", str(root / "demo"), "--basedir", str(root / "logs"),
+              "--expname", "demo", "--white_bkgd", "--N_samples", "4", "--N_rand", "64", "--testskip", "1",
+              "--i_print", "1000000", "--i_img", "1000000", "--i_testset", "1000000", "--i_video", "1000000"]
+    assert run_nerf.main(common + network_argv() + ["--N_iters", "2", "--i_weights", "2"]) == 0
+    return common, root / "logs" / "demo"
+
+
+@pytest.mark.parametrize("dropped", [[flag] for flag in RUN_NETWORK] + [list(RUN_NETWORK)],
+                         ids=[flag for flag in RUN_NETWORK] + ["all"])
+def test_rendering_without_the_runs_network_flags_names_them_and_its_args_txt(dropped, demo_with_network_flags,
+                                                                             capsys):
+    common, run = demo_with_network_flags
+    defaults = run_nerf.config_parser().parse_args([])
+    before = snapshot(run)
+    capsys.readouterr()
+    assert run_nerf.main(common + network_argv(dropped) + ["--render_only"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    named = [flag for flag in checkpoints.NETWORK_FLAGS if flag in dropped]
+    theirs = " ".join(f"--{flag} {RUN_NETWORK[flag]}" for flag in named)
+    ours = " ".join(f"--{flag} {getattr(defaults, flag)}" for flag in named)
+    assert err == [f"error: {run / '000002.tar'}: was trained with {theirs} (its run's {run / 'args.txt'}), not "
+                   f"{ours}: add those flags, or take all the run's flags with --config {run / 'args.txt'}"]
+    assert snapshot(run) == before
+
+
+def test_rendering_with_the_runs_args_txt_as_config_takes_its_network_flags(demo_with_network_flags, tmp_path):
+    _, run = demo_with_network_flags
+    shutil.copytree(run, tmp_path / "demo")
+    assert run_nerf.main(["--config", str(tmp_path / "demo" / "args.txt"), "--basedir", str(tmp_path),
+                          "--render_only", "--render_test"]) == 0
+    frame = imageio.imread(tmp_path / "demo" / "renderonly_test_000002" / "000.png")
+    assert frame.shape == (16, 16, 3)
 
 
 def test_render_only_twice_keeps_the_first_render_aside(tmp_path, blender_scene, trained, caplog):
@@ -515,6 +674,50 @@ def test_sigterm_saves_the_current_step_and_exits_143(tmp_path, blender_scene, m
     assert [p.name for p in (basedir / "run").glob("*.tar")] == ["000003.tar"]
     assert checkpoints.read_checkpoint(basedir / "run" / "000003.tar")["global_step"] == 3
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers restored after the run
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_render_only_stops_it_without_a_word_about_checkpoints(signum, tmp_path, blender_scene,
+                                                                               trained):
+    """Ctrl-C or SIGTERM mid-render: one line saying the render stopped and
+    that --render_only saves nothing by design (not "no checkpoint was
+    saved"), 128 + the signal, no traceback, no partial folder, the run's
+    checkpoints untouched."""
+    basedir = copy_run(trained, tmp_path)
+    run = basedir / "run"
+    before = snapshot(run)
+    # 2048 samples a ray in chunks of 512 rays: the 40 frames take far longer than the signal takes to come
+    argv = blender_argv(blender_scene, basedir, "--N_importance", "4", "--use_viewdirs", "--render_only",
+                        "--N_samples", "2048", "--chunk", "512")
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_nerf.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+    partial = run / ".renderonly_path_000004.partial"
+    deadline = time.time() + 120
+    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert partial.exists(), "the render never started"
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and "checkpoint was saved" not in out + err
+    assert err.splitlines()[-1] == ("Interrupted: the render stopped and its unfinished frames were removed "
+                                    "(--render_only writes no checkpoint, so nothing else is lost)")
+    assert not partial.exists() and not (run / "renderonly_path_000004").exists()
+    assert {k: v for k, v in snapshot(run).items() if k.endswith(".tar")} == \
+           {k: v for k, v in before.items() if k.endswith(".tar")}
+
+
+@pytest.mark.parametrize("render_only", [True, False])
+def test_ctrl_c_while_loading_does_not_speak_of_a_lost_checkpoint(render_only, tmp_path, blender_scene, trained,
+                                                                 monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_nerf, "load_scene", interrupted)
+    basedir = copy_run(trained, tmp_path)
+    argv = blender_argv(blender_scene, basedir, "--N_importance", "4", "--use_viewdirs", "--N_iters", "8")
+    assert run_nerf.main(argv + (["--render_only"] if render_only else [])) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "error: interrupted before training or rendering started, or after it ended: there was nothing to save"]
 
 
 @pytest.mark.slow

@@ -136,7 +136,8 @@ def measure_pictures(args, argv) -> None:
         if args.screenshot:
             (client,) = live.server.get_clients().values()
             pose = scene.poses[scene.i_test[args.screenshot_view]]
-            live._show_frustums(live.clients[client.client_id], False)
+            live.show_cameras.value = False
+            live._show_frustums(False)
             time.sleep(1.0)
             live._go_to(client, pose)
             time.sleep(1.0)

@@ -33,8 +33,8 @@ The browser is untrusted: viser's *Share* button (a public tunnel) is hidden and
 its requests refused; every camera and panel value a browser sends is checked
 (`clamp_camera`, `checked_number`, `checked_choice`): clamped into range or
 refused with one logged line, and the viewer goes on serving. Each browser has
-its own panel (settings and progress line), keyframes and training cameras
-(`BrowserState`); its handlers run
+its own panel (settings and progress line) and keyframes (`BrowserState`; the
+training cameras' switch is shared, as the scene is); its handlers run
 in order on viser's event loop (async callbacks), so a camera message is never
 overtaken by an older one, and one that arrives after its browser left is dropped.
 """
@@ -263,9 +263,9 @@ class BrowserCamera:
 @dataclass
 class BrowserState:
     """One browser's own settings (checked values from its panel), keyframes
-    [(pose (4, 4), fov in degrees), ...], the handles of its panel (its progress
-    line: last written at `progress_at`, time.perf_counter) and its training
-    cameras; a new browser starts from the defaults."""
+    [(pose (4, 4), fov in degrees), ...] and the handles of its panel (its progress
+    line: last written at `progress_at`, time.perf_counter); a new browser starts
+    from the defaults."""
     max_resolution: int
     output: str = "RGB"
     training_share: float = DEFAULT_TRAINING_SHARE
@@ -276,7 +276,6 @@ class BrowserState:
     stats: Any = None
     progress: Any = None
     progress_at: float = 0.0
-    frustums: List[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -391,21 +390,22 @@ class Viewer:
         self.home = target + direction / np.linalg.norm(direction) * distances.mean()   # the mean camera
         initial = self.server.initial_camera
         initial.position, initial.look_at, initial.up, initial.fov = self.home, target, self.up, self.fov
-        self.frustum_scale = 0.04 * distances.mean()
+        extent = distances.mean()
         size = max(1, max(scene.H, scene.W) // 64)
-        self.thumbnails = {int(i): (np.asarray(scene.images[i])[::size, ::size, :3] * 255).round().astype(np.uint8)
-                           for i in scene.i_train}
-
-    def _add_frustums(self, client, state: BrowserState) -> None:
-        """The training cameras in this browser's scene (a click moves its view there)."""
-        for i, thumbnail in self.thumbnails.items():
-            wxyz, position = viser_camera(self.scene.poses[i])
-            frustum = client.scene.add_camera_frustum(
-                f"/training_cameras/{i}", fov=self.fov, aspect=self.scene.W / self.scene.H,
-                scale=self.frustum_scale, image=thumbnail, format="jpeg", wxyz=wxyz, position=position,
-                color=(40, 40, 200), thickness=1.5, thickness_units="screen")
-            frustum.on_click(lambda event, i=i: self._go_to(event.client, self.scene.poses[i]))
-            state.frustums.append(frustum)
+        self.frustums = []
+        for i in scene.i_train:
+            wxyz, position = viser_camera(scene.poses[i])
+            thumbnail = (np.asarray(scene.images[i])[::size, ::size, :3] * 255).round().astype(np.uint8)
+            frustum = self.server.scene.add_camera_frustum(
+                f"/training_cameras/{int(i)}", fov=self.fov, aspect=scene.W / scene.H, scale=0.04 * extent,
+                image=thumbnail, format="jpeg", wxyz=wxyz, position=position, color=(40, 40, 200),
+                thickness=1.5, thickness_units="screen")
+            frustum.on_click(lambda event, i=int(i): self._go_to(event.client, self.scene.poses[i]))
+            self.frustums.append(frustum)
+        # One scene for every browser (per-browser frustums made the first full picture take 1.5-2x as
+        # long with a software-rendering browser on the same CPU), so its switch is shared and always true.
+        self.show_cameras = self.server.gui.add_checkbox("Training cameras", initial_value=True)
+        self.show_cameras.on_update(lambda _: self._show_frustums(bool(self.show_cameras.value)))
 
     def _set_up_panel(self, client, state: BrowserState) -> None:
         """This browser's own panel; every value it sends is checked (`_on_value`)."""
@@ -416,9 +416,6 @@ class Viewer:
         resolution = gui.add_slider("Max resolution", min=low, max=high, step=16, initial_value=state.max_resolution)
         self._on_value(client, resolution, "max_resolution", lambda value: checked_number(value, low, high, True),
                        redraw=True)
-        show_cameras = gui.add_checkbox("Training cameras", initial_value=True)
-        self._on_value(client, show_cameras, None, lambda value: (bool(value), None),
-                       then=lambda visible: self._show_frustums(state, visible))
         state.progress = gui.add_markdown("**Picture** waiting for a camera")
         if self.training:
             state.stats = gui.add_markdown("Training: starting")
@@ -460,10 +457,10 @@ class Viewer:
         connection.unregister_handler(_messages.GuiUpdateMessage, handle_update)
         connection.register_handler(_messages.GuiUpdateMessage, checked)
 
-    def _on_value(self, client, handle, setting: Optional[str], check, redraw: bool = False, then=None) -> None:
+    def _on_value(self, client, handle, setting: str, check, redraw: bool = False) -> None:
         """On a change of `handle` by the browser: check(value) -> (value,
         problem) (ValueError to refuse it), a log line for a problem, then the
-        checked value goes into the browser's `setting` (and `then(value)`)."""
+        checked value goes into the browser's `setting`."""
         async def update(_) -> None:
             client_id = client.client_id
             try:
@@ -477,17 +474,14 @@ class Viewer:
                 state = self.clients.get(client_id)
                 if state is None:
                     return
-                if setting is not None:
-                    setattr(state, setting, value)
+                setattr(state, setting, value)
                 if redraw:
                     self.shown.pop(client_id, None)
-            if then is not None:
-                then(value)
 
         handle.on_update(update)
 
-    def _show_frustums(self, state: BrowserState, visible: bool) -> None:
-        for frustum in state.frustums:
+    def _show_frustums(self, visible: bool) -> None:
+        for frustum in self.frustums:
             frustum.visible = visible
 
     def _go_to(self, client, pose: np.ndarray) -> None:
@@ -501,14 +495,13 @@ class Viewer:
     # --- browsers: viser runs these async handlers one at a time on its event loop, in message order ---
 
     async def _connect(self, client) -> None:
-        """A new browser: its own state, panel and training cameras; viser calls
+        """A new browser: its own state and panel; viser calls
         this on the browser's first camera message, which is taken here."""
         state = BrowserState(max_resolution=self.default_resolution)
         with self.lock:
             self.clients[client.client_id] = state
         self._check_panel_messages(client)
         self._set_up_panel(client, state)
-        self._add_frustums(client, state)
         client.camera.on_update(self._camera_moved)
         await self._camera_moved(client.camera)
 

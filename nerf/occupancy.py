@@ -23,6 +23,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nerf import rendering
 from nerf.errors import DataError
@@ -75,7 +76,7 @@ def seen_by_cameras(pts: torch.Tensor, poses: torch.Tensor, K: np.ndarray, H: in
 
 
 def scene_box(poses: torch.Tensor, K: np.ndarray, H: int, W: int, near: float, far: float,
-              probe: int = 48) -> Tuple[torch.Tensor, torch.Tensor]:
+              probe: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
     """The box (lo, hi), each (3,), around what at least half of the training
     cameras (poses (M, 3, 4)) see between near and far: an object captured
     from all around is in every picture, so it lies inside. Found on a
@@ -94,6 +95,26 @@ def scene_box(poses: torch.Tensor, K: np.ndarray, H: int, W: int, near: float, f
     return (pts[seen].min(0).values - pad).clamp(min=lo), (pts[seen].max(0).values + pad).clamp(max=hi)
 
 
+def visible_cells(lo: torch.Tensor, hi: torch.Tensor, resolution: int, poses: torch.Tensor, K: np.ndarray, H: int,
+                  W: int, near: float, far: float, coarse: int = 32) -> torch.Tensor:
+    """Which of the box's `resolution`^3 cells (C,) some camera (poses (M, 3, 4))
+    may see: decided on a lattice of at most `coarse`^3 cells (a ball around
+    each that holds the cell), a fine cell being visible where a coarse
+    cell it overlaps is."""
+    Rc = min(resolution, coarse)
+    radius = float((hi - lo).norm()) / Rc / 2
+    seen = seen_by_cameras(cell_centres(lo, hi, Rc), poses, K, H, W, near, far, radius) > 0
+    i = torch.arange(resolution, device=lo.device)
+    first, last = i * Rc // resolution, ((i + 1) * Rc - 1) // resolution     # the coarse cells each fine one overlaps
+    seen = seen.reshape(Rc, Rc, Rc)
+    out = torch.zeros(resolution, resolution, resolution, dtype=torch.bool, device=lo.device)
+    for a in (first, last):
+        for b in (first, last):
+            for c in (first, last):
+                out |= seen[a[:, None, None], b[None, :, None], c[None, None, :]]
+    return out.reshape(-1)
+
+
 class OccupancyGrid:
     """A binary occupancy grid of `resolution`^3 cells over the box [lo, hi]
     and the marching through it.
@@ -101,10 +122,11 @@ class OccupancyGrid:
     `density` (C,) holds each cell's running estimate of the network's
     density (after its activation), +inf while unknown; `visible` (C,)
     the cells some training camera sees (the others stay empty). A cell is
-    occupied when it is visible and its estimate exceeds
-    min(threshold, mean estimate), threshold being the density at which one
-    marching step has opacity STEP_OPACITY (the mean keeps a young network's
-    faint densities); a grid with no occupied cell falls back to all
+    occupied when it is visible and its estimate, or that of one of its 26
+    neighbours, exceeds min(threshold, mean estimate), threshold being the
+    density at which one marching step has opacity STEP_OPACITY (the mean
+    keeps a young network's faint densities; the neighbours cover the parts
+    of a cell denser than the one point its estimate comes from); a grid with no occupied cell falls back to all
     visible cells, so that no run loses its samples for good.
 
     Rays march in steps of `step_size` = box diagonal / `n_steps` (world
@@ -123,6 +145,7 @@ class OccupancyGrid:
                                    torch.zeros_like(visible, dtype=torch.float32))
         self.generator = torch.Generator(device=lo.device)
         self.generator.manual_seed(seed)
+        self.termination = TERMINATION
         self.ready = False
         self.binary = visible.clone()
 
@@ -132,7 +155,8 @@ class OccupancyGrid:
         """`binary` from `density` (device operations only)."""
         known = torch.where(self.visible, self.density, torch.zeros_like(self.density))
         mean = known.sum() / self.visible.sum().clamp(min=1)
-        occupied = self.visible & (self.density > torch.clamp(mean, max=self.threshold))
+        above = (self.density > torch.clamp(mean, max=self.threshold)).float().reshape(1, 1, *(self.resolution,) * 3)
+        occupied = self.visible & (F.max_pool3d(above, 3, stride=1, padding=1).reshape(-1) > 0)
         self.binary = torch.where(occupied.any(), occupied, self.visible)
 
     def evaluate(self, density_fn: Callable, cells: torch.Tensor) -> None:
@@ -192,7 +216,7 @@ class OccupancyGrid:
         steps' middles (jittered by one uniform draw per ray with
         `perturb`); a sample is kept when its cell is occupied and the
         transmittance the grid's estimates give up to it is at least
-        TERMINATION. One host synchronisation (the count) per
+        `termination` (TERMINATION; 0 marches on to the end). One host synchronisation (the count) per
         MARCH_CANDIDATES candidates."""
         norm = rays_d.norm(dim=-1, keepdim=True)
         dt = self.step_size / norm
@@ -214,7 +238,7 @@ class OccupancyGrid:
             occupied = self.binary[cells] & (t < t1[sl])
             optical = torch.where(occupied, estimate[cells], torch.zeros_like(t)) * self.step_size
             before = torch.cumsum(optical, -1) - optical
-            keep = occupied & (before < -math.log(TERMINATION))
+            keep = occupied & (before < (-math.log(self.termination) if self.termination > 0 else math.inf))
             ray, k = keep.nonzero(as_tuple=True)
             rays.append(ray + start)
             depths.append(t[ray, k])
@@ -320,11 +344,7 @@ def grid_for_scene(args, scene, ndc: bool, device: torch.device) -> OccupancyGri
     if ndc:
         visible = torch.ones(R ** 3, dtype=torch.bool, device=device)
     else:
-        radius = float((hi - lo).norm()) / R / 2
-        visible = torch.zeros(R ** 3, dtype=torch.bool, device=device)
-        for part in torch.arange(R ** 3, device=device).split(1 << 18):
-            visible[part] = seen_by_cameras(cell_centres(lo, hi, R, part), poses, scene.K, scene.H, scene.W,
-                                            float(scene.near), float(scene.far), radius) > 0
+        visible = visible_cells(lo, hi, R, poses, scene.K, scene.H, scene.W, float(scene.near), float(scene.far))
     log.info("occupancy grid: %d^3 cells over [%s] x [%s] (%s), %d marching steps across its diagonal",
              R, ", ".join(f"{v:.3g}" for v in lo.tolist()), ", ".join(f"{v:.3g}" for v in hi.tolist()), how,
              args.occupancy_steps)

@@ -1,5 +1,6 @@
 """The opt-in occupancy-grid sampler (`--sampler occupancy`, nerf/occupancy.py)
 and the default it must leave alone (`--sampler hierarchical`, the original's)."""
+import math
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import run_nerf
+from nerf import occupancy, rendering
 from test_cli import QUIET, TINY
 from test_demo_run import demo_dir  # noqa: F401 (fixture)
 
@@ -83,3 +85,49 @@ def test_the_default_path_is_pinned_and_sampler_hierarchical_is_the_default(demo
     for k in range(3):
         name = f"testset_000003/{k:03d}.png"
         assert np.array_equal(imageio.imread(default / name), imageio.imread(explicit / name)), name
+
+
+# --- packed compositing ------------------------------------------------------
+
+def dense_twin_of_packed(counts, seed: int, white_bkgd: bool):
+    """Rays with `counts` samples each, as the dense renderer sees them (padded
+    to the longest with zero-density samples, which change no weight) and as
+    packed samples whose intervals are the dense ones' (z_{i+1} - z_i) |d|."""
+    g = torch.Generator().manual_seed(seed)
+    N, S = len(counts), max(counts) + 1
+    raw = torch.randn(N, S, 4, generator=g, dtype=torch.float64) * 3
+    z = torch.cumsum(torch.rand(N, S, generator=g, dtype=torch.float64) + 0.05, -1)
+    rays_d = torch.randn(N, 3, generator=g, dtype=torch.float64)
+    real = torch.arange(S)[None] < torch.tensor(counts)[:, None]
+    raw[..., 3] = torch.where(real, raw[..., 3], torch.full_like(raw[..., 3], -1.0))     # relu: zero density
+    delta = torch.cat([z[:, 1:] - z[:, :-1], torch.full_like(z[:, :1], 1e10)], -1) * rays_d.norm(dim=-1)[:, None]
+    ray, k = real.nonzero(as_tuple=True)
+    return raw, z, rays_d, (raw[ray, k], z[ray, k], delta[ray, k], ray)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("white_bkgd", [False, True])
+def test_packed_compositing_equals_dense_compositing_in_float64(seed, white_bkgd):
+    counts = [0, 1, 2, 7, 3, 0, 5, 1][: 5 + seed]
+    raw, z, rays_d, (p_raw, p_t, p_delta, p_ray) = dense_twin_of_packed(counts, seed, white_bkgd)
+    rgb, disp, acc, weights, _ = rendering.raw2outputs(raw, z, rays_d, white_bkgd=white_bkgd)
+    packed = rendering.composite_packed(p_raw, p_t, p_delta, p_ray, len(counts), white_bkgd=white_bkgd,
+                                        median_depth=True)
+    # float64 throughout: the two forms of prod (1 - alpha + 1e-10) differ by rounding alone (measured <= 1e-15).
+    for key, want in (("rgb_map", rgb), ("disp_map", disp), ("acc_map", acc)):
+        assert torch.allclose(packed[key], want, rtol=1e-10, atol=1e-12), key
+    has = torch.tensor(counts) > 0
+    want_median = rendering.median_termination(weights, z)
+    assert torch.allclose(packed["t_median"][has], want_median[has], rtol=1e-10, atol=1e-12)
+
+
+def test_packed_compositing_by_hand():
+    """One ray, two samples: sigma 1 and 2 over intervals of 0.5 (relu), colours from logits 0 and ln 3."""
+    raw = torch.tensor([[0.0, 0.0, 0.0, 1.0], [math.log(3), math.log(3), math.log(3), 2.0]], dtype=torch.float64)
+    t = torch.tensor([1.0, 1.5], dtype=torch.float64)
+    out = rendering.composite_packed(raw, t, torch.full_like(t, 0.5), torch.tensor([0, 0]), 1)
+    a1, a2 = 1 - math.exp(-0.5), 1 - math.exp(-1.0)
+    w1, w2 = a1, a2 * (1 - a1 + 1e-10)
+    assert out["acc_map"].item() == pytest.approx(w1 + w2, rel=1e-14)
+    assert out["rgb_map"][0, 0].item() == pytest.approx(0.5 * w1 + 0.75 * w2, rel=1e-14)
+    assert out["disp_map"].item() == pytest.approx((w1 + w2) / (1.0 * w1 + 1.5 * w2), rel=1e-14)

@@ -130,7 +130,10 @@ class OccupancyGrid:
     visible cells, so that no run loses its samples for good.
 
     Rays march in steps of `step_size` = box diagonal / `n_steps` (world
-    units of the network's coordinates). `generator` draws the cells and
+    units of the network's coordinates); early termination reads `opaque`
+    (C,), the least estimate among each cell and its neighbours (a ray
+    that grazes a dense cell's empty part must not stop there, so only cells
+    inside a dense region count). `generator` draws the cells and
     points of each update (its state goes into checkpoints)."""
 
     def __init__(self, lo: torch.Tensor, hi: torch.Tensor, resolution: int, visible: torch.Tensor, n_steps: int,
@@ -148,16 +151,19 @@ class OccupancyGrid:
         self.termination = TERMINATION
         self.ready = False
         self.binary = visible.clone()
+        self.opaque = torch.zeros_like(self.density)
 
     # --- the grid ---------------------------------------------------------
 
     def refresh_binary(self) -> None:
-        """`binary` from `density` (device operations only)."""
+        """`binary` and `opaque` from `density` (device operations only)."""
         known = torch.where(self.visible, self.density, torch.zeros_like(self.density))
         mean = known.sum() / self.visible.sum().clamp(min=1)
         above = (self.density > torch.clamp(mean, max=self.threshold)).float().reshape(1, 1, *(self.resolution,) * 3)
         occupied = self.visible & (F.max_pool3d(above, 3, stride=1, padding=1).reshape(-1) > 0)
         self.binary = torch.where(occupied.any(), occupied, self.visible)
+        known = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
+        self.opaque = -F.max_pool3d(-known.reshape(1, 1, *(self.resolution,) * 3), 3, stride=1, padding=1).reshape(-1)
 
     def evaluate(self, density_fn: Callable, cells: torch.Tensor) -> None:
         """Re-estimates `cells` (K,): the network's density at one jittered point
@@ -215,7 +221,7 @@ class OccupancyGrid:
         Steps of `step_size` / |d| in t from where the ray enters, at the
         steps' middles (jittered by one uniform draw per ray with
         `perturb`); a sample is kept when its cell is occupied and the
-        transmittance the grid's estimates give up to it is at least
+        transmittance that `opaque` gives up to it is at least
         `termination` (TERMINATION; 0 marches on to the end). One host synchronisation (the count) per
         MARCH_CANDIDATES candidates."""
         norm = rays_d.norm(dim=-1, keepdim=True)
@@ -227,7 +233,6 @@ class OccupancyGrid:
         shift = torch.rand_like(t0) if perturb else torch.full_like(t0, 0.5)
         M = self.n_steps + 1
         steps = torch.arange(M, device=rays_o.device, dtype=rays_o.dtype)
-        estimate = torch.where(torch.isinf(self.density), torch.full_like(self.density, 1e4), self.density)
         rays, depths = [], []
         block = max(1, MARCH_CANDIDATES // M)
         for start in range(0, rays_o.shape[0], block):
@@ -236,7 +241,7 @@ class OccupancyGrid:
             cells = cell_index(rays_o[sl, None] + rays_d[sl, None] * t[..., None], self.lo, self.hi,
                                self.resolution)
             occupied = self.binary[cells] & (t < t1[sl])
-            optical = torch.where(occupied, estimate[cells], torch.zeros_like(t)) * self.step_size
+            optical = torch.where(occupied, self.opaque[cells], torch.zeros_like(t)) * self.step_size
             before = torch.cumsum(optical, -1) - optical
             keep = occupied & (before < (-math.log(self.termination) if self.termination > 0 else math.inf))
             ray, k = keep.nonzero(as_tuple=True)

@@ -306,7 +306,10 @@ def network_density(render_kwargs: dict) -> Callable:
     density_only = rendering.accepts_density_only(query)
 
     def density_fn(pts: torch.Tensor) -> torch.Tensor:
-        dirs = torch.zeros_like(pts).index_fill_(1, torch.tensor([2], device=pts.device), 1.0) if use_viewdirs else None
+        dirs = None
+        if use_viewdirs:                     # any direction: a NeRF's density does not depend on it
+            dirs = torch.zeros_like(pts)
+            dirs[:, 2] = 1.0
         if density_only:
             sigma = query(pts[:, None], dirs, network, density_only=True)[:, 0, 0]
         else:

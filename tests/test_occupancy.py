@@ -1,5 +1,6 @@
 """The opt-in occupancy-grid sampler (`--sampler occupancy`, nerf/occupancy.py)
 and the default it must leave alone (`--sampler hierarchical`, the original's)."""
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +12,10 @@ import torch
 import run_nerf
 from nerf import occupancy, rendering
 from test_cli import QUIET, TINY
+from host_syncs import count_training
 from test_demo_run import demo_dir  # noqa: F401 (fixture)
+from test_host_syncs import STEADY, sync_args
+from test_resume import assert_resume_is_exact
 
 # The default path after 3 steps of the demo (seed 4: a network born alive; lrate 5e-3 so that 3 steps
 # move the pixels), recorded before the occupancy sampler existed: per parameter tensor its float64 sum
@@ -221,3 +225,67 @@ def test_grid_updates_are_deterministic_for_a_seed():
             grid.update(lambda pts: 0.5 * density(pts))
     assert torch.equal(grids[0].density, grids[1].density) and torch.equal(grids[0].binary, grids[1].binary)
     assert not torch.equal(grids[0].density, grids[2].density)
+
+
+# --- training, checkpoints, flags ---------------------------------------------
+
+OCCUPANCY = ["--sampler", "occupancy", "--occupancy_resolution", "16", "--occupancy_warmup", "2",
+             "--occupancy_interval", "2", "--occupancy_cells", "512", "--occupancy_steps", "128"]
+
+
+def test_resume_with_the_occupancy_sampler_is_exact(demo_dir, tmp_path):  # noqa: F811
+    """Straight through 8 steps, or 4 then 4: the warm-up ends at step 2, updates at 4, 6, 8."""
+    assert_resume_is_exact(["--dataset_type", "demo", "--datadir", str(demo_dir), "--white_bkgd", "--seed", "4",
+                            *OCCUPANCY], tmp_path, n=4)
+    grids = [torch.load(tmp_path / name / "000008.tar", weights_only=True) for name in ("straight", "resumed")]
+    assert all(g["sampler"] == "occupancy" and g["occupancy_grid"]["ready"] for g in grids)
+    assert torch.equal(grids[0]["occupancy_grid"]["density"], grids[1]["occupancy_grid"]["density"])
+    assert torch.equal(grids[0]["occupancy_grid"]["generator"], grids[1]["occupancy_grid"]["generator"])
+
+
+def test_the_occupancy_step_synchronises_with_the_host_at_most_once(demo_dir, tmp_path):  # noqa: F811
+    status, found = count_training(sync_args(demo_dir, tmp_path, *OCCUPANCY))
+    assert status == 0
+    marching = [i for i in STEADY if i > 3]
+    assert all(len(found.get(i, [])) <= 1 for i in marching), {i: found.get(i) for i in marching}
+    assert all(found.get(i) == [found[marching[0]][0]] for i in marching), "one count, the marching's, each step"
+    assert found[marching[0]][0].startswith("nonzero at occupancy.py")
+
+
+@pytest.mark.parametrize("flags, where", [
+    (["--occupancy_box", "0 0 0 1 1 1"], "--occupancy_box"),
+    (["--sampler", "occupancy", "--lindisp"], "--lindisp"),
+    (["--sampler", "occupancy", "--occupancy_box", "0 0 0 1 1"], "--occupancy_box"),
+    (["--sampler", "occupancy", "--occupancy_box", "0 0 0 1 -1 1"], "--occupancy_box"),
+    (["--sampler", "occupancy", "--occupancy_box", "a b c d e f"], "--occupancy_box"),
+    (["--sampler", "occupancy", "--occupancy_resolution", "0"], "--occupancy_resolution"),
+    (["--sampler", "occupancy", "--occupancy_resolution", "513"], "--occupancy_resolution"),
+    (["--sampler", "occupancy", "--occupancy_steps", "0"], "--occupancy_steps"),
+    (["--sampler", "occupancy", "--occupancy_warmup", "-1"], "--occupancy_warmup"),
+    (["--sampler", "nerfacc"], "--sampler"),
+])
+def test_a_combination_the_sampler_cannot_honour_is_one_line(flags, where, demo_dir, tmp_path, capsys):  # noqa: F811
+    argv = ["--dataset_type", "demo", "--datadir", str(demo_dir), "--basedir", str(tmp_path), "--expname", "x", *flags]
+    assert run_nerf.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {where}"), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_network_trained_with_either_sampler_renders_with_either(demo_dir, tmp_path):  # noqa: F811
+    """Trained with one, rendered with the other (a grid built from the network
+    when the checkpoint has none): the test views' PSNR within 1 dB of the
+    renders with the sampler it was trained with."""
+    common = ["--dataset_type", "demo", "--datadir", str(demo_dir), "--basedir", str(tmp_path), "--white_bkgd",
+              "--testskip", "1", "--seed", "4", "--lrate", "5e-3", *TINY, *QUIET, "--N_iters", "30",
+              "--i_weights", "30", *OCCUPANCY[2:]]
+    for trained in ("hierarchical", "occupancy"):
+        assert run_nerf.main([*common, "--expname", trained, "--sampler", trained]) == 0
+        psnrs = {}
+        for rendered in ("hierarchical", "occupancy"):
+            assert run_nerf.main([*common, "--expname", trained, "--sampler", rendered, "--render_only",
+                                  "--render_test"]) == 0
+            folders = sorted((tmp_path / trained).glob("renderonly_test_000030*"))
+            psnrs[rendered] = json.loads((folders[-1] / "metrics.json").read_text())["mean"]["psnr"]
+            assert len(list((folders[-1] / "depth").glob("*.npy"))) == 3
+        assert abs(psnrs["hierarchical"] - psnrs["occupancy"]) < 1.0, (trained, psnrs)

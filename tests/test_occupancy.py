@@ -272,6 +272,7 @@ def test_a_combination_the_sampler_cannot_honour_is_one_line(flags, where, demo_
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_a_network_trained_with_either_sampler_renders_with_either(demo_dir, tmp_path):  # noqa: F811
     """Trained with one, rendered with the other (a grid built from the network
     when the checkpoint has none): the test views' PSNR within 1 dB of the

@@ -214,7 +214,7 @@ class OccupancyGrid:
     # --- marching ---------------------------------------------------------
 
     def march(self, rays_o: torch.Tensor, rays_d: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
-              perturb: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+              perturb: bool, max_per_ray: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The samples of rays (N, 3) each, between near and far (N, 1) and
         inside the box: ray index (P,) and depth t (P,), sorted by ray then t.
 
@@ -222,7 +222,10 @@ class OccupancyGrid:
         steps' middles (jittered by one uniform draw per ray with
         `perturb`); a sample is kept when its cell is occupied and the
         transmittance that `opaque` gives up to it is at least
-        `termination` (TERMINATION; 0 marches on to the end). One host synchronisation (the count) per
+        `termination` (TERMINATION; 0 marches on to the end), and, with
+        `max_per_ray`, is among the ray's first `max_per_ray` such samples (a
+        grid that has not yet learnt where the scene is empty costs no more
+        than that). One host synchronisation (the count) per
         MARCH_CANDIDATES candidates."""
         norm = rays_d.norm(dim=-1, keepdim=True)
         dt = self.step_size / norm
@@ -244,6 +247,8 @@ class OccupancyGrid:
             optical = torch.where(occupied, self.opaque[cells], torch.zeros_like(t)) * self.step_size
             before = torch.cumsum(optical, -1) - optical
             keep = occupied & (before < (-math.log(self.termination) if self.termination > 0 else math.inf))
+            if max_per_ray is not None:
+                keep = keep & (torch.cumsum(keep, -1) <= max_per_ray)
             ray, k = keep.nonzero(as_tuple=True)
             rays.append(ray + start)
             depths.append(t[ray, k])
@@ -256,7 +261,8 @@ class OccupancyGrid:
         """`rendering.render_rays`' outputs for a ray batch (N, 8 or 11):
         rgb_map (N, 3), disp_map (N,), acc_map (N,) (and t_median (N,) with
         `median_depth`), from the marched samples through one network (the
-        fine one when there is one). Before the grid is built: the default
+        fine one when there is one), at most N_samples + N_importance a ray
+        (the default's count). Before the grid is built: the default
         `render_rays`, with every keyword."""
         if not self.ready:
             return rendering.render_rays(ray_batch, network_fn, network_query_fn, N_samples, perturb=perturb,
@@ -265,7 +271,8 @@ class OccupancyGrid:
                                          density_activation=density_activation, **default_only)
         rays_o, rays_d = ray_batch[:, 0:3], ray_batch[:, 3:6]
         viewdirs = ray_batch[:, -3:] if ray_batch.shape[-1] > 8 else None
-        ray, t = self.march(rays_o, rays_d, ray_batch[:, 6:7], ray_batch[:, 7:8], perturb > 0)
+        budget = N_samples + default_only.get("N_importance", 0)      # the default sampler's queries per ray
+        ray, t = self.march(rays_o, rays_d, ray_batch[:, 6:7], ray_batch[:, 7:8], perturb > 0, budget)
         pts = rays_o[ray] + rays_d[ray] * t[:, None]
         network = network_fn if network_fine is None else network_fine
         raw = network_query_fn(pts[:, None], None if viewdirs is None else viewdirs[ray], network)[:, 0]

@@ -290,3 +290,19 @@ def test_a_network_trained_with_either_sampler_renders_with_either(demo_dir, tmp
             psnrs[rendered] = json.loads((folders[-1] / "metrics.json").read_text())["mean"]["psnr"]
             assert len(list((folders[-1] / "depth").glob("*.npy"))) == 3
         assert abs(psnrs["hierarchical"] - psnrs["occupancy"]) < 1.0, (trained, psnrs)
+
+
+def test_a_ray_never_takes_more_samples_than_its_budget():
+    """A grid that has learnt nothing (every cell occupied, nothing opaque): each
+    ray keeps its first `max_per_ray` samples, in order, and no more."""
+    grid = cube_grid(8, n_steps=128)
+    grid.ready = True
+    o, d, near, far = rays_at_the_box(3, n=50)
+    ray_all, t_all = grid.march(o, d, near, far, perturb=False)
+    for budget in (1, 5, 40):
+        ray, t = grid.march(o, d, near, far, perturb=False, max_per_ray=budget)
+        counts_all = torch.zeros(50, dtype=torch.long).index_add_(0, ray_all, torch.ones_like(ray_all))
+        counts = torch.zeros(50, dtype=torch.long).index_add_(0, ray, torch.ones_like(ray))
+        assert torch.equal(counts, counts_all.clamp(max=budget))
+        first = torch.cat([t_all[ray_all == r][:budget] for r in range(50)])
+        assert torch.equal(t, first)

@@ -306,3 +306,17 @@ def test_a_ray_never_takes_more_samples_than_its_budget():
         assert torch.equal(counts, counts_all.clamp(max=budget))
         first = torch.cat([t_all[ray_all == r][:budget] for r in range(50)])
         assert torch.equal(t, first)
+
+
+def test_a_grid_that_emptied_falls_back_to_every_visible_cell():
+    """A network whose densities all fell to zero empties the grid: marching
+    then takes every visible cell again, so that gradients reach the network
+    (and the collapse guard can see and restart it), rather than no sample at all."""
+    grid = cube_grid(8)
+    visible = torch.zeros(8 ** 3, dtype=torch.bool)
+    visible[: 8 ** 3 // 2] = True
+    grid.visible = visible
+    grid.build(lambda pts: torch.zeros(pts.shape[0]))
+    assert torch.equal(grid.binary, visible)
+    grid.update(lambda pts: torch.where(pts[:, 0] < -0.5, torch.full_like(pts[:, 0], 50.0), torch.zeros_like(pts[:, 0])))
+    assert grid.binary.sum() < visible.sum() and not (grid.binary & ~visible).any()

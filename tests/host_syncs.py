@@ -31,7 +31,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__array__",
-         "__format__", "__repr__", "__str__", "nonzero", "argwhere", "bincount", "masked_select", "unique", "unique_consecutive", "equal",
+         "__format__", "__repr__", "__str__", "nonzero", "argwhere", "bincount", "masked_select", "unique",
+         "unique_consecutive", "equal",
          "allclose", "repeat_interleave"}
 COPIES = {"to", "cuda"}
 FROM_HOST = {"tensor", "as_tensor"}

@@ -318,5 +318,6 @@ def test_a_grid_that_emptied_falls_back_to_every_visible_cell():
     grid.visible = visible
     grid.build(lambda pts: torch.zeros(pts.shape[0]))
     assert torch.equal(grid.binary, visible)
-    grid.update(lambda pts: torch.where(pts[:, 0] < -0.5, torch.full_like(pts[:, 0], 50.0), torch.zeros_like(pts[:, 0])))
+    grid.update(lambda pts: torch.where(pts[:, 0] < -0.5, torch.full_like(pts[:, 0], 50.0),
+                                        torch.zeros_like(pts[:, 0])))
     assert grid.binary.sum() < visible.sum() and not (grid.binary & ~visible).any()

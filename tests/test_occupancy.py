@@ -117,7 +117,8 @@ def test_packed_compositing_equals_dense_compositing_in_float64(seed, white_bkgd
     rgb, disp, acc, weights, _ = rendering.raw2outputs(raw, z, rays_d, white_bkgd=white_bkgd)
     packed = rendering.composite_packed(p_raw, p_t, p_delta, p_ray, len(counts), white_bkgd=white_bkgd,
                                         median_depth=True)
-    # float64 throughout: the two forms of prod (1 - alpha + 1e-10) differ by rounding alone (measured <= 1e-15).
+    # float64 throughout: the two forms of prod (1 - alpha + 1e-10) differ by rounding alone
+    # (measured: 2e-14 relative at most).
     for key, want in (("rgb_map", rgb), ("disp_map", disp), ("acc_map", acc)):
         assert torch.allclose(packed[key], want, rtol=1e-10, atol=1e-12), key
     has = torch.tensor(counts) > 0
@@ -196,7 +197,8 @@ def test_skipping_never_drops_a_sample_where_the_density_is_above_the_threshold(
 
 def test_early_termination_keeps_the_picture():
     """A dense ball: stopping where the grid's transmittance falls below 1e-4
-    drops samples and changes no pixel by more than 1e-3."""
+    drops samples (measured: 39 %) and changes no pixel by more than 1e-5 (measured: 0, the dropped samples'
+    weights lie below float32's resolution)."""
     def ball(pts):
         return torch.where(pts.norm(dim=-1) < 0.5, torch.full_like(pts[:, 0], 200.0), torch.zeros_like(pts[:, 0]))
 
@@ -213,7 +215,7 @@ def test_early_termination_keeps_the_picture():
         colours[termination] = (out["rgb_map"], out["acc_map"], len(t))
     (rgb_all, acc_all, n_all), (rgb, acc, n) = colours[0.0], colours[occupancy.TERMINATION]
     assert (acc_all > 0.99).sum() > 20 and n < 0.75 * n_all      # measured: 0.61
-    assert (rgb - rgb_all).abs().max() < 1e-3 and (acc - acc_all).abs().max() < 1e-3
+    assert (rgb - rgb_all).abs().max() < 1e-5 and (acc - acc_all).abs().max() < 1e-5
 
 
 def test_grid_updates_are_deterministic_for_a_seed():

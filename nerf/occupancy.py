@@ -368,10 +368,11 @@ def grid_for_scene(args, scene, ndc: bool, device: torch.device) -> OccupancyGri
 
 
 def attach(args, scene, render_kwargs_train: dict, render_kwargs_test: dict, ckpt: Optional[dict], ckpt_path,
-           device: torch.device) -> None:
+           device: torch.device, rendering_only: Optional[bool] = None) -> None:
     """With `--sampler occupancy`: the run's grid in both render kwargs
     (`occupancy`), resumed from the checkpoint's grid, or (a network trained
-    without one, rendered) built from the network now. With the default
+    without one, rendered: `rendering_only`, by default --render_only) built
+    from the network now. With the default
     sampler, renders of a network trained with the occupancy sampler take
     its fine network for the coarse pass too (the coarse one stopped
     learning after the warm-up)."""
@@ -383,7 +384,7 @@ def attach(args, scene, render_kwargs_train: dict, render_kwargs_test: dict, ckp
     grid = grid_for_scene(args, scene, render_kwargs_train.get("ndc", True), device)
     if ckpt is not None and ckpt.get(CHECKPOINT_KEY) is not None:
         grid.load_state_dict(ckpt[CHECKPOINT_KEY], ckpt_path)
-    if args.render_only and not grid.ready:
+    if (args.render_only if rendering_only is None else rendering_only) and not grid.ready:
         grid.build(network_density(render_kwargs_test))
     render_kwargs_train["occupancy"] = grid
     render_kwargs_test["occupancy"] = grid

@@ -323,3 +323,25 @@ def test_a_grid_that_emptied_falls_back_to_every_visible_cell():
     grid.update(lambda pts: torch.where(pts[:, 0] < -0.5, torch.full_like(pts[:, 0], 50.0),
                                         torch.zeros_like(pts[:, 0])))
     assert grid.binary.sum() < visible.sum() and not (grid.binary & ~visible).any()
+
+
+@pytest.mark.parametrize("resolution, coarse", [(24, 6), (25, 7), (16, 16)])
+def test_visibility_on_the_coarse_lattice_never_hides_a_cell_a_camera_sees(resolution, coarse):
+    """Narrow cameras inside a large box: every cell whose ball some camera sees
+    (tested cell by cell) is visible, and some cells are not."""
+    g = torch.Generator().manual_seed(resolution)
+    poses = []
+    for _ in range(6):
+        z = torch.randn(3, generator=g)
+        z = z / z.norm()
+        right = torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0]), z)
+        right = right / right.norm()
+        poses.append(torch.stack([right, torch.linalg.cross(z, right), z, 3 * z], 1))
+    poses = torch.stack(poses)
+    K = np.array([[150.0, 0, 50], [0, 150.0, 50], [0, 0, 1]])
+    lo, hi = -3 * torch.ones(3), 3 * torch.ones(3)
+    got = occupancy.visible_cells(lo, hi, resolution, poses, K, 100, 100, 2.0, 4.0, coarse=coarse)
+    exact = occupancy.seen_by_cameras(occupancy.cell_centres(lo, hi, resolution), poses, K, 100, 100, 2.0, 4.0,
+                                      float((hi - lo).norm()) / resolution / 2) > 0
+    assert exact.any() and not got.all()
+    assert not (exact & ~got).any()

@@ -214,18 +214,21 @@ class OccupancyGrid:
     # --- marching ---------------------------------------------------------
 
     def march(self, rays_o: torch.Tensor, rays_d: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
-              perturb: bool, max_per_ray: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+              perturb: bool, max_per_ray: Optional[int] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The samples of rays (N, 3) each, between near and far (N, 1) and
-        inside the box: ray index (P,) and depth t (P,), sorted by ray then t.
+        inside the box: ray index (P,), depth t (P,), sorted by ray then t,
+        and the length delta (P,) (world units) each sample stands for.
 
         Steps of `step_size` / |d| in t from where the ray enters, at the
         steps' middles (jittered by one uniform draw per ray with
         `perturb`); a sample is kept when its cell is occupied and the
         transmittance that `opaque` gives up to it is at least
-        `termination` (TERMINATION; 0 marches on to the end), and, with
-        `max_per_ray`, is among the ray's first `max_per_ray` such samples (a
-        grid that has not yet learnt where the scene is empty costs no more
-        than that). One host synchronisation (the count) per
+        `termination` (TERMINATION; 0 marches on to the end). With
+        `max_per_ray`, a ray with n > max_per_ray such samples keeps every
+        s-th, s = ceil(n / max_per_ray), each standing for s steps: a grid
+        that has not yet learnt where the scene is empty marches coarsely,
+        at no more samples than that. One host synchronisation (the count) per
         MARCH_CANDIDATES candidates."""
         norm = rays_d.norm(dim=-1, keepdim=True)
         dt = self.step_size / norm
@@ -236,7 +239,7 @@ class OccupancyGrid:
         shift = torch.rand_like(t0) if perturb else torch.full_like(t0, 0.5)
         M = self.n_steps + 1
         steps = torch.arange(M, device=rays_o.device, dtype=rays_o.dtype)
-        rays, depths = [], []
+        rays, depths, deltas = [], [], []
         block = max(1, MARCH_CANDIDATES // M)
         for start in range(0, rays_o.shape[0], block):
             sl = slice(start, start + block)
@@ -247,12 +250,16 @@ class OccupancyGrid:
             optical = torch.where(occupied, self.opaque[cells], torch.zeros_like(t)) * self.step_size
             before = torch.cumsum(optical, -1) - optical
             keep = occupied & (before < (-math.log(self.termination) if self.termination > 0 else math.inf))
+            stride = torch.ones_like(t[:, 0], dtype=torch.long)
             if max_per_ray is not None:
-                keep = keep & (torch.cumsum(keep, -1) <= max_per_ray)
+                rank = torch.cumsum(keep, -1) - 1
+                stride = (keep.sum(-1) + max_per_ray - 1).div(max_per_ray, rounding_mode="floor").clamp(min=1)
+                keep = keep & (rank % stride[:, None] == 0)
             ray, k = keep.nonzero(as_tuple=True)
             rays.append(ray + start)
             depths.append(t[ray, k])
-        return torch.cat(rays), torch.cat(depths)
+            deltas.append(stride[ray].to(t.dtype) * self.step_size)
+        return torch.cat(rays), torch.cat(depths), torch.cat(deltas)
 
     def render_rays(self, ray_batch: torch.Tensor, network_fn: Callable, network_query_fn: Callable,
                     N_samples: int = 0, perturb: float = 0.0, network_fine: Optional[Callable] = None,
@@ -272,11 +279,10 @@ class OccupancyGrid:
         rays_o, rays_d = ray_batch[:, 0:3], ray_batch[:, 3:6]
         viewdirs = ray_batch[:, -3:] if ray_batch.shape[-1] > 8 else None
         budget = N_samples + default_only.get("N_importance", 0)      # the default sampler's queries per ray
-        ray, t = self.march(rays_o, rays_d, ray_batch[:, 6:7], ray_batch[:, 7:8], perturb > 0, budget)
+        ray, t, delta = self.march(rays_o, rays_d, ray_batch[:, 6:7], ray_batch[:, 7:8], perturb > 0, budget)
         pts = rays_o[ray] + rays_d[ray] * t[:, None]
         network = network_fn if network_fine is None else network_fine
         raw = network_query_fn(pts[:, None], None if viewdirs is None else viewdirs[ray], network)[:, 0]
-        delta = torch.full_like(t, self.step_size)
         return rendering.composite_packed(raw, t, delta, ray, ray_batch.shape[0], raw_noise_std, white_bkgd,
                                           density_activation, median_depth)
 

@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from nerf import (camera_path, collapse, data_checks, flags, geometry, lpips_vgg, outputs, parallel, run_folder,
-                  scoring, viewer)
+from nerf import (camera_path, collapse, data_checks, flags, geometry, lpips_vgg, occupancy, outputs, parallel,
+                  run_folder, scoring, viewer)
 from nerf.checkpoints import (explain_mismatch, find_checkpoint, load_network_state, rng_state, save_checkpoint,
                               set_rng_state, steps_done)
 from nerf.datasets import Scene, load_scene
@@ -123,6 +123,21 @@ def config_parser() -> configargparse.ArgumentParser:
                         help='log2 of max freq for positional encoding (2D direction)')
     parser.add_argument("--density_activation", type=str, default='relu', choices=['relu', 'softplus'],
                         help='relu (the original) or softplus: log(1 + exp(sigma - 1)), as mip-NeRF')
+    parser.add_argument("--sampler", type=str, default='hierarchical', choices=['hierarchical', 'occupancy'],
+                        help='hierarchical: the paper\'s coarse-to-fine samples (the original); occupancy: march '
+                             'through an occupancy grid with early termination (nerf/occupancy.py, faster)')
+    parser.add_argument("--occupancy_resolution", type=int, default=128, help='occupancy grid cells per axis')
+    parser.add_argument("--occupancy_steps", type=int, default=1024,
+                        help='occupancy sampler: marching steps across the grid\'s diagonal')
+    parser.add_argument("--occupancy_warmup", type=int, default=256,
+                        help='occupancy sampler: steps sampled as hierarchical before the grid is built')
+    parser.add_argument("--occupancy_interval", type=int, default=16,
+                        help='occupancy sampler: steps between grid updates')
+    parser.add_argument("--occupancy_cells", type=int, default=1 << 15,
+                        help='occupancy sampler: cells re-evaluated per update (as many again among the occupied)')
+    parser.add_argument("--occupancy_box", type=optional_str, default=None,
+                        help='occupancy sampler: the grid\'s box "x0 y0 z0 x1 y1 z1" (default: derived from '
+                             'the training cameras; forward-facing scenes: the NDC cube)')
     parser.add_argument("--raw_noise_std", type=float, default=0.,
                         help='std dev of noise added to regularize sigma_a output, 1e0 recommended')
     parser.add_argument("--render_only", action='store_true',
@@ -646,6 +661,7 @@ def train(argv=None) -> int:
     bounds = {'near': scene.near, 'far': scene.far}
     render_kwargs_train.update(bounds)
     render_kwargs_test.update(bounds)
+    occupancy.attach(args, scene, render_kwargs_train, render_kwargs_test, ckpt, ckpt_path, device)
     run_folder.check_outputs(args, expdir, ckpt_path, ckpt, start)   # never overwrite an earlier run's work
     pinned = args.device is not None and torch.device(args.device).index is not None   # one GPU for all ranks
     parallel.start(ranks, device, pinned)
@@ -703,7 +719,8 @@ def train(argv=None) -> int:
             try:
                 save_checkpoint(run_folder.keep_earlier(path), step, network_fn, network_fine, optimizer,
                                 sampler.state_dict(), states,
-                                {**guard.state_dict(), 'density_activation': args.density_activation})
+                                {**guard.state_dict(), 'density_activation': args.density_activation,
+                                 **occupancy.checkpoint_entries(args, render_kwargs_train)})
             except WriteError as err:
                 return f"{err}; step {step} is not saved, the newest good checkpoint is {newest or 'none'}"
             tqdm.write(f"Saved checkpoints at {path}")
@@ -718,6 +735,7 @@ def train(argv=None) -> int:
                                      dynamic_ncols=True, disable=None if ranks.is_main else True) as bar:
         for i in bar:
             batch_rays, target_s = sampler(i)
+            occupancy.before_step(render_kwargs_train, i)
             average = None if gradient_average is None else \
                 (lambda numbers, n_rays: gradient_average(numbers, n_rays, stop.signum is not None))
             try:
@@ -733,9 +751,11 @@ def train(argv=None) -> int:
                     tqdm.write(f"error: {collapsed}", file=sys.stderr)
                 status = 1
                 break
-            if guard.restarts and guard.restarts[-1]['step'] == i and ranks.is_main:
-                with outputs.warn_on_write_error():    # the checkpoints record the restart as well
-                    write_run_files(args, expdir, guard.notes(), with_config=False)
+            if guard.restarts and guard.restarts[-1]['step'] == i:
+                occupancy.restart(render_kwargs_train)
+                if ranks.is_main:
+                    with outputs.warn_on_write_error():    # the checkpoints record the restart as well
+                        write_run_files(args, expdir, guard.notes(), with_config=False)
             if live is not None:
                 live.training_step(i, stats)
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(stats['loss']),

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nerf import flags
+from nerf import flags, occupancy
 from nerf.checkpoints import find_checkpoint
 from nerf.datasets import load_scene
 from nerf.errors import DataError, exit_status
@@ -37,6 +37,7 @@ def view(argv=None) -> int:
     scene = load_scene(args)
     _, render_kwargs, step, _, _ = run_nerf.create_nerf(args, device, ckpt, ckpt_path)
     render_kwargs.update(near=scene.near, far=scene.far)
+    occupancy.attach(args, scene, render_kwargs, render_kwargs, ckpt, ckpt_path, device, rendering_only=True)
     viewer = Viewer(scene, render_kwargs, device, expdir, args.host, args.port)
     try:
         print(f"Viewing {ckpt_path} (step {step}) at http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)

@@ -24,6 +24,7 @@ import torch
 
 from nerf.datasets import DATASET_TYPES
 from nerf.errors import DataError
+from nerf.occupancy import parse_box
 from run_nerf_helpers import default_device
 
 log = logging.getLogger("nerf")
@@ -57,9 +58,9 @@ class Switch(argparse.Action):
 # (flag, test, what the value must be); checked in this order.
 _AT_LEAST_1 = ("N_rand", "N_samples", "chunk", "netchunk", "factor", "netdepth", "netwidth", "netdepth_fine",
                "netwidth_fine", "lrate_decay", "i_print", "i_img", "i_weights", "i_testset", "i_video",
-               "collapse_patience")
+               "collapse_patience", "occupancy_steps", "occupancy_interval", "occupancy_cells")
 _AT_LEAST_0 = ("N_importance", "N_iters", "llffhold", "precrop_iters", "testskip", "render_factor", "multires",
-               "multires_views", "keep_checkpoints", "collapse_restarts")
+               "multires_views", "keep_checkpoints", "collapse_restarts", "occupancy_warmup")
 _FLOATS_AT_LEAST_0 = ("lrate", "perturb", "raw_noise_std")
 
 
@@ -197,6 +198,24 @@ def check_flags(args, sources: Optional[Dict[str, str]] = None) -> None:
         fail("i_embed", f"must be 0 (positional encoding) or -1 (none), got {args.i_embed}")
     if value("dataset_type") == "deepvoxels" and value("testskip") == 0:
         fail("testskip", "must be at least 1 for deepvoxels")
+    check_sampler(args, fail)
+
+
+def check_sampler(args, fail) -> None:
+    """`--sampler` and the occupancy sampler's flags: ranges, and the combinations it cannot honour."""
+    occupancy = getattr(args, "sampler", "hierarchical") == "occupancy"
+    resolution = getattr(args, "occupancy_resolution", None)
+    if resolution is not None and not 1 <= resolution <= 512:
+        fail("occupancy_resolution", f"must be 1 to 512 (cells per axis), got {resolution}")
+    if getattr(args, "occupancy_box", None) is not None:
+        if not occupancy:
+            fail("occupancy_box", "only the occupancy sampler uses a box; add --sampler occupancy")
+        if args.dataset_type == "llff" and not args.no_ndc:
+            fail("occupancy_box", "forward-facing (NDC) scenes use the NDC cube; drop --occupancy_box or add --no_ndc")
+        parse_box(args.occupancy_box)
+    if occupancy and getattr(args, "lindisp", False):
+        fail("lindisp", "the occupancy sampler marches in equal steps of depth; drop --lindisp "
+                        "or use --sampler hierarchical")
 
 
 def choose_device(flag: Optional[str], local_rank: int = 0, world_size: int = 1):

@@ -156,6 +156,19 @@ def density(sigma: torch.Tensor, activation: str = "relu") -> torch.Tensor:
     return F.relu(sigma)
 
 
+def sample_alpha(sigma: torch.Tensor, dists: torch.Tensor, raw_noise_std: float = 0, pytest: bool = False,
+                 density_activation: str = "relu") -> torch.Tensor:
+    """Each sample's opacity alpha (...) = 1 - exp(-density(sigma + noise) delta)
+    from raw densities sigma (...) and the lengths delta (...) of the
+    intervals they stand for; noise ~ N(0, raw_noise_std^2) (with `pytest`,
+    the original's fixed uniform draws times raw_noise_std). Both the dense
+    (`compositing_weights`) and the packed (`composite_packed`) compositing use it."""
+    if raw_noise_std > 0.0:
+        noise = pytest_uniform(sigma.shape, sigma) if pytest else torch.randn_like(sigma)
+        sigma = sigma + noise * raw_noise_std
+    return 1.0 - torch.exp(-density(sigma, density_activation) * dists)
+
+
 def compositing_weights(sigma: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
                         raw_noise_std: float = 0, pytest: bool = False,
                         density_activation: str = "relu") -> torch.Tensor:
@@ -170,10 +183,7 @@ def compositing_weights(sigma: torch.Tensor, z_vals: torch.Tensor, rays_d: torch
     dists = z_vals[..., 1:] - z_vals[..., :-1]
     dists = torch.cat([dists, torch.full_like(dists[..., :1], 1e10)], -1)
     dists = dists * torch.norm(rays_d[..., None, :], dim=-1)
-    if raw_noise_std > 0.0:
-        noise = pytest_uniform(sigma.shape, sigma) if pytest else torch.randn_like(sigma)
-        sigma = sigma + noise * raw_noise_std
-    alpha = 1.0 - torch.exp(-density(sigma, density_activation) * dists)
+    alpha = sample_alpha(sigma, dists, raw_noise_std, pytest, density_activation)
     transmittance = torch.cumprod(
         torch.cat([torch.ones_like(alpha[..., :1]), 1.0 - alpha + 1e-10], -1), -1)[..., :-1]
     return alpha * transmittance
@@ -200,13 +210,82 @@ def raw2outputs(raw: torch.Tensor, z_vals: torch.Tensor, rays_d: torch.Tensor,
     rgb_map = torch.sum(weights[..., None] * rgb, -2)
     depth_map = torch.sum(weights * z_vals, -1)
     acc_map = torch.sum(weights, -1)
+    rgb_map, disp_map = finish_maps(rgb_map, depth_map, acc_map, white_bkgd)
+    return rgb_map, disp_map, acc_map, weights, depth_map
+
+
+def finish_maps(rgb_map: torch.Tensor, depth_map: torch.Tensor, acc_map: torch.Tensor,
+                white_bkgd: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """From a ray's sums rgb_map = sum w c (N, 3), depth_map = sum w z (N,) and
+    acc_map = sum w (N,): the colour (N, 3) (+ 1 - acc on white) and
+    disp_map (N,) = 1 / max(1e-10, depth / acc) (0 where acc is 0)."""
     has_weight = acc_map > 0
     mean_depth = depth_map / torch.where(has_weight, acc_map, torch.ones_like(acc_map))
     disp_map = torch.where(has_weight, 1.0 / torch.clamp(mean_depth, min=1e-10),
                            torch.zeros_like(acc_map))
     if white_bkgd:
         rgb_map = rgb_map + (1.0 - acc_map[..., None])
-    return rgb_map, disp_map, acc_map, weights, depth_map
+    return rgb_map, disp_map
+
+
+def segment_cumsum(values: torch.Tensor, ray_index: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """Per-ray inclusive cumulative sums (P,) of packed values (P,) sorted by
+    ray (ray_index (P,)), summed in float64 (float32 on MPS, which has no
+    float64) so that the earlier rays' sums cancel exactly enough."""
+    wide = torch.float32 if values.device.type == "mps" else torch.float64
+    total = torch.cumsum(values.to(wide), 0)
+    counts = torch.zeros(n_rays, dtype=torch.long, device=values.device).index_add_(
+        0, ray_index, torch.ones_like(ray_index))
+    first = (torch.cumsum(counts, 0) - counts)[ray_index]                 # each sample's ray's first sample
+    return (total - total[first] + values.to(wide)[first]).to(values.dtype)
+
+
+def composite_packed(raw: torch.Tensor, t: torch.Tensor, delta: torch.Tensor, ray_index: torch.Tensor,
+                     n_rays: int, raw_noise_std: float = 0, white_bkgd: bool = False,
+                     density_activation: str = "relu", median_depth: bool = False) -> Dict[str, torch.Tensor]:
+    """`raw2outputs` for packed samples: raw (P, 4) at depths t (P,) standing for
+    intervals of length delta (P,) (world units), of rays ray_index (P,)
+    (sorted by ray, then t) among n_rays. The same alpha (`sample_alpha`)
+    and maps (`finish_maps`); the transmittance prod_{j<i} (1 - alpha_j + 1e-10)
+    as exp of a per-ray sum of logs (`segment_cumsum`), sums per ray with
+    index_add. Returns rgb_map (n_rays, 3), disp_map, acc_map (n_rays,), and
+    with `median_depth` t_median (n_rays,) (`median_termination`'s rule; 0
+    for a ray without samples)."""
+    rgb = torch.sigmoid(raw[:, :3])
+    alpha = sample_alpha(raw[:, 3], delta, raw_noise_std, False, density_activation)
+    log_clear = torch.log(1.0 - alpha + 1e-10)
+    weights = alpha * torch.exp(segment_cumsum(log_clear, ray_index, n_rays) - log_clear)
+    zeros = raw.new_zeros(n_rays)
+    rgb_map = raw.new_zeros(n_rays, 3).index_add(0, ray_index, weights[:, None] * rgb)
+    depth_map = zeros.index_add(0, ray_index, weights * t)
+    acc_map = zeros.index_add(0, ray_index, weights)
+    rgb_map, disp_map = finish_maps(rgb_map, depth_map, acc_map, white_bkgd)
+    out = {"rgb_map": rgb_map, "disp_map": disp_map, "acc_map": acc_map}
+    if median_depth:
+        out["t_median"] = packed_median_termination(weights, t, ray_index, acc_map)
+    return out
+
+
+def packed_median_termination(weights: torch.Tensor, t: torch.Tensor, ray_index: torch.Tensor,
+                              acc_map: torch.Tensor) -> torch.Tensor:
+    """`median_termination` for packed samples: weights and t (P,) of rays
+    ray_index (P,) (sorted by ray, then t), acc_map (N,) their sums.
+    Returns t (N,); 0 for a ray without samples."""
+    n, P = acc_map.shape[0], t.shape[0]
+    if P == 0:
+        return torch.zeros_like(acc_map)
+    cum = segment_cumsum(weights, ray_index, n)
+    order = torch.arange(P, device=t.device)
+    crossing = torch.where(cum >= 0.5 * acc_map[ray_index], order, torch.full_like(order, P))
+    i = torch.full((n,), P, dtype=torch.long, device=t.device).scatter_reduce(0, ray_index, crossing, "amin")
+    i_c = i.clamp(max=P - 1)
+    w_i = weights[i_c]
+    before = cum[i_c] - w_i
+    share = torch.where(w_i > 0, (0.5 * acc_map - before) / torch.where(w_i > 0, w_i, torch.ones_like(w_i)),
+                        torch.zeros_like(w_i)).clamp(0, 1)
+    same_ray = ray_index[(i_c - 1).clamp(min=0)] == ray_index[i_c]
+    t_before = torch.where(same_ray & (i_c > 0), t[(i_c - 1).clamp(min=0)], t[i_c])
+    return torch.where(i < P, t_before + (t[i_c] - t_before) * share, torch.zeros_like(acc_map))
 
 
 def median_termination(weights: torch.Tensor, z_vals: torch.Tensor) -> torch.Tensor:
@@ -302,9 +381,12 @@ def render_rays(ray_batch: torch.Tensor, network_fn: Callable, network_query_fn:
     return ret
 
 
-def batchify_rays(rays_flat: torch.Tensor, chunk: int = 1024 * 32, **kwargs) -> Dict[str, torch.Tensor]:
-    """`render_rays` over at most `chunk` rays at a time; outputs concatenated."""
-    chunks = [render_rays(rays_flat[i:i + chunk], **kwargs) for i in range(0, rays_flat.shape[0], chunk)]
+def batchify_rays(rays_flat: torch.Tensor, chunk: int = 1024 * 32, occupancy=None, **kwargs) -> Dict[str, torch.Tensor]:
+    """`render_rays` over at most `chunk` rays at a time; outputs concatenated.
+    With an `occupancy` sampler (`--sampler occupancy`: nerf/occupancy.py),
+    its `render_rays` renders each chunk instead."""
+    render_fn = render_rays if occupancy is None else occupancy.render_rays
+    chunks = [render_fn(rays_flat[i:i + chunk], **kwargs) for i in range(0, rays_flat.shape[0], chunk)]
     return {k: torch.cat([c[k] for c in chunks], 0) for k in chunks[0]}
 
 

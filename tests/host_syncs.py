@@ -1,7 +1,9 @@
 """Counts, on any device (the CPU too), the calls that would make the host wait
 for a GPU: reading a tensor's value (`.item()`, `.tolist()`, `.numpy()`,
-`.cpu()`, `bool()`, `float()`, `int()` of a tensor, formatting one), ops whose
-output size depends on values (`nonzero`, boolean-mask indexing, ...), and
+`.cpu()`, `bool()`, `float()`, `int()` of a tensor, `str()`, `repr()` or
+formatting one), ops whose output size depends on values (`nonzero`,
+`bincount`, boolean-mask indexing and assignment, ...), waiting on CUDA
+events, streams or the device (`synchronize`), and
 copies that are not `non_blocking` (`.to(device)`, `.cuda()`, a `.copy_` between
 devices, `torch.tensor` / `torch.as_tensor` of host data onto a device).
 
@@ -33,7 +35,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__array__",
-         "__format__", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "equal",
+         "__format__", "__repr__", "__str__", "nonzero", "argwhere", "bincount", "masked_select", "unique",
+         "unique_consecutive", "equal",
          "allclose", "repeat_interleave"}
 COPIES = {"to", "cuda"}
 FROM_HOST = {"tensor", "as_tensor"}
@@ -53,10 +56,10 @@ def would_sync(name: str, args, kwargs) -> Optional[str]:
     """What about the call `name(*args, **kwargs)` would wait for a GPU, or None."""
     if name in READS:
         return name
-    if name == "__getitem__" and len(args) > 1:
+    if name in ("__getitem__", "__setitem__") and len(args) > 1:
         index = args[1] if isinstance(args[1], tuple) else (args[1],)
         if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
-            return "boolean-mask indexing"
+            return "boolean-mask indexing" if name == "__getitem__" else "boolean-mask assignment"
     if name in COPIES and not kwargs.get("non_blocking", False) and _names_a_device(args, kwargs):
         return f"blocking .{name}()"
     if name == "copy_" and not kwargs.get("non_blocking", False) and len(args) > 1 \
@@ -77,13 +80,40 @@ def _caller() -> Optional[str]:
     return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
 
 
+WAITS = ((torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda, "synchronize"))
+
+
 class HostSyncCounter(TorchFunctionMode):
-    """Records every call that would synchronise a GPU (see the module docstring)."""
+    """Records every call that would synchronise a GPU (see the module docstring).
+    The `synchronize` of CUDA events, streams and `torch.cuda` are no torch
+    functions: they are wrapped while the counter is active."""
 
     def __init__(self):
         super().__init__()
         self.step: Optional[int] = None
         self.calls: List[Tuple[Optional[int], str, str]] = []
+        self._unwrapped: list = []
+
+    def __enter__(self):
+        for owner, name in WAITS:
+            original = getattr(owner, name)
+            self._unwrapped.append((owner, name, original))
+            setattr(owner, name, self._counting(original, f"{getattr(owner, '__name__', 'torch.cuda')}.{name}()"))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for owner, name, original in reversed(self._unwrapped):
+            setattr(owner, name, original)
+        self._unwrapped.clear()
+        return super().__exit__(*exc)
+
+    def _counting(self, original, what: str):
+        def wait(*args, **kwargs):
+            where = _caller()
+            if where is not None:
+                self.calls.append((self.step, what, where))
+            return original(*args, **kwargs)
+        return wait
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

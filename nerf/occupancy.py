@@ -1,0 +1,417 @@
+"""The occupancy-grid sampler (`--sampler occupancy`): a binary grid over the
+scene marks where the network has density, and rays march through it in
+fixed steps, skipping empty cells and stopping once they are opaque. Only the
+surviving samples go through the network, as one packed batch, composited
+per ray by `rendering.composite_packed` (the same alpha and maps as
+`raw2outputs`).
+
+    ray batch -> march (grid, early termination) -> network -> composite_packed
+
+An `OccupancyGrid` is reached by the renderer through one interface: with
+`occupancy=grid` in the render kwargs, `rendering.batchify_rays` calls
+`grid.render_rays(ray_batch, **render_kwargs)` instead of `render_rays`.
+Until the grid is built (the first `warmup` training steps) that is the
+default `render_rays` itself.
+
+Shapes: N rays, P packed samples, C = R^3 cells (flattened x-major: cell
+(i, j, k) is i R^2 + j R + k), the box [lo, hi] (3,) in the coordinates the
+network sees (world, or NDC for forward-facing scenes).
+"""
+import logging
+import math
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nerf import rendering
+from nerf.errors import DataError
+
+log = logging.getLogger("nerf")
+
+CHECKPOINT_KEY = "occupancy_grid"
+STEP_OPACITY = 0.01          # a cell is occupied when one marching step through it is at least this opaque
+TERMINATION = 1e-4           # a ray stops once its transmittance is below this
+EMA_DECAY = 0.95             # a re-evaluated cell keeps max(decay * old, new)
+MARCH_CANDIDATES = 1 << 22   # (ray, step) pairs looked up at once: rays per block = this / steps
+
+
+def cell_centres(lo: torch.Tensor, hi: torch.Tensor, resolution: int, cells: Optional[torch.Tensor] = None,
+                 jitter: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Points (K, 3) in cells (K,) (all C when None): the centres, or with
+    `jitter` (K, 3) in [0, 1) the points that far across each cell."""
+    if cells is None:
+        cells = torch.arange(resolution ** 3, device=lo.device)
+    ijk = torch.stack([cells // resolution ** 2, (cells // resolution) % resolution, cells % resolution], -1)
+    offset = 0.5 if jitter is None else jitter
+    return lo + (ijk.to(lo.dtype) + offset) * (hi - lo) / resolution
+
+
+def cell_index(pts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The flat cell (...) holding each point (..., 3); points outside are clamped to the border cells."""
+    ijk = ((pts - lo) / (hi - lo) * resolution).floor().long().clamp(0, resolution - 1)
+    return (ijk[..., 0] * resolution + ijk[..., 1]) * resolution + ijk[..., 2]
+
+
+def seen_by_cameras(pts: torch.Tensor, poses: torch.Tensor, K: np.ndarray, H: int, W: int, near: float,
+                    far: float, radius: float = 0.0) -> torch.Tensor:
+    """How many cameras (poses (M, 3, 4) camera-to-world, OpenGL axes as
+    `get_rays`) see each point (K, 3) between near and far along their
+    axis, inside the image: counts (K,). `radius` widens the test by a ball
+    of that radius around each point (a cell's half diagonal)."""
+    fx, fy, cx, cy = float(K[0][0]), float(K[1][1]), float(K[0][2]), float(K[1][2])
+    count = torch.zeros(pts.shape[0], dtype=torch.long, device=pts.device)
+    for c2w in poses:
+        local = (pts - c2w[:3, 3]) @ c2w[:3, :3]         # camera axes: x right, y up, looking along -z
+        z = -local[:, 2]
+        ahead = z.clamp(min=1e-6)
+        u = cx + fx * local[:, 0] / ahead
+        v = cy - fy * local[:, 1] / ahead
+        mu, mv = fx * radius / ahead, fy * radius / ahead
+        inside = ((z >= near - radius) & (z <= far + radius) & (u >= -0.5 - mu) & (u <= W - 0.5 + mu)
+                  & (v >= -0.5 - mv) & (v <= H - 0.5 + mv))
+        count += inside.long()
+    return count
+
+
+def scene_box(poses: torch.Tensor, K: np.ndarray, H: int, W: int, near: float, far: float,
+              probe: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The box (lo, hi), each (3,), around what at least half of the training
+    cameras (poses (M, 3, 4)) see between near and far: an object captured
+    from all around is in every picture, so it lies inside. Found on a
+    `probe`^3 lattice over the box of all the cameras' frusta, and padded
+    by one lattice cell."""
+    fx, fy, cx, cy = float(K[0][0]), float(K[1][1]), float(K[0][2]), float(K[1][2])
+    corners = torch.tensor([[(u - cx) / fx, -(v - cy) / fy, -1.0] for u in (0, W) for v in (0, H)],
+                           dtype=poses.dtype, device=poses.device)
+    ends = torch.cat([poses[:, None, :3, 3] + d * (corners @ poses[:, :3, :3].transpose(1, 2)) for d in (near, far)], 1)
+    lo, hi = ends.reshape(-1, 3).min(0).values, ends.reshape(-1, 3).max(0).values
+    pts = cell_centres(lo, hi, probe)
+    seen = seen_by_cameras(pts, poses, K, H, W, near, far) * 2 >= poses.shape[0]
+    if not bool(seen.any()):
+        return lo, hi
+    pad = (hi - lo) / probe
+    return (pts[seen].min(0).values - pad).clamp(min=lo), (pts[seen].max(0).values + pad).clamp(max=hi)
+
+
+def visible_cells(lo: torch.Tensor, hi: torch.Tensor, resolution: int, poses: torch.Tensor, K: np.ndarray, H: int,
+                  W: int, near: float, far: float, coarse: int = 32) -> torch.Tensor:
+    """Which of the box's `resolution`^3 cells (C,) some camera (poses (M, 3, 4))
+    may see: decided on a lattice of at most `coarse`^3 cells (a ball around
+    each that holds the cell), a fine cell being visible where a coarse
+    cell it overlaps is."""
+    Rc = min(resolution, coarse)
+    radius = float((hi - lo).norm()) / Rc / 2
+    seen = seen_by_cameras(cell_centres(lo, hi, Rc), poses, K, H, W, near, far, radius) > 0
+    i = torch.arange(resolution, device=lo.device)
+    first, last = i * Rc // resolution, ((i + 1) * Rc - 1) // resolution     # the coarse cells each fine one overlaps
+    seen = seen.reshape(Rc, Rc, Rc)
+    out = torch.zeros(resolution, resolution, resolution, dtype=torch.bool, device=lo.device)
+    for a in (first, last):
+        for b in (first, last):
+            for c in (first, last):
+                out |= seen[a[:, None, None], b[None, :, None], c[None, None, :]]
+    return out.reshape(-1)
+
+
+class OccupancyGrid:
+    """A binary occupancy grid of `resolution`^3 cells over the box [lo, hi]
+    and the marching through it.
+
+    `density` (C,) holds each cell's running estimate of the network's
+    density (after its activation), +inf while unknown; `visible` (C,)
+    the cells some training camera sees (the others stay empty). A cell is
+    occupied when it is visible and its estimate, or that of one of its 26
+    neighbours, exceeds min(threshold, mean estimate), threshold being the
+    density at which one marching step has opacity STEP_OPACITY (the mean
+    keeps a young network's faint densities; the neighbours cover the parts
+    of a cell denser than the one point its estimate comes from); a grid with no occupied cell falls back to all
+    visible cells, so that no run loses its samples for good.
+
+    Rays march in steps of `step_size` = box diagonal / `n_steps` (world
+    units of the network's coordinates); early termination reads `opaque`
+    (C,), the least estimate among each cell and its neighbours (a ray
+    that grazes a dense cell's empty part must not stop there, so only cells
+    inside a dense region count). `generator` draws the cells and
+    points of each update (its state goes into checkpoints)."""
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, resolution: int, visible: torch.Tensor, n_steps: int,
+                 seed: int, cells_per_update: int, warmup: int, interval: int):
+        self.lo, self.hi, self.resolution = lo, hi, resolution
+        self.visible = visible
+        self.n_steps, self.warmup, self.interval = n_steps, warmup, interval
+        self.cells_per_update = min(cells_per_update, resolution ** 3)
+        self.step_size = float((hi - lo).norm()) / n_steps
+        self.threshold = -math.log(1.0 - STEP_OPACITY) / self.step_size
+        self.density = torch.where(visible, torch.full_like(visible, math.inf, dtype=torch.float32),
+                                   torch.zeros_like(visible, dtype=torch.float32))
+        self.generator = torch.Generator(device=lo.device)
+        self.generator.manual_seed(seed)
+        self.termination = TERMINATION
+        self.ready = False
+        self.binary = visible.clone()
+        self.opaque = torch.zeros_like(self.density)
+
+    # --- the grid ---------------------------------------------------------
+
+    def refresh_binary(self) -> None:
+        """`binary` and `opaque` from `density` (device operations only)."""
+        known = torch.where(self.visible, self.density, torch.zeros_like(self.density))
+        mean = known.sum() / self.visible.sum().clamp(min=1)
+        above = (self.density > torch.clamp(mean, max=self.threshold)).float().reshape(1, 1, *(self.resolution,) * 3)
+        occupied = self.visible & (F.max_pool3d(above, 3, stride=1, padding=1).reshape(-1) > 0)
+        self.binary = torch.where(occupied.any(), occupied, self.visible)
+        known = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
+        self.opaque = -F.max_pool3d(-known.reshape(1, 1, *(self.resolution,) * 3), 3, stride=1, padding=1).reshape(-1)
+
+    def evaluate(self, density_fn: Callable, cells: torch.Tensor) -> None:
+        """Re-estimates `cells` (K,): the network's density at one jittered point
+        in each, merged as max(EMA_DECAY * old, new) (new alone where unknown).
+        Deterministic for a generator state: duplicates merge by max."""
+        jitter = torch.rand(cells.shape[0], 3, generator=self.generator, device=self.lo.device)
+        with torch.no_grad():
+            sigma = density_fn(cell_centres(self.lo, self.hi, self.resolution, cells, jitter)).float()
+        sigma = torch.where(self.visible[cells], sigma, torch.zeros_like(sigma))
+        old = self.density[cells]
+        self.density.index_put_((cells,), torch.where(torch.isinf(old), torch.zeros_like(old), old * EMA_DECAY))
+        self.density.scatter_reduce_(0, cells, sigma, "amax")
+
+    def build(self, density_fn: Callable) -> None:
+        """Estimates every cell once (the end of the warm-up, or a network
+        trained without a grid) and starts marching."""
+        cells = torch.arange(self.resolution ** 3, device=self.lo.device)
+        for part in cells.split(1 << 16):
+            self.evaluate(density_fn, part)
+        self.refresh_binary()
+        self.ready = True
+
+    def update(self, density_fn: Callable) -> None:
+        """Re-estimates `cells_per_update` cells drawn uniformly and as many
+        drawn from the occupied ones, then rethresholds."""
+        n, C = self.cells_per_update, self.resolution ** 3
+        uniform = torch.randint(0, C, (n,), generator=self.generator, device=self.lo.device)
+        occupied = torch.multinomial(self.binary.float() + 1e-12, n, replacement=True, generator=self.generator)
+        self.evaluate(density_fn, torch.cat([uniform, occupied]))
+        self.refresh_binary()
+
+    def training_step(self, step: int, density_fn: Callable) -> None:
+        """Before training step `step` (1-based): builds the grid after the
+        warm-up, then updates it every `interval` steps."""
+        if not self.ready:
+            if step > self.warmup:
+                self.build(density_fn)
+        elif step % self.interval == 0:
+            self.update(density_fn)
+
+    def restart(self) -> None:
+        """Forgets what the grid learnt (the networks were drawn afresh): warm-up again from now."""
+        self.density = torch.where(self.visible, torch.full_like(self.density, math.inf),
+                                   torch.zeros_like(self.density))
+        self.binary = self.visible.clone()
+        self.ready = False
+
+    # --- marching ---------------------------------------------------------
+
+    def march(self, rays_o: torch.Tensor, rays_d: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
+              perturb: bool, max_per_ray: Optional[int] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The samples of rays (N, 3) each, between near and far (N, 1) and
+        inside the box: ray index (P,), depth t (P,), sorted by ray then t,
+        and the length delta (P,) (world units) each sample stands for.
+
+        Steps of `step_size` / |d| in t from where the ray enters, at the
+        steps' middles (jittered by one uniform draw per ray with
+        `perturb`); a sample is kept when its cell is occupied and the
+        transmittance that `opaque` gives up to it is at least
+        `termination` (TERMINATION; 0 marches on to the end). With
+        `max_per_ray`, a ray with n > max_per_ray such samples keeps every
+        s-th, s = ceil(n / max_per_ray), each standing for s steps: a grid
+        that has not yet learnt where the scene is empty marches coarsely,
+        at no more samples than that. One host synchronisation (the count) per
+        MARCH_CANDIDATES candidates."""
+        norm = rays_d.norm(dim=-1, keepdim=True)
+        dt = self.step_size / norm
+        safe_d = torch.where(rays_d.abs() < 1e-12, torch.full_like(rays_d, 1e-12), rays_d)
+        t_lo, t_hi = (self.lo - rays_o) / safe_d, (self.hi - rays_o) / safe_d
+        t0 = torch.maximum(torch.minimum(t_lo, t_hi).max(-1, keepdim=True).values, near)
+        t1 = torch.minimum(torch.maximum(t_lo, t_hi).min(-1, keepdim=True).values, far)
+        shift = torch.rand_like(t0) if perturb else torch.full_like(t0, 0.5)
+        M = self.n_steps + 1
+        steps = torch.arange(M, device=rays_o.device, dtype=rays_o.dtype)
+        rays, depths, deltas = [], [], []
+        block = max(1, MARCH_CANDIDATES // M)
+        for start in range(0, rays_o.shape[0], block):
+            sl = slice(start, start + block)
+            t = t0[sl] + (steps + shift[sl]) * dt[sl]                                    # (n, M)
+            cells = cell_index(rays_o[sl, None] + rays_d[sl, None] * t[..., None], self.lo, self.hi,
+                               self.resolution)
+            occupied = self.binary[cells] & (t < t1[sl])
+            optical = torch.where(occupied, self.opaque[cells], torch.zeros_like(t)) * self.step_size
+            before = torch.cumsum(optical, -1) - optical
+            keep = occupied & (before < (-math.log(self.termination) if self.termination > 0 else math.inf))
+            stride = torch.ones_like(t[:, 0], dtype=torch.long)
+            if max_per_ray is not None:
+                rank = torch.cumsum(keep, -1) - 1
+                stride = (keep.sum(-1) + max_per_ray - 1).div(max_per_ray, rounding_mode="floor").clamp(min=1)
+                keep = keep & (rank % stride[:, None] == 0)
+            ray, k = keep.nonzero(as_tuple=True)
+            rays.append(ray + start)
+            depths.append(t[ray, k])
+            deltas.append(stride[ray].to(t.dtype) * self.step_size)
+        return torch.cat(rays), torch.cat(depths), torch.cat(deltas)
+
+    def render_rays(self, ray_batch: torch.Tensor, network_fn: Callable, network_query_fn: Callable,
+                    N_samples: int = 0, perturb: float = 0.0, network_fine: Optional[Callable] = None,
+                    white_bkgd: bool = False, raw_noise_std: float = 0.0, median_depth: bool = False,
+                    density_activation: str = "relu", **default_only) -> dict:
+        """`rendering.render_rays`' outputs for a ray batch (N, 8 or 11):
+        rgb_map (N, 3), disp_map (N,), acc_map (N,) (and t_median (N,) with
+        `median_depth`), from the marched samples through one network (the
+        fine one when there is one), at most N_samples + N_importance a ray
+        (the default's count). Before the grid is built: the default
+        `render_rays`, with every keyword."""
+        if not self.ready:
+            return rendering.render_rays(ray_batch, network_fn, network_query_fn, N_samples, perturb=perturb,
+                                         network_fine=network_fine, white_bkgd=white_bkgd,
+                                         raw_noise_std=raw_noise_std, median_depth=median_depth,
+                                         density_activation=density_activation, **default_only)
+        rays_o, rays_d = ray_batch[:, 0:3], ray_batch[:, 3:6]
+        viewdirs = ray_batch[:, -3:] if ray_batch.shape[-1] > 8 else None
+        budget = N_samples + default_only.get("N_importance", 0)      # the default sampler's queries per ray
+        ray, t, delta = self.march(rays_o, rays_d, ray_batch[:, 6:7], ray_batch[:, 7:8], perturb > 0, budget)
+        pts = rays_o[ray] + rays_d[ray] * t[:, None]
+        network = network_fn if network_fine is None else network_fine
+        raw = network_query_fn(pts[:, None], None if viewdirs is None else viewdirs[ray], network)[:, 0]
+        return rendering.composite_packed(raw, t, delta, ray, ray_batch.shape[0], raw_noise_std, white_bkgd,
+                                          density_activation, median_depth)
+
+    # --- checkpoints ------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"resolution": self.resolution, "lo": self.lo.cpu(), "hi": self.hi.cpu(), "ready": self.ready,
+                "density": self.density.cpu(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict, where) -> bool:
+        """Takes a checkpoint's grid when it has this grid's resolution and box;
+        returns whether it did."""
+        if (state.get("resolution") != self.resolution or not torch.allclose(state["lo"].to(self.lo), self.lo)
+                or not torch.allclose(state["hi"].to(self.hi), self.hi)):
+            log.info("%s: its occupancy grid has another resolution or box; building a new one", where)
+            return False
+        self.density = state["density"].to(self.density)
+        try:
+            self.generator.set_state(state["generator"])
+        except (RuntimeError, TypeError):
+            log.info("%s: its occupancy grid's generator is another device's; the grid's draws start afresh", where)
+        self.ready = bool(state["ready"])
+        self.refresh_binary()
+        return True
+
+
+def network_density(render_kwargs: dict) -> Callable:
+    """The density (K,) (after the density activation) of the network the
+    sampler marches with (the fine one when there is one) at points (K, 3)."""
+    query = render_kwargs["network_query_fn"]
+    network = render_kwargs.get("network_fine") or render_kwargs["network_fn"]
+    activation = render_kwargs.get("density_activation", "relu")
+    use_viewdirs = render_kwargs.get("use_viewdirs", False)
+    density_only = rendering.accepts_density_only(query)
+
+    def density_fn(pts: torch.Tensor) -> torch.Tensor:
+        dirs = None
+        if use_viewdirs:                     # any direction: a NeRF's density does not depend on it
+            dirs = torch.zeros_like(pts)
+            dirs[:, 2] = 1.0
+        if density_only:
+            sigma = query(pts[:, None], dirs, network, density_only=True)[:, 0, 0]
+        else:
+            sigma = query(pts[:, None], dirs, network)[:, 0, 3]
+        return rendering.density(sigma, activation)
+
+    return density_fn
+
+
+def parse_box(text: str) -> Tuple[float, ...]:
+    """`--occupancy_box "x0 y0 z0 x1 y1 z1"` (commas allowed) as six numbers with lo < hi."""
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        values = ()
+    if len(values) != 6 or not all(math.isfinite(v) for v in values) or \
+            not all(a < b for a, b in zip(values[:3], values[3:])):
+        raise DataError("--occupancy_box", f"expected six numbers 'x0 y0 z0 x1 y1 z1' with x0 < x1, y0 < y1, "
+                                           f"z0 < z1, got '{text}'")
+    return values
+
+
+def grid_for_scene(args, scene, ndc: bool, device: torch.device) -> OccupancyGrid:
+    """The run's grid: over the NDC cube [-1, 1]^3 for forward-facing scenes
+    (every cell visible: the cube is the reference camera's frustum), else
+    over `--occupancy_box` or `scene_box`, the cells no training camera sees
+    left empty. Says which box it uses."""
+    R = args.occupancy_resolution
+    poses = torch.as_tensor(np.asarray(scene.poses)[scene.i_train, :3, :4], dtype=torch.float32, device=device)
+    if ndc:
+        lo, hi = -torch.ones(3, device=device), torch.ones(3, device=device)
+        how = "the NDC cube"
+    elif args.occupancy_box is not None:
+        box = torch.tensor(parse_box(args.occupancy_box), device=device)
+        lo, hi = box[:3], box[3:]
+        how = "--occupancy_box"
+    else:
+        lo, hi = scene_box(poses, scene.K, scene.H, scene.W, float(scene.near), float(scene.far))
+        how = "what half of the training cameras see between near and far"
+    if ndc:
+        visible = torch.ones(R ** 3, dtype=torch.bool, device=device)
+    else:
+        visible = visible_cells(lo, hi, R, poses, scene.K, scene.H, scene.W, float(scene.near), float(scene.far))
+    log.info("occupancy grid: %d^3 cells over [%s] x [%s] (%s), %d marching steps across its diagonal",
+             R, ", ".join(f"{v:.3g}" for v in lo.tolist()), ", ".join(f"{v:.3g}" for v in hi.tolist()), how,
+             args.occupancy_steps)
+    return OccupancyGrid(lo, hi, R, visible, args.occupancy_steps, args.seed, args.occupancy_cells,
+                         args.occupancy_warmup, args.occupancy_interval)
+
+
+def attach(args, scene, render_kwargs_train: dict, render_kwargs_test: dict, ckpt: Optional[dict], ckpt_path,
+           device: torch.device, rendering_only: Optional[bool] = None) -> None:
+    """With `--sampler occupancy`: the run's grid in both render kwargs
+    (`occupancy`), resumed from the checkpoint's grid, or (a network trained
+    without one, rendered: `rendering_only`, by default --render_only) built
+    from the network now. With the default
+    sampler, renders of a network trained with the occupancy sampler take
+    its fine network for the coarse pass too (the coarse one stopped
+    learning after the warm-up)."""
+    trained_with = (ckpt or {}).get("sampler", "hierarchical")
+    if args.sampler != "occupancy":
+        if trained_with == "occupancy" and render_kwargs_test.get("network_fine") is not None:
+            render_kwargs_test["network_fn"] = render_kwargs_test["network_fine"]
+        return
+    grid = grid_for_scene(args, scene, render_kwargs_train.get("ndc", True), device)
+    if ckpt is not None and ckpt.get(CHECKPOINT_KEY) is not None:
+        grid.load_state_dict(ckpt[CHECKPOINT_KEY], ckpt_path)
+    if (args.render_only if rendering_only is None else rendering_only) and not grid.ready:
+        grid.build(network_density(render_kwargs_test))
+    render_kwargs_train["occupancy"] = grid
+    render_kwargs_test["occupancy"] = grid
+
+
+def before_step(render_kwargs: dict, step: int) -> None:
+    """Grid upkeep before training step `step` (`OccupancyGrid.training_step`); nothing without a grid."""
+    grid = render_kwargs.get("occupancy")
+    if grid is not None:
+        grid.training_step(step, network_density(render_kwargs))
+
+
+def restart(render_kwargs: dict) -> None:
+    """The collapse guard drew new networks: the grid forgets the old ones' densities."""
+    grid = render_kwargs.get("occupancy")
+    if grid is not None:
+        grid.restart()
+
+
+def checkpoint_entries(args, render_kwargs: dict) -> dict:
+    """The checkpoint's `sampler` (what it was trained with) and, with the
+    occupancy sampler, its grid and the grid's generator state."""
+    grid = render_kwargs.get("occupancy")
+    return {"sampler": args.sampler, **({CHECKPOINT_KEY: grid.state_dict()} if grid is not None else {})}

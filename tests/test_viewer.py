@@ -569,13 +569,13 @@ def test_preview_while_moving_then_sharper_up_to_the_browsers_own_cap(live_viewe
 
 
 @needs_viser
-def test_training_takes_the_largest_share_any_browser_asks_for_and_each_browser_has_its_progress(idle_viewer):
+def test_training_takes_the_largest_share_any_browser_asks_for_and_each_browser_has_its_progress(training_viewer):
     """The share of time left to training is the largest any connected browser
     asks for (one browser cannot take training time the others have not given);
     at 1 nothing is rendered. Each browser's panel shows its own picture's size."""
     from nerf import viewer
 
-    live = idle_viewer
+    live = training_viewer
     assert live.training_share() == viewer.DEFAULT_TRAINING_SHARE          # no browser
     a, b = FakeBrowser(live, 21, height=12, width=16), FakeBrowser(live, 22, height=24, width=32)
     time.sleep(viewer.REST_SECONDS)
@@ -660,23 +660,6 @@ def test_a_render_only_run_never_checks_the_viewers_port():
 
 # --- the browser as an untrusted client (issue 27, items 1, 2, 3, 5) ---
 
-@pytest.fixture()
-def idle_viewer(trained_demo):
-    """A Viewer of the trained demo with no rendering thread: the tests render with `work`."""
-    import run_nerf
-    from nerf import flags, viewer
-    from nerf.datasets import load_scene
-
-    demo_dir, basedir = trained_demo
-    args = flags.parse_args(run_nerf.config_parser(), demo_args(demo_dir, basedir))
-    scene = load_scene(args)
-    _, render_kwargs, _, _, _ = run_nerf.create_nerf(args)
-    render_kwargs.update(near=scene.near, far=scene.far)
-    live = viewer.Viewer(scene, render_kwargs, flags.choose_device(None), basedir / "demo", port=free_port(),
-                         training=True)
-    yield live
-    live.stop()
-
 
 class FakeBrowser:
     """A browser as viser's server sees one: a connection whose messages go
@@ -734,7 +717,7 @@ def viewer_warnings(caplog) -> list:
 
 
 @needs_viser
-def test_a_browsers_share_request_publishes_nothing(idle_viewer, monkeypatch, caplog):
+def test_a_browsers_share_request_publishes_nothing(training_viewer, monkeypatch, caplog):
     """viser would open a public tunnel (share.viser.studio) for any browser's
     ShareUrlRequest: the viewer hides the button and refuses the request."""
     import viser._viser
@@ -750,7 +733,7 @@ def test_a_browsers_share_request_publishes_nothing(idle_viewer, monkeypatch, ca
             return lambda *args, **kwargs: "failed"
 
     monkeypatch.setattr(viser._viser, "ViserTunnel", RecordingTunnel)
-    browser = FakeBrowser(idle_viewer, 5)
+    browser = FakeBrowser(training_viewer, 5)
     caplog.clear()
     for message in (_messages.ShareUrlRequest(), _messages.ShareUrlRequest(), _messages.ShareUrlDisconnect()):
         browser.send(message)
@@ -758,7 +741,7 @@ def test_a_browsers_share_request_publishes_nothing(idle_viewer, monkeypatch, ca
     assert tunnels == []
     refusals = viewer_warnings(caplog)
     assert len(refusals) == 3 and all("share" in line and "refused" in line for line in refusals), refusals
-    themes = [m for m in idle_viewer.server._websock_server._broadcast_buffer.message_from_id.values()
+    themes = [m for m in training_viewer.server._websock_server._broadcast_buffer.message_from_id.values()
               if isinstance(m, _messages.ThemeConfigurationMessage)]
     assert themes and not themes[-1].show_share_button
 
@@ -812,13 +795,13 @@ def test_clamp_camera_sweep():
 
 
 @needs_viser
-def test_bad_values_from_a_browser_are_one_line_each_and_the_viewer_keeps_serving(idle_viewer, caplog):
+def test_bad_values_from_a_browser_are_one_line_each_and_the_viewer_keeps_serving(training_viewer, caplog):
     """A sweep of bad camera and panel values sent as a browser sends them:
     each is one warning, the stored camera and settings stay usable, and the
     viewer goes on rendering finite pictures no larger than the resolution cap."""
     from nerf import viewer
 
-    live = idle_viewer
+    live = training_viewer
     browser = FakeBrowser(live, 3)
     browser.set("Max resolution", 32)
     pictures = []
@@ -890,10 +873,10 @@ def call_handler(browser, result) -> None:
 
 
 @needs_viser
-def test_a_camera_message_after_its_browser_left_is_dropped(idle_viewer):
+def test_a_camera_message_after_its_browser_left_is_dropped(training_viewer):
     """The disconnect handled before a late camera message of the same browser:
     the viewer keeps no camera for it, so training gives it no time."""
-    live = idle_viewer
+    live = training_viewer
     browser = FakeBrowser(live, 4)
     camera = browser.client.camera
     assert 4 in live.cameras
@@ -913,13 +896,13 @@ def test_a_camera_message_after_its_browser_left_is_dropped(idle_viewer):
 
 @needs_viser
 @pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1)])
-def test_an_older_camera_message_never_overwrites_a_newer_one(idle_viewer, order):
+def test_an_older_camera_message_never_overwrites_a_newer_one(training_viewer, order):
     """Camera messages handled in any order (as a thread pool may): the newest
     pose (by viser's time stamp) is the one kept."""
     from types import SimpleNamespace
     from nerf import viewer
 
-    live = idle_viewer
+    live = training_viewer
     browser = FakeBrowser(live, 6)
     stamp = time.time() + 10
     poses = [tuple(live.home + [0.0, 0.0, 0.1 * (k + 1)]) for k in range(3)]
@@ -932,19 +915,19 @@ def test_an_older_camera_message_never_overwrites_a_newer_one(idle_viewer, order
 
 
 @needs_viser
-def test_the_first_camera_message_is_taken(idle_viewer):
+def test_the_first_camera_message_is_taken(training_viewer):
     """viser counts a browser connected from its first camera message; that
     message is the viewer's first camera for it, taken before viser has
     finished handling it (no thread pool in between)."""
-    live = idle_viewer
+    live = training_viewer
     FakeBrowser(live, 8, fov=0.7, height=30, width=40)
     camera = live.cameras[8]
     assert (camera.fov, camera.height, camera.width, camera.version) == (0.7, 30, 40, 1)
 
 
 @needs_viser
-def test_each_browser_has_its_own_panel_and_keyframes_and_a_new_one_starts_fresh(idle_viewer):
-    live = idle_viewer
+def test_each_browser_has_its_own_panel_and_keyframes_and_a_new_one_starts_fresh(training_viewer):
+    live = training_viewer
     a, b = FakeBrowser(live, 11), FakeBrowser(live, 12)
     a.set("Max resolution", 64)
     a.set("Output", "depth")
@@ -976,10 +959,10 @@ def test_each_browser_has_its_own_panel_and_keyframes_and_a_new_one_starts_fresh
 
 
 @needs_viser
-def test_a_failed_picture_during_training_is_one_line_and_the_viewer_goes_on(idle_viewer, caplog):
+def test_a_failed_picture_during_training_is_one_line_and_the_viewer_goes_on(training_viewer, caplog):
     """A render that raises (once) while training: one warning, and the next
     camera move is rendered again (the viewer is not switched off for the run)."""
-    live = idle_viewer
+    live = training_viewer
     browser = FakeBrowser(live, 9, height=12, width=16)
     real_render, failures = live._render_rays, []
 

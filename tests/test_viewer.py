@@ -75,19 +75,26 @@ def browser():
         chromium.close()
 
 
+def start_view_py(demo_dir, basedir, port: int):
+    """A view.py process serving the trained demo on `port`, and its output lines up to and including the
+    "Viewing ..." line (or up to its end, if it stopped before)."""
+    server = subprocess.Popen([sys.executable, str(ROOT / "view.py"), *demo_args(demo_dir, basedir),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    lines = [server.stdout.readline()]
+    while lines[-1] and not lines[-1].startswith("Viewing"):
+        lines.append(server.stdout.readline())
+    return server, lines
+
+
 @pytest.mark.slow
 @needs_viser
 @needs_browser
 def test_view_py_shows_the_demo_solids_in_chromium(trained_demo, browser, tmp_path):
     demo_dir, basedir = trained_demo
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "view.py"), *demo_args(demo_dir, basedir),
-                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+    server, lines = start_view_py(demo_dir, basedir, port)
     try:
-        lines = [server.stdout.readline()]
-        while lines[-1] and not lines[-1].startswith("Viewing"):
-            lines.append(server.stdout.readline())
         assert f"127.0.0.1:{port}" in lines[-1] and "000300.tar" in lines[-1], lines
         browser.goto(f"http://127.0.0.1:{port}")
         blank = solid_fractions(browser.screenshot())
@@ -109,13 +116,8 @@ def test_view_py_prints_its_device_first_and_no_viser_banner(trained_demo):
     never reach the output, up to the exit after Ctrl-C."""
     demo_dir, basedir = trained_demo
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "view.py"), *demo_args(demo_dir, basedir),
-                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+    server, lines = start_view_py(demo_dir, basedir, port)
     try:
-        lines = [server.stdout.readline()]
-        while lines[-1] and not lines[-1].startswith("Viewing"):
-            lines.append(server.stdout.readline())
         server.send_signal(signal.SIGINT)
         rest, _ = server.communicate(timeout=60)
     finally:

@@ -125,7 +125,7 @@ def config_parser() -> configargparse.ArgumentParser:
                         help='relu (the original) or softplus: log(1 + exp(sigma - 1)), as mip-NeRF')
     parser.add_argument("--sampler", type=str, default='hierarchical', choices=['hierarchical', 'occupancy'],
                         help='hierarchical: the paper\'s coarse-to-fine samples (the original); occupancy: march '
-                             'through an occupancy grid with early termination (nerf/occupancy.py, faster)')
+                             'through an occupancy grid with early termination (nerf/occupancy.py; fewer network queries)')
     parser.add_argument("--occupancy_resolution", type=int, default=128, help='occupancy grid cells per axis')
     parser.add_argument("--occupancy_steps", type=int, default=1024,
                         help='occupancy sampler: marching steps across the grid\'s diagonal')

@@ -23,7 +23,6 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nerf import rendering
 from nerf.errors import DataError
@@ -48,10 +47,32 @@ def cell_centres(lo: torch.Tensor, hi: torch.Tensor, resolution: int, cells: Opt
     return lo + (ijk.to(lo.dtype) + offset) * (hi - lo) / resolution
 
 
-def cell_index(pts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, resolution: int) -> torch.Tensor:
-    """The flat cell (...) holding each point (..., 3); points outside are clamped to the border cells."""
-    ijk = ((pts - lo) / (hi - lo) * resolution).floor().long().clamp(0, resolution - 1)
-    return (ijk[..., 0] * resolution + ijk[..., 1]) * resolution + ijk[..., 2]
+def ray_cells(origins: torch.Tensor, directions: torch.Tensor, t: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The flat cells (n, M) holding the points origins + t directions of n
+    rays at depths t (n, M), origins and directions (n, 3) given in cell
+    units (the box's lo at 0, its hi at `resolution`); points outside the
+    box are clamped to the border cells. One axis at a time in int32: no
+    (n, M, 3) tensor."""
+    flat = torch.zeros_like(t, dtype=torch.int32)
+    for axis in range(3):
+        ijk = torch.addcmul(origins[:, axis:axis + 1], directions[:, axis:axis + 1], t)
+        flat.mul_(resolution).add_(ijk.to(torch.int32).clamp_(0, resolution - 1))   # toward zero = floor from 0 up
+    return flat.long()
+
+
+def neighbourhood_max(values: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The largest of each cell's value and its 26 neighbours' (the 3x3x3
+    window, cut at the border) for values (C,) on the `resolution`^3 grid:
+    three passes of three cells, one along each axis (F.max_pool3d's
+    result, at a few times less work on the CPU)."""
+    v = values.reshape((resolution,) * 3)
+    n = resolution - 1
+    for axis in range(3):
+        out = v.clone()
+        out.narrow(axis, 1, n).copy_(torch.maximum(out.narrow(axis, 1, n), v.narrow(axis, 0, n)))
+        out.narrow(axis, 0, n).copy_(torch.maximum(out.narrow(axis, 0, n), v.narrow(axis, 1, n)))
+        v = out
+    return v.reshape(-1)
 
 
 def seen_by_cameras(pts: torch.Tensor, poses: torch.Tensor, K: np.ndarray, H: int, W: int, near: float,
@@ -150,20 +171,34 @@ class OccupancyGrid:
         self.generator.manual_seed(seed)
         self.termination = TERMINATION
         self.ready = False
-        self.binary = visible.clone()
-        self.opaque = torch.zeros_like(self.density)
+        cell = float((hi - lo).min()) / resolution
+        self.segment_steps = max(1, int(2 * cell / self.step_size))        # a segment spans at most two cells
+        self.coarse_reach = int(self.segment_steps * self.step_size / 2 / cell) + 1
+        self.set_binary(visible.clone(), torch.zeros_like(self.density))
 
     # --- the grid ---------------------------------------------------------
+
+    def set_binary(self, binary: torch.Tensor, opaque: torch.Tensor) -> None:
+        """`binary` and `opaque` (C,), and what marching reads of them:
+        `march_table` (C,), opaque where occupied and -1 where empty (one
+        lookup a step), and `coarse` (C,), binary widened by `coarse_reach`
+        cells each way, so that every point within half a segment
+        (segment_steps steps) of a point in a cell lies in a cell it holds."""
+        self.binary, self.opaque = binary, opaque
+        self.march_table = torch.where(binary, opaque, torch.full_like(opaque, -1.0))
+        widened = binary.to(torch.uint8)
+        for _ in range(self.coarse_reach):
+            widened = neighbourhood_max(widened, self.resolution)
+        self.coarse = widened > 0
 
     def refresh_binary(self) -> None:
         """`binary` and `opaque` from `density` (device operations only)."""
         known = torch.where(self.visible, self.density, torch.zeros_like(self.density))
         mean = known.sum() / self.visible.sum().clamp(min=1)
-        above = (self.density > torch.clamp(mean, max=self.threshold)).float().reshape(1, 1, *(self.resolution,) * 3)
-        occupied = self.visible & (F.max_pool3d(above, 3, stride=1, padding=1).reshape(-1) > 0)
-        self.binary = torch.where(occupied.any(), occupied, self.visible)
+        above = (self.density > torch.clamp(mean, max=self.threshold)).to(torch.uint8)
+        occupied = self.visible & (neighbourhood_max(above, self.resolution) > 0)
         known = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
-        self.opaque = -F.max_pool3d(-known.reshape(1, 1, *(self.resolution,) * 3), 3, stride=1, padding=1).reshape(-1)
+        self.set_binary(torch.where(occupied.any(), occupied, self.visible), -neighbourhood_max(-known, self.resolution))
 
     def evaluate(self, density_fn: Callable, cells: torch.Tensor) -> None:
         """Re-estimates `cells` (K,): the network's density at one jittered point
@@ -208,7 +243,7 @@ class OccupancyGrid:
         """Forgets what the grid learnt (the networks were drawn afresh): warm-up again from now."""
         self.density = torch.where(self.visible, torch.full_like(self.density, math.inf),
                                    torch.zeros_like(self.density))
-        self.binary = self.visible.clone()
+        self.set_binary(self.visible.clone(), torch.zeros_like(self.density))
         self.ready = False
 
     # --- marching ---------------------------------------------------------
@@ -220,16 +255,25 @@ class OccupancyGrid:
         inside the box: ray index (P,), depth t (P,), sorted by ray then t,
         and the length delta (P,) (world units) each sample stands for.
 
-        Steps of `step_size` / |d| in t from where the ray enters, at the
-        steps' middles (jittered by one uniform draw per ray with
-        `perturb`); a sample is kept when its cell is occupied and the
-        transmittance that `opaque` gives up to it is at least
-        `termination` (TERMINATION; 0 marches on to the end). With
-        `max_per_ray`, a ray with n > max_per_ray such samples keeps every
-        s-th, s = ceil(n / max_per_ray), each standing for s steps: a grid
-        that has not yet learnt where the scene is empty marches coarsely,
-        at no more samples than that. One host synchronisation (the count) per
-        MARCH_CANDIDATES candidates."""
+        The steps: `n_steps` + 1 of `step_size` / |d| in t from where the
+        ray enters, at the steps' middles (jittered by one uniform draw per
+        ray with `perturb`). A step is kept when its cell is occupied and
+        the transmittance that `opaque` gives up to it is at least
+        `termination` (TERMINATION; 0 marches on to the end).
+
+        Two levels, so that a ray's work follows its budget rather than the
+        steps: the steps in segments of `segment_steps` (k), a segment a
+        candidate when `coarse` is occupied at its middle (which holds every
+        cell its steps lie in). Of the F = k x candidates' steps, `slots`
+        (all with no `max_per_ray`, else 4 max_per_ray) are looked at: all
+        when F <= slots, else every s-th, s = ceil(F / slots), from a
+        random start in [0, s) with `perturb`, each standing for s steps.
+        With `max_per_ray`, a ray that keeps c > max_per_ray of those keeps
+        every s2-th, s2 = ceil(c / max_per_ray), standing in equal shares
+        for the s c steps the c stood for: a grid that has not yet learnt
+        where the scene is empty marches coarsely, at no more samples than
+        that. One host synchronisation (the count) per MARCH_CANDIDATES
+        looked-at steps."""
         norm = rays_d.norm(dim=-1, keepdim=True)
         dt = self.step_size / norm
         safe_d = torch.where(rays_d.abs() < 1e-12, torch.full_like(rays_d, 1e-12), rays_d)
@@ -237,28 +281,48 @@ class OccupancyGrid:
         t0 = torch.maximum(torch.minimum(t_lo, t_hi).max(-1, keepdim=True).values, near)
         t1 = torch.minimum(torch.maximum(t_lo, t_hi).min(-1, keepdim=True).values, far)
         shift = torch.rand_like(t0) if perturb else torch.full_like(t0, 0.5)
-        M = self.n_steps + 1
-        steps = torch.arange(M, device=rays_o.device, dtype=rays_o.dtype)
+        start_draw = torch.rand_like(t0) if perturb else torch.zeros_like(t0)
+        M, k = self.n_steps + 1, self.segment_steps
+        Mc = -(-M // k)
+        slots = Mc * k if max_per_ray is None else min(Mc * k, 4 * max_per_ray)
+        segment_index = torch.arange(Mc, device=rays_o.device)
+        segment = segment_index.to(rays_o.dtype)
+        slot = torch.arange(slots, device=rays_o.device)
+        to_cells = self.resolution / (self.hi - self.lo)
+        origins, directions = (rays_o - self.lo) * to_cells, rays_d * to_cells
+        stop = -math.log(self.termination) if self.termination > 0 else math.inf
         rays, depths, deltas = [], [], []
-        block = max(1, MARCH_CANDIDATES // M)
-        for start in range(0, rays_o.shape[0], block):
-            sl = slice(start, start + block)
-            t = t0[sl] + (steps + shift[sl]) * dt[sl]                                    # (n, M)
-            cells = cell_index(rays_o[sl, None] + rays_d[sl, None] * t[..., None], self.lo, self.hi,
-                               self.resolution)
-            occupied = self.binary[cells] & (t < t1[sl])
-            optical = torch.where(occupied, self.opaque[cells], torch.zeros_like(t)) * self.step_size
-            before = torch.cumsum(optical, -1) - optical
-            keep = occupied & (before < (-math.log(self.termination) if self.termination > 0 else math.inf))
-            stride = torch.ones_like(t[:, 0], dtype=torch.long)
+        block = max(1, MARCH_CANDIDATES // max(slots, Mc))
+        for first in range(0, rays_o.shape[0], block):
+            sl = slice(first, first + block)
+            middles = t0[sl] + (segment + 0.5) * k * dt[sl]                                  # (n, Mc)
+            candidate = (self.coarse[ray_cells(origins[sl], directions[sl], middles, self.resolution)]
+                         & (middles - 0.5 * k * dt[sl] < t1[sl]))
+            ranked = torch.cumsum(candidate, -1)                                             # (n, Mc)
+            F = ranked[:, -1:] * k                                                           # (n, 1)
+            s = (F + slots - 1).div(slots, rounding_mode="floor").clamp(min=1)
+            r = slot * s + (start_draw[sl] * s).long().clamp(max=s - 1)                    # (n, slots)
+            nth = torch.full((ranked.shape[0], Mc + 1), Mc - 1, dtype=torch.long, device=rays_o.device)
+            nth.scatter_(1, torch.where(candidate, ranked - 1, Mc), segment_index.expand_as(ranked))
+            q = r.div(k, rounding_mode="floor")
+            m = nth.gather(1, q.clamp(max=Mc)) * k + r - q * k                              # the step looked at
+            t = t0[sl] + (m + shift[sl]) * dt[sl]
+            v = self.march_table[ray_cells(origins[sl], directions[sl], t, self.resolution)]
+            occupied = (v >= 0) & (r < F) & (m < M) & (t < t1[sl])
+            optical = torch.where(occupied, v, torch.zeros_like(v)).mul_(s * self.step_size)
+            before = torch.cumsum(optical, -1).sub_(optical)
+            keep = occupied & (before < stop)
+            share = s.to(t.dtype)
             if max_per_ray is not None:
-                rank = torch.cumsum(keep, -1) - 1
-                stride = (keep.sum(-1) + max_per_ray - 1).div(max_per_ray, rounding_mode="floor").clamp(min=1)
-                keep = keep & (rank % stride[:, None] == 0)
-            ray, k = keep.nonzero(as_tuple=True)
-            rays.append(ray + start)
-            depths.append(t[ray, k])
-            deltas.append(stride[ray].to(t.dtype) * self.step_size)
+                c = keep.sum(-1, keepdim=True)
+                s2 = (c + max_per_ray - 1).div(max_per_ray, rounding_mode="floor").clamp(min=1)
+                keep = keep & ((torch.cumsum(keep, -1) - 1) % s2 == 0)
+                share = share * c / ((c + s2 - 1).div(s2, rounding_mode="floor")).clamp(min=1)
+            kept = keep.reshape(-1).nonzero().squeeze(1)
+            ray = kept.div(slots, rounding_mode="floor")
+            rays.append(ray + first)
+            depths.append(t.reshape(-1)[kept])
+            deltas.append(share[ray, 0] * self.step_size)
         return torch.cat(rays), torch.cat(depths), torch.cat(deltas)
 
     def render_rays(self, ray_batch: torch.Tensor, network_fn: Callable, network_query_fn: Callable,

@@ -214,8 +214,52 @@ def test_early_termination_keeps_the_picture():
         out = rendering.composite_packed(raw, t, torch.full_like(t, grid.step_size), ray, len(o))
         colours[termination] = (out["rgb_map"], out["acc_map"], len(t))
     (rgb_all, acc_all, n_all), (rgb, acc, n) = colours[0.0], colours[occupancy.TERMINATION]
+    # With a budget, a ray within it is marched exactly as with no budget (the two-level march looks at
+    # every step of its candidate segments: the ball and its margins span under 4 x 64 steps).
+    ray_b, t_b, delta_b = grid.march(o, d, near, far, perturb=False, max_per_ray=64)
+    ray, t, delta = grid.march(o, d, near, far, perturb=False)
+    within = torch.bincount(ray, minlength=len(o)) <= 64
+    assert within.sum() > 150 and (torch.bincount(ray_b, minlength=len(o)) <= 64).all()
+    assert torch.equal(t_b[within[ray_b]], t[within[ray]]) and torch.equal(delta_b[within[ray_b]], delta[within[ray]])
     assert (acc_all > 0.99).sum() > 20 and n < 0.75 * n_all      # measured: 0.61
     assert (rgb - rgb_all).abs().max() < 1e-5 and (acc - acc_all).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("resolution", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("seed", range(2))
+def test_neighbourhood_max_is_the_3x3x3_window_cut_at_the_border(resolution, seed):
+    """Against a direct float64 loop over each cell's window, on values with
+    ties, negatives and -inf (the erosion of `opaque` passes negated densities)."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(-3, 4, (resolution ** 3,), generator=g).float()
+    values[torch.rand(resolution ** 3, generator=g) < 0.1] = -math.inf
+    got = occupancy.neighbourhood_max(values, resolution).reshape((resolution,) * 3)
+    v = values.double().reshape((resolution,) * 3)
+    for i, j, k in np.ndindex(*(resolution,) * 3):
+        window = v[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, max(k - 1, 0):k + 2]
+        assert got[i, j, k].item() == window.max().item()
+    assert occupancy.neighbourhood_max(values.to(torch.uint8).clamp(0, 1), resolution).dtype == torch.uint8
+
+
+@pytest.mark.parametrize("resolution", [1, 5, 128])
+def test_ray_cells_are_the_cells_of_the_points_in_float64(resolution):
+    """Each marched point's cell, from floor((p - lo) / (hi - lo) R) in float64,
+    clamped to the box: equal except for points within 1e-4 of a cell's face
+    (float32 puts those either side; measured: none of 40000 here)."""
+    g = torch.Generator().manual_seed(resolution)
+    lo, hi = torch.tensor([-1.5, -0.5, 2.0]), torch.tensor([1.0, 2.5, 3.0])
+    o = torch.rand(200, 3, generator=g) * 6 - 3
+    d = torch.randn(200, 3, generator=g)
+    t = torch.rand(200, 200, generator=g) * 4
+    scale = resolution / (hi - lo)
+    cells = occupancy.ray_cells((o - lo) * scale, d * scale, t, resolution)
+    pts = o.double()[:, None] + d.double()[:, None] * t.double()[..., None]
+    u = (pts - lo.double()) / (hi - lo).double() * resolution
+    ijk = u.floor().long().clamp(0, resolution - 1)
+    expected = (ijk[..., 0] * resolution + ijk[..., 1]) * resolution + ijk[..., 2]
+    near_face = ((u - u.round()).abs() < 1e-4).any(-1)
+    assert near_face.float().mean() < 0.01
+    assert torch.equal(cells[~near_face], expected[~near_face])
 
 
 def test_grid_updates_are_deterministic_for_a_seed():
@@ -294,23 +338,34 @@ def test_a_network_trained_with_either_sampler_renders_with_either(demo_dir, tmp
         assert abs(psnrs["hierarchical"] - psnrs["occupancy"]) < 1.0, (trained, psnrs)
 
 
-def test_a_ray_never_takes_more_samples_than_its_budget():
+@pytest.mark.parametrize("perturb", [False, True])
+def test_a_ray_never_takes_more_samples_than_its_budget(perturb):
     """A grid that has learnt nothing (every cell occupied, nothing opaque): a
-    ray with n > budget samples keeps every s-th, s = ceil(n / budget), each
-    standing for s steps; the lengths still add up to the ray's marched span."""
+    ray with n > budget steps keeps at most `budget` of them, evenly spaced
+    (every s-th step, each standing for s steps), so that the lengths they
+    stand for add up to the ray's marched span n step_size, up to two
+    strides; with no budget every step is kept."""
     grid = cube_grid(8, n_steps=128)
     grid.ready = True
     o, d, near, far = rays_at_the_box(3, n=50)
-    ray_all, t_all, _ = grid.march(o, d, near, far, perturb=False)
+    torch.manual_seed(0)
+    ray_all, t_all, delta_all = grid.march(o, d, near, far, perturb=False)
     counts_all = torch.zeros(50, dtype=torch.long).index_add_(0, ray_all, torch.ones_like(ray_all))
-    for budget in (1, 5, 40):
-        ray, t, delta = grid.march(o, d, near, far, perturb=False, max_per_ray=budget)
+    assert (counts_all > 40).sum() > 20 and torch.all(delta_all == grid.step_size)
+    dt = grid.step_size / d.norm(dim=-1)
+    for budget in (1, 5, 40, 500):
+        ray, t, delta = grid.march(o, d, near, far, perturb=perturb, max_per_ray=budget)
         counts = torch.zeros(50, dtype=torch.long).index_add_(0, ray, torch.ones_like(ray))
         assert (counts <= budget).all() and torch.equal(counts > 0, counts_all > 0)
-        stride = -(-counts_all // budget)
-        kept = torch.cat([t_all[ray_all == r][::int(stride[r])] for r in range(50) if counts_all[r] > 0])
-        assert torch.equal(t, kept)
-        assert torch.allclose(delta, stride[ray].float() * grid.step_size)
+        for r in torch.nonzero(counts_all).flatten().tolist():
+            share, steps = delta[ray == r] / grid.step_size, (t[ray == r] - t_all[ray_all == r][0]) / dt[r]
+            assert torch.allclose(share, share[0]) and share[0] >= 1
+            if len(steps) > 1:              # evenly spaced, whole steps apart (+ the jitter), the span covered
+                spacing = steps[1] - steps[0]
+                assert torch.allclose(steps.diff(), spacing, atol=1e-3) and abs(spacing - spacing.round()) < 1e-3
+                assert abs(float(share.sum()) - counts_all[r]) < spacing + 1e-3, (budget, r)
+            if budget >= 4 * counts_all[r] and not perturb:
+                assert torch.equal(t[ray == r], t_all[ray_all == r])
 
 
 def test_a_grid_that_emptied_falls_back_to_every_visible_cell():

@@ -1,14 +1,18 @@
-"""Held-out PSNR against training wall time for both samplers, one after the
-other in one process (ratios from the same run), then a test view rendered
-with both samplers from the same (hierarchically trained) networks.
+"""Held-out PSNR against training time for both samplers, trained in
+alternating rounds in one process (so that a change in the machine's load
+hits both alike; each round resumes the run exactly where the last stopped),
+then a test view rendered with both samplers from the same networks
+(trained with the default).
 
-    python benchmarks/samplers.py --datadir ../shared/data/nerf_synthetic/lego --steps 600 --every 200
+    python benchmarks/samplers.py --datadir ../shared/data/nerf_synthetic/lego --steps 3000 --every 500
     python benchmarks/samplers.py ... -- --occupancy_warmup 100      # after --: run_nerf flags for both
 
-Training time excludes the test renders (timed apart). Writes
-`<out>/samplers.json` ({sampler: [[step, train seconds, psnr], ...],
+Training time is the time spent in the training steps and (occupancy) the
+grid's upkeep before them: not the loading, checkpoints or test renders.
+Writes `<out>/samplers.json` ({sampler: [[step, train seconds, psnr], ...],
 "render": {sampler: seconds per view}, "queries": {sampler: network queries
-per ray}}) and, with --plot, a PNG of PSNR against time drawn with NumPy.
+per ray}, "upkeep": {sampler: share of training time in the grid's upkeep}})
+and, with --plot, a PNG of PSNR against time drawn with NumPy.
 The lego small configuration: configs/lego.txt with 4x64 networks, 512 rays,
 32 + 32 samples, half resolution, testskip 40.
 """
@@ -25,52 +29,61 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import run_nerf  # noqa: E402
-from nerf import rendering  # noqa: E402
+from nerf import occupancy, rendering  # noqa: E402
 
 SMALL = ["--netdepth", "4", "--netdepth_fine", "4", "--netwidth", "64", "--netwidth_fine", "64", "--N_rand", "512",
          "--N_samples", "32", "--N_importance", "32", "--testskip", "40"]
 
 
 class Timings:
-    """Patches run_nerf so that test renders are timed apart from training,
-    their mean PSNR recorded, and the points sent to the networks counted."""
+    """Patches run_nerf so that training steps and the occupancy grid's
+    upkeep are timed, test renders timed apart, their mean PSNR recorded,
+    and the points sent to the networks with gradients counted. Carries on
+    over rounds: enter it again for the next round of the same run."""
 
     def __init__(self):
-        self.points = self.rays = 0
-        self.render_seconds = 0.0
+        self.points = 0
+        self.train_seconds = self.upkeep_seconds = self.render_seconds = 0.0
         self.curve = []
-        self.start = None
 
     def __enter__(self):
-        self._score, self._render, self._query = run_nerf.score_test_views, run_nerf.render_frames, \
-            rendering.NetworkQuery.__call__
+        self._patched = {(run_nerf, "score_test_views"): run_nerf.score_test_views,
+                         (run_nerf, "render_frames"): run_nerf.render_frames,
+                         (run_nerf, "train_step"): run_nerf.train_step,
+                         (occupancy, "before_step"): occupancy.before_step,
+                         (rendering.NetworkQuery, "__call__"): rendering.NetworkQuery.__call__}
         timings = self
 
-        def render_frames(run, poses, *args, **kwargs):
-            t = time.perf_counter()
-            out = timings._render(run, poses, *args, **kwargs)
-            timings.render_seconds += time.perf_counter() - t
-            return out
+        def timed(fn, field):
+            def call(*args, **kwargs):
+                t = time.perf_counter()
+                out = fn(*args, **kwargs)
+                setattr(timings, field, getattr(timings, field) + time.perf_counter() - t)
+                return out
+            return call
 
         def score(run, rgbs, step):
-            result = timings._score(run, rgbs, step)
-            timings.curve.append([step, time.perf_counter() - timings.start - timings.render_seconds,
-                                  result["mean"]["psnr"]])
+            result = self._patched[(run_nerf, "score_test_views")](run, rgbs, step)
+            timings.curve.append([step, timings.train_seconds + timings.upkeep_seconds, result["mean"]["psnr"]])
             return result
 
-        def query(self, inputs, viewdirs, network_fn, density_only=False):
+        query = self._patched[(rendering.NetworkQuery, "__call__")]
+
+        def counted_query(network_query, inputs, viewdirs, network_fn, density_only=False):
             if torch.is_grad_enabled():
                 timings.points += inputs.shape[0] * inputs.shape[1]
-            return timings._query(self, inputs, viewdirs, network_fn, density_only)
+            return query(network_query, inputs, viewdirs, network_fn, density_only)
 
-        run_nerf.score_test_views, run_nerf.render_frames = score, render_frames
-        rendering.NetworkQuery.__call__ = query
-        self.start = time.perf_counter()
+        run_nerf.score_test_views = score
+        run_nerf.render_frames = timed(run_nerf.render_frames, "render_seconds")
+        run_nerf.train_step = timed(run_nerf.train_step, "train_seconds")
+        occupancy.before_step = timed(occupancy.before_step, "upkeep_seconds")
+        rendering.NetworkQuery.__call__ = counted_query
         return self
 
     def __exit__(self, *exc):
-        run_nerf.score_test_views, run_nerf.render_frames = self._score, self._render
-        rendering.NetworkQuery.__call__ = self._query
+        for (owner, name), fn in self._patched.items():
+            setattr(owner, name, fn)
 
 
 def main() -> None:
@@ -79,28 +92,38 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "lego.txt"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--every", type=int, default=500, help="steps between test-set scores")
+    parser.add_argument("--round", type=int, default=500, help="steps a sampler trains before the other's turn")
     parser.add_argument("--out", default="/tmp/nerf_samplers")
     parser.add_argument("--plot", default=None, help="PNG of PSNR against training seconds")
     parser.add_argument("extra", nargs="*", help="run_nerf flags for both runs (after --)")
     args = parser.parse_args()
     out = Path(args.out)
-    result = {"steps": args.steps, "extra": args.extra, "render": {}, "queries": {}}
+    result = {"steps": args.steps, "extra": args.extra, "render": {}, "queries": {}, "upkeep": {}}
     common = ["--config", args.config, "--datadir", args.datadir, "--basedir", str(out), *SMALL,
-              "--N_iters", str(args.steps), "--i_testset", str(args.every), "--i_weights", str(args.steps),
-              "--i_print", "100", "--i_img", "1000000", "--i_video", "1000000", "--no_download", *args.extra]
-    for sampler in ("hierarchical", "occupancy"):
-        with Timings() as timings:
-            status = run_nerf.main([*common, "--expname", sampler, "--no_reload", "--sampler", sampler])
-        assert status == 0, sampler
-        result[sampler] = timings.curve
-        result["queries"][sampler] = timings.points / (args.steps * 512)
-        print(sampler, timings.curve, "queries per ray", result["queries"][sampler], flush=True)
-    for sampler in ("hierarchical", "occupancy"):     # the same networks: those trained with the default
-        with Timings() as timings:
+              "--i_testset", str(args.every), "--i_weights", str(args.round), "--i_print", "100",
+              "--i_img", "1000000", "--i_video", "1000000", "--no_download", *args.extra]
+    samplers = ("hierarchical", "occupancy")
+    timings = {sampler: Timings() for sampler in samplers}
+    for end in range(args.round, args.steps + args.round, args.round):
+        for sampler in samplers:
+            fresh = ["--no_reload"] if end == args.round else []
+            with timings[sampler]:
+                status = run_nerf.main([*common, "--expname", sampler, "--sampler", sampler, *fresh,
+                                        "--N_iters", str(min(end, args.steps))])
+            assert status == 0, sampler
+    for sampler in samplers:
+        t = timings[sampler]
+        result[sampler] = t.curve
+        result["queries"][sampler] = t.points / (args.steps * 512)
+        result["upkeep"][sampler] = t.upkeep_seconds / (t.train_seconds + t.upkeep_seconds)
+        print(sampler, t.curve, "queries per ray", result["queries"][sampler], "upkeep share",
+              result["upkeep"][sampler], flush=True)
+    for sampler in samplers:     # the same networks: those trained with the default
+        with Timings() as t:
             run_nerf.main([*common, "--expname", "hierarchical", "--render_only", "--render_test",
                            "--sampler", sampler])
-        result["render"][sampler] = timings.render_seconds
-        print("render", sampler, timings.render_seconds, flush=True)
+        result["render"][sampler] = t.render_seconds
+        print("render", sampler, t.render_seconds, flush=True)
     (out / "samplers.json").write_text(json.dumps(result, indent=1))
     if args.plot:
         plot(result, Path(args.plot))

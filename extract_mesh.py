@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nerf import data_checks, flags, geometry, outputs, run_folder
+from nerf import data_checks, flags, geometry, occupancy, outputs, run_folder
 import run_nerf
 from nerf.checkpoints import find_checkpoint
 from nerf.datasets import Scene, load_scene
@@ -267,6 +267,7 @@ def load_trained(args, device):
         raise DataError(expdir, "no checkpoint to extract geometry from (train first, or give --ft_path)")
     _, render_kwargs, _, _, _ = run_nerf.create_nerf(args, device, ckpt, ckpt_path)
     render_kwargs.update(near=scene.near, far=scene.far)
+    occupancy.attach(args, scene, render_kwargs, render_kwargs, ckpt, ckpt_path, device, rendering_only=True)
     return scene, render_kwargs, render_kwargs.get("ndc", True), int(ckpt["global_step"])
 
 

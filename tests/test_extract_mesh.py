@@ -65,6 +65,29 @@ def test_point_cloud_lies_in_front_of_the_cameras(trained, capsys):
     assert cloud.colors.shape == (len(cloud.vertices), 4)
 
 
+def test_a_network_trained_with_the_occupancy_sampler_gives_its_fine_network_to_every_render(trained, capsys):
+    """After the occupancy sampler's warm-up only the fine network learns, so
+    the point cloud's hierarchical renders take it for the coarse pass too
+    (as --render_only does), and with --sampler occupancy they march its grid;
+    either way the points lie where the demo cameras see (radius < 4)."""
+    args, expdir = trained
+    occupancy_args = [*args, "--expname", "occupancy", "--sampler", "occupancy", "--occupancy_warmup", "20",
+                      "--occupancy_resolution", "16"]
+    assert run_nerf.main(occupancy_args + [*QUIET, "--N_iters", "60", "--i_weights", "60", "--lrate", "5e-3"]) == 0
+    for sampler in ("hierarchical", "occupancy"):
+        argv = [*occupancy_args, "--sampler", sampler]
+        _, render_kwargs, _, _ = extract_mesh.load_trained(extract_mesh.config_parser().parse_args(argv), "cpu")
+        if sampler == "hierarchical":
+            assert render_kwargs["network_fn"] is render_kwargs["network_fine"] and "occupancy" not in render_kwargs
+        else:               # the grid marches through the fine network alone
+            assert render_kwargs["occupancy"].ready
+        assert extract_mesh.main(argv + ["--pointcloud"]) == 0
+        cloud = trimesh.load(Path(last_line(capsys)))
+        assert np.all(np.linalg.norm(cloud.vertices, axis=1) < 4.0 + 1e-3)
+    _, render_kwargs, _, _ = extract_mesh.load_trained(extract_mesh.config_parser().parse_args(args), "cpu")
+    assert render_kwargs["network_fn"] is not render_kwargs["network_fine"]      # the default's own run: untouched
+
+
 def test_render_only_writes_depth_maps(trained):
     args, expdir = trained
     assert run_nerf.main(args + ["--render_only", "--render_test"]) == 0

@@ -8,10 +8,15 @@ Timings themselves are bench.py's job, not a test's.
 from types import SimpleNamespace
 
 import pytest
+import torch
 import torch.nn as nn
 
 import bench
-from run_nerf_helpers import NeRF, get_embedder
+from nerf import occupancy
+from nerf.datasets import load_scene
+from nerf.errors import exit_status
+from run_nerf_helpers import NeRF, get_embedder, get_rays
+from test_demo_run import demo_dir  # noqa: F401 (fixture)
 
 
 def network(D, W, skips, viewdirs):
@@ -66,3 +71,99 @@ def test_network_jobs_count_every_sample():
     assert bench.forward_flops_per_ray(args, kw, train=False) == 32 * sigma_only + 64 * per_sample
     args.N_importance = 0
     assert bench.network_jobs(args, kw, 10, train=False) == [(coarse, 10 * 32, 32, False)]
+
+
+# --- Network queries per ray, counted for either sampler (issue 26) ---------
+
+TINY_NETS = ["--netdepth", "2", "--netwidth", "16", "--netdepth_fine", "2", "--netwidth_fine", "16", "--N_rand", "64",
+             "--occupancy_resolution", "16", "--occupancy_steps", "96", "--perturb", "0"]
+
+
+def bench_setup(demo_dir, sampler, *extra):
+    """bench.py's implementations on the tiny demo scene (24x24), as its main builds them."""
+    bargs, rest = bench.parse(["--config", str(bench.REPO / "configs" / "demo.txt"), "--sampler", sampler, "--",
+                               "--datadir", str(demo_dir), *TINY_NETS, *extra])
+    args, samplers = bench.run_flags(bargs, rest)
+    scene = load_scene(args)
+    impls, kw_train = bench.build(args, scene, torch.device("cpu"), samplers, baseline=False)
+    return args, scene, impls, kw_train
+
+
+def captured_batches(impl):
+    """Records the ray batches `impl`'s steps train on."""
+    batches, sampler = [], impl.sampler
+
+    def sample(i):
+        batch = sampler(i)
+        batches.append(batch)
+        return batch
+    impl.sampler = sample
+    return batches
+
+
+def view(scene):
+    pose = torch.as_tensor(scene.poses[scene.i_test[0]][:3, :4], dtype=torch.float32)
+    return pose, get_rays(scene.H, scene.W, scene.K, pose)
+
+
+@pytest.mark.parametrize("N_samples, N_importance", [(8, 0), (8, 8), (12, 4)])
+def test_hierarchical_queries_per_ray_are_coarse_plus_fine_samples(demo_dir, N_samples, N_importance):  # noqa: F811
+    args, scene, (impl,), kw = bench_setup(demo_dir, "hierarchical", "--N_samples", str(N_samples),
+                                           "--N_importance", str(N_importance))
+    impl.step(torch.device("cpu"))
+    # Coarse: N_samples a ray; fine (when there is one): N_samples + N_importance.
+    by_hand = N_samples + (N_samples + N_importance if N_importance else 0)
+    assert bench.points(impl.step_jobs[0]) == args.N_rand * by_hand == args.N_rand * bench.samples_per_ray(args)
+    assert impl.step_jobs[0] == bench.network_jobs(args, kw, args.N_rand, train=True)
+    pose, _ = view(scene)
+    impl.render(scene.H, scene.W, scene.K, pose, torch.device("cpu"))
+    assert impl.render_jobs[0] == bench.network_jobs(args, kw, scene.H * scene.W, train=False)
+    assert bench.forward_flops(impl.step_jobs[0]) == args.N_rand * bench.forward_flops_per_ray(args, kw)
+
+
+def keep_cells(grid, state: str) -> None:
+    """Sets the built grid to a known occupancy: as built, every other cell of
+    it, or only the cells within a quarter of the box's diagonal of its centre."""
+    if state == "checkerboard":
+        grid.binary = grid.binary & (torch.arange(grid.binary.numel()) % 2 == 0)
+    elif state == "ball":
+        centres = occupancy.cell_centres(grid.lo, grid.hi, grid.resolution)
+        grid.binary = grid.binary & ((centres - (grid.lo + grid.hi) / 2).norm(dim=-1) < (grid.hi - grid.lo).norm() / 4)
+
+
+@pytest.mark.parametrize("state", ["built", "checkerboard", "ball"])
+def test_occupancy_queries_per_ray_are_the_marched_samples(demo_dir, state):  # noqa: F811
+    args, scene, (impl,), _ = bench_setup(demo_dir, "occupancy", "--N_samples", "16", "--N_importance", "16")
+    cpu = torch.device("cpu")
+    note = bench.ready_grid(impl, 1, cpu, None)
+    grid = impl.grid
+    assert grid.ready and "fresh" in note
+    keep_cells(grid, state)
+    batches = captured_batches(impl)
+    budget = args.N_samples + args.N_importance
+
+    def marched(rays_o, rays_d):
+        near = torch.full_like(rays_d[:, :1], scene.near)
+        far = torch.full_like(rays_d[:, :1], scene.far)
+        return grid.march(rays_o, rays_d, near, far, perturb=False, max_per_ray=budget)[0].numel()
+
+    impl.step(cpu)
+    rays_o, rays_d = batches[0][0]
+    packed = marched(rays_o.reshape(-1, 3), rays_d.reshape(-1, 3))
+    assert 0 < packed < args.N_rand * budget or state == "built"
+    fine = impl.kw_train["network_fine"]
+    # One network (the fine one) queried at the packed points, its FLOPs those points' FLOPs.
+    assert impl.step_jobs[0] == [(fine, packed, 1, False)]
+    assert bench.forward_flops(impl.step_jobs[0]) == packed * module_flops(fine)
+    pose, (rays_o, rays_d) = view(scene)
+    impl.render(scene.H, scene.W, scene.K, pose, cpu)
+    assert bench.points(impl.render_jobs[0]) == marched(rays_o.reshape(-1, 3), rays_d.reshape(-1, 3))
+
+
+@pytest.mark.parametrize("argv, where", [(["--sampler", "bogus"], "--sampler"), (["--sampler", "Occupancy"], "--sampler"),
+                                         (["--sampler"], "--sampler"),
+                                         (["--sampler", "both", "--", "--sampler", "occupancy"], "--sampler")])
+def test_a_bad_sampler_is_one_line_and_exit_status_2(argv, where, capsys):
+    assert exit_status(bench.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and where in err and "Traceback" not in err

@@ -16,8 +16,8 @@ rays; counted as the queries happen, the same way for every sampler),
 peak memory and the MLPs' arithmetic rate: their FLOPs counted from the layer sizes
 (forward 2 x in x out per point per layer, backward twice that, whatever the
 implementation actually skips; for a rendered frame the coarse network up to
-sigma, all that a frame needs of it) times the points counted, over the
-measured time, as a fraction of a
+sigma, all that a frame needs of it, for the original's too) times the
+points counted, over the measured time, as a fraction of a
 plain float32 matrix multiply's rate measured in the same run on the same
 device. Next to it, the bound set by the step's (and a rendered ray's)
 matrix products alone: the same products on random operands of the same
@@ -237,15 +237,17 @@ class QueryCount:
     def __init__(self):
         self.jobs = {}
 
-    def wrap(self, query: Callable) -> Callable:
-        """`query` counted; it takes `density_only` where `query` does."""
+    def wrap(self, query: Callable, sigma_only=None) -> Callable:
+        """`query` counted; it takes `density_only` where `query` does. The
+        queries of model `sigma_only` count as density-only (the original's
+        renders compute the coarse colour too, which no frame uses)."""
         if accepts_density_only(query):
             def counted(inputs, viewdirs, network_fn, density_only=False):
-                self.add(network_fn, inputs, density_only)
+                self.add(network_fn, inputs, density_only or network_fn is sigma_only)
                 return query(inputs, viewdirs, network_fn, density_only=density_only)
         else:
             def counted(inputs, viewdirs, network_fn):
-                self.add(network_fn, inputs, False)
+                self.add(network_fn, inputs, network_fn is sigma_only)
                 return query(inputs, viewdirs, network_fn)
         return counted
 
@@ -512,7 +514,7 @@ def build_original(args, scene, device, kw_train, kw_test, start=0):
 
     swap = {"network_fn": coarse, "network_fine": fine, "network_query_fn": count.wrap(query)}
     kw_tr = {**kw_train, **swap}
-    kw_te = {**kw_test, **swap}
+    kw_te = {**kw_test, **swap, "network_query_fn": count.wrap(query, sigma_only=coarse if fine else None)}
     with torch.device(device):
         sampler = orig.OriginalSampler(np.asarray(scene.images), scene.poses, scene.i_train, scene.H, scene.W,
                                        scene.K, args.N_rand, args.no_batching,
@@ -539,6 +541,8 @@ def main(argv=None) -> int:
     keep_freed_memory()   # as run_nerf.main does
     if bargs.threads:
         torch.set_num_threads(bargs.threads)
+    if bargs.render_factor < 0:
+        raise DataError("--render_factor", f"must be 0 (full size) or more, got {bargs.render_factor}")
     args, samplers = run_flags(bargs, rest)
     args.datadir = resolve_datadir(args.datadir)
     device = default_device()

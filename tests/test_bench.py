@@ -79,13 +79,14 @@ TINY_NETS = ["--netdepth", "2", "--netwidth", "16", "--netdepth_fine", "2", "--n
              "--occupancy_resolution", "16", "--occupancy_steps", "96", "--perturb", "0"]
 
 
-def bench_setup(demo_dir, sampler, *extra):
-    """bench.py's implementations on the tiny demo scene (24x24), as its main builds them."""
+def bench_setup(demo_dir, sampler, *extra, others=False):
+    """bench.py's implementations on the tiny demo scene (24x24), as its main
+    builds them (with `others`, its plain MLP path and the original's too)."""
     bargs, rest = bench.parse(["--config", str(bench.REPO / "configs" / "demo.txt"), "--sampler", sampler, "--",
                                "--datadir", str(demo_dir), *TINY_NETS, *extra])
     args, samplers = bench.run_flags(bargs, rest)
     scene = load_scene(args)
-    impls, kw_train = bench.build(args, scene, torch.device("cpu"), samplers, baseline=False)
+    impls, kw_train = bench.build(args, scene, torch.device("cpu"), samplers, baseline=others, plain=others)
     return args, scene, impls, kw_train
 
 
@@ -108,17 +109,23 @@ def view(scene):
 
 @pytest.mark.parametrize("N_samples, N_importance", [(8, 0), (8, 8), (12, 4)])
 def test_hierarchical_queries_per_ray_are_coarse_plus_fine_samples(demo_dir, N_samples, N_importance):  # noqa: F811
-    args, scene, (impl,), kw = bench_setup(demo_dir, "hierarchical", "--N_samples", str(N_samples),
-                                           "--N_importance", str(N_importance))
-    impl.step(torch.device("cpu"))
+    args, scene, impls, kw = bench_setup(demo_dir, "hierarchical", "--N_samples", str(N_samples),
+                                         "--N_importance", str(N_importance), others=True)
+    assert [impl.name for impl in impls] == ["fast", "plain", "baseline"]
+    pose, _ = view(scene)
     # Coarse: N_samples a ray; fine (when there is one): N_samples + N_importance.
     by_hand = N_samples + (N_samples + N_importance if N_importance else 0)
-    assert bench.points(impl.step_jobs[0]) == args.N_rand * by_hand == args.N_rand * bench.samples_per_ray(args)
-    assert impl.step_jobs[0] == bench.network_jobs(args, kw, args.N_rand, train=True)
-    pose, _ = view(scene)
-    impl.render(scene.H, scene.W, scene.K, pose, torch.device("cpu"))
-    assert impl.render_jobs[0] == bench.network_jobs(args, kw, scene.H * scene.W, train=False)
-    assert bench.forward_flops(impl.step_jobs[0]) == args.N_rand * bench.forward_flops_per_ray(args, kw)
+    for impl in impls:
+        impl.step(torch.device("cpu"))
+        impl.render(scene.H, scene.W, scene.K, pose, torch.device("cpu"))
+        assert bench.points(impl.step_jobs[0]) == args.N_rand * by_hand == args.N_rand * bench.samples_per_ray(args)
+        # The same jobs, model for model (the plain path's and the original's are twins of the same shapes);
+        # a frame's coarse pass counted up to sigma for the original too.
+        for counted, formula in [(impl.step_jobs[0], bench.network_jobs(args, kw, args.N_rand, train=True)),
+                                 (impl.render_jobs[0], bench.network_jobs(args, kw, scene.H * scene.W, train=False))]:
+            assert [job[1:] for job in counted] == [job[1:] for job in formula]
+            assert bench.forward_flops(counted) == bench.forward_flops(formula)
+    assert impls[0].step_jobs[0] == bench.network_jobs(args, kw, args.N_rand, train=True)
 
 
 def keep_cells(grid, state: str) -> None:

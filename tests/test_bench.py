@@ -5,6 +5,7 @@ step performs: every layer of both networks, for as many points, and for a
 render the coarse network only up to its density (as render_path asks).
 Timings themselves are bench.py's job, not a test's.
 """
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 import torch.nn as nn
 
 import bench
+import run_nerf
 from nerf import occupancy
+from nerf.checkpoints import find_checkpoint, read_checkpoint
 from nerf.datasets import load_scene
 from nerf.errors import exit_status
 from run_nerf_helpers import NeRF, get_embedder, get_rays
@@ -86,7 +89,9 @@ def bench_setup(demo_dir, sampler, *extra, others=False):
                                "--datadir", str(demo_dir), *TINY_NETS, *extra])
     args, samplers = bench.run_flags(bargs, rest)
     scene = load_scene(args)
-    impls, kw_train = bench.build(args, scene, torch.device("cpu"), samplers, baseline=others, plain=others)
+    ckpt_path, ckpt = find_checkpoint(Path(args.basedir), args.ft_path, no_reload=True)
+    impls, kw_train = bench.build(args, scene, torch.device("cpu"), samplers, baseline=others, plain=others,
+                                  ckpt=ckpt, ckpt_path=ckpt_path)
     return args, scene, impls, kw_train
 
 
@@ -174,3 +179,35 @@ def test_a_bad_sampler_is_one_line_and_exit_status_2(argv, where, capsys):
     assert exit_status(bench.main, argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and where in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("trained_with", ["occupancy", "hierarchical"])
+def test_a_checkpoint_is_timed_with_its_own_grid_or_one_built_from_its_networks(demo_dir, tmp_path,  # noqa: F811
+                                                                                  trained_with):
+    nets = ["--N_samples", "8", "--N_importance", "8"]
+    assert run_nerf.main(["--config", str(bench.REPO / "configs" / "demo.txt"), "--datadir", str(demo_dir),
+                          "--basedir", str(tmp_path), "--expname", "run", *bench.SMALL, *TINY_NETS, *nets,
+                          "--sampler", trained_with, "--occupancy_warmup", "2", "--N_iters", "4", "--i_weights", "4",
+                          "--i_print", "1000000", "--i_img", "1000000", "--i_video", "1000000",
+                          "--i_testset", "1000000"]) == 0
+    path = tmp_path / "run" / "000004.tar"
+    args, scene, (occ, hier), _ = bench_setup(demo_dir, "both", *nets, "--ft_path", str(path))
+    ckpt = read_checkpoint(path)
+    for impl in (occ, hier):
+        assert impl.i == 4
+        for name in ("network_fn", "network_fine"):
+            state = impl.kw_train[name].state_dict()
+            assert all(torch.equal(state[k], ckpt[f"{name}_state_dict"][k]) for k in state)
+    note = bench.ready_grid(occ, 3, torch.device("cpu"), path)
+    assert occ.i == 4           # no warm-up steps: the checkpoint's networks are the ones timed
+    if trained_with == "occupancy":
+        assert note.startswith("the grid saved in")
+        assert torch.equal(occ.grid.density, ckpt[occupancy.CHECKPOINT_KEY]["density"])
+    else:                       # the grid a render of the checkpoint builds, from the same seed
+        assert note.startswith(f"built from the networks of {path}")
+        kw_train, kw_test, _, _, _ = run_nerf.create_nerf(args, torch.device("cpu"), ckpt, path, search=False)
+        kw_train.update(near=scene.near, far=scene.far)
+        kw_test.update(near=scene.near, far=scene.far)
+        occupancy.attach(SimpleNamespace(**{**vars(args), "sampler": "occupancy"}), scene, kw_train, kw_test, ckpt,
+                         path, torch.device("cpu"), rendering_only=True)
+        assert torch.equal(occ.grid.density, kw_test["occupancy"].density)

@@ -8,7 +8,7 @@
     python bench.py --threads 1 -- --N_rand 2048     # after --: run_nerf flags
     python bench.py --config configs/lego.txt --sampler both     # both samplers, interleaved
     python bench.py --config configs/lego.txt --as_is --sampler both --steps 4 --render_factor 4 \
-        -- --ft_path logs/lego_test/200000.tar --occupancy_resolution 64     # a trained network (and its grid)
+        -- --ft_path logs/lego_test/200000.tar          # a trained network (and its grid, if it has one)
 
 Prints steps/s, rays/s, network queries per ray (the points that the
 step's renders send through the networks, coarse + fine, divided by its
@@ -641,8 +641,9 @@ def main(argv=None) -> int:
     first = results[impls[0].name]
     for other in impls[1:]:
         b = results[other.name]
-        line = (f"{impls[0].name} vs {other.name} (same run): training {b['step_s'] / first['step_s']:.2f}x the "
-                f"steps/s, {b['queries_per_ray'] / first['queries_per_ray']:.2f}x fewer network queries a ray")
+        line = f"{impls[0].name} vs {other.name} (same run): training {b['step_s'] / first['step_s']:.2f}x the steps/s"
+        if b["queries_per_ray"] != first["queries_per_ray"]:
+            line += f", {b['queries_per_ray'] / first['queries_per_ray']:.2f}x fewer network queries a ray"
         if "render_s" in first:
             line += f", render {b['render_s'] / first['render_s']:.2f}x"
         print(line)

@@ -581,11 +581,11 @@ def main(argv=None) -> int:
     # Warm-up, one implementation after the other (peak memory measured here): the
     # fast path last, as its pool stays allocated. An occupancy grid is built first.
     for impl in reversed(impls):
-        peak_memory_start(device)
         if impl.grid is not None:
             impl.grid_note = ready_grid(impl, bargs.warmup, device, ckpt_path)
             print(f"[{impl.name}] occupancy grid: {impl.grid_note}; {100 * occupied_share(impl.grid):.1f}% of the "
                   f"cells the cameras see are occupied")
+        peak_memory_start(device)
         for _ in range(bargs.warmup):
             impl.step(device, timed=False)
         impl.peak = peak_memory_bytes(device)

@@ -3,6 +3,10 @@
 The products' bound is only a bound if the probe performs the products the
 step performs: every layer of both networks, for as many points, and for a
 render the coarse network only up to its density (as render_path asks).
+The network queries a ray that it reports are counted the same way for
+both samplers: the default's coarse + fine samples, the occupancy sampler's
+packed samples (those of the grid's own march for the same rays), and a
+checkpoint is timed with its own networks and grid.
 Timings themselves are bench.py's job, not a test's.
 """
 from pathlib import Path

@@ -3,15 +3,27 @@
 The products' bound is only a bound if the probe performs the products the
 step performs: every layer of both networks, for as many points, and for a
 render the coarse network only up to its density (as render_path asks).
+The network queries a ray that it reports are counted the same way for
+both samplers: the default's coarse + fine samples, the occupancy sampler's
+packed samples (those of the grid's own march for the same rays), and a
+checkpoint is timed with its own networks and grid.
 Timings themselves are bench.py's job, not a test's.
 """
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import torch.nn as nn
 
 import bench
-from run_nerf_helpers import NeRF, get_embedder
+import run_nerf
+from nerf import occupancy
+from nerf.checkpoints import find_checkpoint, read_checkpoint
+from nerf.datasets import load_scene
+from nerf.errors import exit_status
+from run_nerf_helpers import NeRF, get_embedder, get_rays
+from test_demo_run import demo_dir  # noqa: F401 (fixture)
 
 
 def network(D, W, skips, viewdirs):
@@ -66,3 +78,139 @@ def test_network_jobs_count_every_sample():
     assert bench.forward_flops_per_ray(args, kw, train=False) == 32 * sigma_only + 64 * per_sample
     args.N_importance = 0
     assert bench.network_jobs(args, kw, 10, train=False) == [(coarse, 10 * 32, 32, False)]
+
+
+# --- Network queries per ray, counted for either sampler (issue 26) ---------
+
+TINY_NETS = ["--netdepth", "2", "--netwidth", "16", "--netdepth_fine", "2", "--netwidth_fine", "16", "--N_rand", "64",
+             "--occupancy_resolution", "16", "--occupancy_steps", "96", "--perturb", "0"]
+
+
+def bench_setup(demo_dir, sampler, *extra, others=False):
+    """bench.py's implementations on the tiny demo scene (24x24), as its main
+    builds them (with `others`, its plain MLP path and the original's too)."""
+    bargs, rest = bench.parse(["--config", str(bench.REPO / "configs" / "demo.txt"), "--sampler", sampler, "--",
+                               "--datadir", str(demo_dir), *TINY_NETS, *extra])
+    args, samplers = bench.run_flags(bargs, rest)
+    scene = load_scene(args)
+    ckpt_path, ckpt = find_checkpoint(Path(args.basedir), args.ft_path, no_reload=True)
+    impls, kw_train = bench.build(args, scene, torch.device("cpu"), samplers, baseline=others, plain=others,
+                                  ckpt=ckpt, ckpt_path=ckpt_path)
+    return args, scene, impls, kw_train
+
+
+def captured_batches(impl):
+    """Records the ray batches `impl`'s steps train on."""
+    batches, sampler = [], impl.sampler
+
+    def sample(i):
+        batch = sampler(i)
+        batches.append(batch)
+        return batch
+    impl.sampler = sample
+    return batches
+
+
+def view(scene):
+    pose = torch.as_tensor(scene.poses[scene.i_test[0]][:3, :4], dtype=torch.float32)
+    return pose, get_rays(scene.H, scene.W, scene.K, pose)
+
+
+@pytest.mark.parametrize("N_samples, N_importance", [(8, 0), (8, 8), (12, 4)])
+def test_hierarchical_queries_per_ray_are_coarse_plus_fine_samples(demo_dir, N_samples, N_importance):  # noqa: F811
+    args, scene, impls, kw = bench_setup(demo_dir, "hierarchical", "--N_samples", str(N_samples),
+                                         "--N_importance", str(N_importance), others=True)
+    assert [impl.name for impl in impls] == ["fast", "plain", "baseline"]
+    pose, _ = view(scene)
+    # Coarse: N_samples a ray; fine (when there is one): N_samples + N_importance.
+    by_hand = N_samples + (N_samples + N_importance if N_importance else 0)
+    for impl in impls:
+        impl.step(torch.device("cpu"))
+        impl.render(scene.H, scene.W, scene.K, pose, torch.device("cpu"))
+        assert bench.points(impl.step_jobs[0]) == args.N_rand * by_hand == args.N_rand * bench.samples_per_ray(args)
+        # The same jobs, model for model (the plain path's and the original's are twins of the same shapes);
+        # a frame's coarse pass counted up to sigma for the original too.
+        for counted, formula in [(impl.step_jobs[0], bench.network_jobs(args, kw, args.N_rand, train=True)),
+                                 (impl.render_jobs[0], bench.network_jobs(args, kw, scene.H * scene.W, train=False))]:
+            assert [job[1:] for job in counted] == [job[1:] for job in formula]
+            assert bench.forward_flops(counted) == bench.forward_flops(formula)
+    assert impls[0].step_jobs[0] == bench.network_jobs(args, kw, args.N_rand, train=True)
+
+
+def keep_cells(grid, state: str) -> None:
+    """Sets the built grid to a known occupancy: as built, every other cell of
+    it, or only the cells within a quarter of the box's diagonal of its centre."""
+    if state == "checkerboard":
+        grid.binary = grid.binary & (torch.arange(grid.binary.numel()) % 2 == 0)
+    elif state == "ball":
+        centres = occupancy.cell_centres(grid.lo, grid.hi, grid.resolution)
+        grid.binary = grid.binary & ((centres - (grid.lo + grid.hi) / 2).norm(dim=-1) < (grid.hi - grid.lo).norm() / 4)
+
+
+@pytest.mark.parametrize("state", ["built", "checkerboard", "ball"])
+def test_occupancy_queries_per_ray_are_the_marched_samples(demo_dir, state):  # noqa: F811
+    args, scene, (impl,), _ = bench_setup(demo_dir, "occupancy", "--N_samples", "16", "--N_importance", "16")
+    cpu = torch.device("cpu")
+    note = bench.ready_grid(impl, 1, cpu, None)
+    grid = impl.grid
+    assert grid.ready and "fresh" in note
+    keep_cells(grid, state)
+    batches = captured_batches(impl)
+    budget = args.N_samples + args.N_importance
+
+    def marched(rays_o, rays_d):
+        near = torch.full_like(rays_d[:, :1], scene.near)
+        far = torch.full_like(rays_d[:, :1], scene.far)
+        return grid.march(rays_o, rays_d, near, far, perturb=False, max_per_ray=budget)[0].numel()
+
+    impl.step(cpu)
+    rays_o, rays_d = batches[0][0]
+    packed = marched(rays_o.reshape(-1, 3), rays_d.reshape(-1, 3))
+    assert 0 < packed < args.N_rand * budget or state == "built"
+    fine = impl.kw_train["network_fine"]
+    # One network (the fine one) queried at the packed points, its FLOPs those points' FLOPs.
+    assert impl.step_jobs[0] == [(fine, packed, 1, False)]
+    assert bench.forward_flops(impl.step_jobs[0]) == packed * module_flops(fine)
+    pose, (rays_o, rays_d) = view(scene)
+    impl.render(scene.H, scene.W, scene.K, pose, cpu)
+    assert bench.points(impl.render_jobs[0]) == marched(rays_o.reshape(-1, 3), rays_d.reshape(-1, 3))
+
+
+@pytest.mark.parametrize("argv", [["--sampler", "bogus"], ["--sampler", "Occupancy"], ["--sampler"],
+                                  ["--sampler", "both", "--", "--sampler", "occupancy"]])
+def test_a_bad_sampler_is_one_line_and_exit_status_2(argv, capsys):
+    assert exit_status(bench.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "--sampler" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("trained_with", ["occupancy", "hierarchical"])
+def test_a_checkpoint_is_timed_with_its_own_grid_or_one_built_from_its_networks(demo_dir, tmp_path,  # noqa: F811
+                                                                                  trained_with):
+    nets = ["--N_samples", "8", "--N_importance", "8"]
+    assert run_nerf.main(["--config", str(bench.REPO / "configs" / "demo.txt"), "--datadir", str(demo_dir),
+                          "--basedir", str(tmp_path), "--expname", "run", *bench.SMALL, *TINY_NETS, *nets,
+                          "--sampler", trained_with, "--occupancy_warmup", "2", "--N_iters", "4", "--i_weights", "4",
+                          "--i_print", "1000000", "--i_img", "1000000", "--i_video", "1000000",
+                          "--i_testset", "1000000"]) == 0
+    path = tmp_path / "run" / "000004.tar"
+    args, scene, (occ, hier), _ = bench_setup(demo_dir, "both", *nets, "--ft_path", str(path))
+    ckpt = read_checkpoint(path)
+    for impl in (occ, hier):
+        assert impl.i == 4
+        for name in ("network_fn", "network_fine"):
+            state = impl.kw_train[name].state_dict()
+            assert all(torch.equal(state[k], ckpt[f"{name}_state_dict"][k]) for k in state)
+    note = bench.ready_grid(occ, 3, torch.device("cpu"), path)
+    assert occ.i == 4           # no warm-up steps: the checkpoint's networks are the ones timed
+    if trained_with == "occupancy":
+        assert note.startswith("the grid saved in")
+        assert torch.equal(occ.grid.density, ckpt[occupancy.CHECKPOINT_KEY]["density"])
+    else:                       # the grid a render of the checkpoint builds, from the same seed
+        assert note.startswith(f"built from the networks of {path}")
+        kw_train, kw_test, _, _, _ = run_nerf.create_nerf(args, torch.device("cpu"), ckpt, path, search=False)
+        kw_train.update(near=scene.near, far=scene.far)
+        kw_test.update(near=scene.near, far=scene.far)
+        occupancy.attach(SimpleNamespace(**{**vars(args), "sampler": "occupancy"}), scene, kw_train, kw_test, ckpt,
+                         path, torch.device("cpu"), rendering_only=True)
+        assert torch.equal(occ.grid.density, kw_test["occupancy"].density)

@@ -1,0 +1,101 @@
+"""The project's features on top of the occupancy sampler (issue 26: "everything
+keeps working on top of it"): `--mixed_precision`, `--compile`, out-of-memory
+chunk halving and chunk sizes, the live viewer, and `--render_only`'s depth
+maps of the test views and of a camera path. The sampler itself:
+tests/test_occupancy.py."""
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import run_nerf
+from nerf import flags, occupancy, rendering
+from nerf.datasets import load_scene
+from nerf.rendering import RenderMemory, render_path
+from run_nerf_helpers import get_rays
+from test_cli import QUIET, TINY
+from test_demo_run import demo_dir  # noqa: F401 (fixture)
+from test_devices import RunsOutOfMemory
+
+# A grid the demo's runs build and march quickly: 16^3 cells, 128 steps across the box.
+OCCUPANCY = ["--sampler", "occupancy", "--occupancy_resolution", "16", "--occupancy_warmup", "2",
+             "--occupancy_interval", "2", "--occupancy_cells", "512", "--occupancy_steps", "128"]
+
+
+def demo_argv(demo_dir: Path, basedir: Path, *extra: str) -> list:  # noqa: F811
+    return ["--dataset_type", "demo", "--datadir", str(demo_dir), "--basedir", str(basedir), "--expname", "demo",
+            "--white_bkgd", "--testskip", "1", "--seed", "4", *TINY, *QUIET, *OCCUPANCY, *extra]
+
+
+def networks_with_a_grid(demo_dir: Path, *extra: str, seed: int = 4):  # noqa: F811
+    """The demo's scene and fresh networks (drawn from `seed`) with an occupancy
+    grid built from them, as a run makes them: (scene, train kwargs, test kwargs, optimizer)."""
+    args = flags.parse_args(run_nerf.config_parser(), demo_argv(demo_dir, demo_dir.parent, *extra))
+    scene = load_scene(args)
+    torch.manual_seed(seed)
+    train, test, _, _, optimizer = run_nerf.create_nerf(args, torch.device("cpu"))
+    for kwargs in (train, test):
+        kwargs.update(near=scene.near, far=scene.far)
+    occupancy.attach(args, scene, train, test, None, None, torch.device("cpu"), rendering_only=True)
+    assert test["occupancy"].ready and not test["occupancy"].binary.all()
+    return scene, train, test, optimizer
+
+
+# --- chunk sizes and out-of-memory halving ---------------------------------------------
+
+# Another chunk size gives the network calls other row counts, and the CPU's matrix products other blocks:
+# measured, the maps differ by at most 1.5e-7 (2 float32 ulps of 1) over the chunk sizes below; a wrong
+# sample or weight moves a pixel by 1e-3 or more.
+CHUNK_ATOL = 1e-6
+
+def test_out_of_memory_with_the_occupancy_sampler_halves_the_chunk_and_keeps_the_frames(demo_dir, caplog):  # noqa: F811
+    """A device that holds 300 packed samples at once: the render's chunk and
+    netchunk halve until a chunk's samples fit, and the frames are those of a
+    render that never ran out (to float32's rounding: `CHUNK_ATOL`)."""
+    scene, _, kwargs, _ = networks_with_a_grid(demo_dir)
+    poses, hwf = scene.poses[scene.i_test[:2]], scene.hwf
+    reference = render_path(poses, hwf, scene.K, 1 << 15, kwargs, progress=False)
+    tight = RunsOutOfMemory(kwargs["network_query_fn"], limit=300)
+    memory = RenderMemory(1 << 15, tight)
+    with caplog.at_level(logging.WARNING, logger="nerf"):
+        rgbs, disps = render_path(poses, hwf, scene.K, 1 << 15, {**kwargs, "network_query_fn": tight},
+                                  memory=memory, progress=False)
+    np.testing.assert_allclose(rgbs, reference[0], rtol=0, atol=CHUNK_ATOL)
+    np.testing.assert_allclose(disps, reference[1], rtol=0, atol=CHUNK_ATOL)
+    # Halved no further than it had to: a chunk of twice the rays, at most 16 samples each, ran out.
+    assert tight.limit < 32 * memory.chunk < 32 * (1 << 15)
+    warnings = [r.getMessage() for r in caplog.records if "out of device memory" in r.getMessage()]
+    assert len(warnings) == 1 and f"--chunk {memory.chunk} " in warnings[0]
+
+
+def rays_in_and_out(scene):
+    """Rays of a test view (every sixth pixel) and as many turned away from the
+    scene (they leave the box without a sample): rays_o, rays_d (N, 3)."""
+    c2w = torch.as_tensor(scene.poses[scene.i_test[0]], dtype=torch.float32)
+    rays_o, rays_d = (r.reshape(-1, 3)[::6] for r in get_rays(scene.H, scene.W, scene.K, c2w))
+    away = torch.arange(len(rays_o)) % 2 == 1
+    return rays_o, torch.where(away[:, None], -rays_d, rays_d)
+
+
+@pytest.mark.parametrize("chunk, netchunk", [(1, 1 << 16), (7, 5), (1 << 15, 1)])
+def test_chunk_and_netchunk_never_change_the_occupancy_render(demo_dir, chunk, netchunk):  # noqa: F811
+    """Rays split into chunks of 1 to all of them, and packed samples into
+    network calls of 1 to 65536 (fewer than a ray's samples, so that a ray's
+    samples straddle calls): the same pixels, to float32's rounding (`CHUNK_ATOL`). Half the
+    rays leave the box without a sample, so many a chunk holds no sample at all."""
+    scene, _, kwargs, _ = networks_with_a_grid(demo_dir)
+    rays_o, rays_d = rays_in_and_out(scene)
+    query = rendering.make_network_query_fn(kwargs["network_query_fn"].embed_fn,
+                                            kwargs["network_query_fn"].embeddirs_fn, netchunk)
+    with torch.no_grad():
+        want = rendering.render(scene.H, scene.W, scene.K, chunk=1 << 15, rays=(rays_o, rays_d), **kwargs)
+        got = rendering.render(scene.H, scene.W, scene.K, chunk=chunk, rays=(rays_o, rays_d),
+                               **{**kwargs, "network_query_fn": query})
+    near, far = torch.full_like(rays_o[:, :1], scene.near), torch.full_like(rays_o[:, :1], scene.far)
+    ray, _, _ = kwargs["occupancy"].march(rays_o, rays_d, near, far, False, 16)
+    counts = torch.zeros(len(rays_o), dtype=torch.long).index_add_(0, ray, torch.ones_like(ray))
+    assert (counts == 0).sum() >= len(rays_o) // 2 and counts.max() > 5     # rays straddle calls of 1, 3, 5
+    for name, a, b in zip(("rgb", "disp", "acc"), got[:3], want[:3]):
+        assert torch.allclose(a, b, rtol=0, atol=CHUNK_ATOL), (name, float((a - b).abs().max()))

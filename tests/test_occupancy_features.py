@@ -4,6 +4,8 @@ chunk halving and chunk sizes, the live viewer, and `--render_only`'s depth
 maps of the test views and of a camera path. The sampler itself:
 tests/test_occupancy.py."""
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from nerf import flags, occupancy, rendering
 from nerf.datasets import load_scene
 from nerf.rendering import RenderMemory, render_path
 from run_nerf_helpers import get_rays
+from conftest import ROUNDING_ATOL
 from test_cli import QUIET, TINY
 from test_demo_run import demo_dir  # noqa: F401 (fixture)
 from test_devices import RunsOutOfMemory
@@ -164,3 +167,70 @@ def test_mixed_precision_steps_with_the_occupancy_sampler_stay_close_to_float32(
         for name, value in maps.items():
             assert value.dtype == torch.float32
             torch.testing.assert_close(value.double(), wide[name], rtol=0, atol=COMPOSITING_ATOL)
+
+
+# --- --compile --------------------------------------------------------------------------------
+
+def compiled_run(demo_dir: Path, basedir: Path, monkeypatch, backend=None, n_steps: int = 6):  # noqa: F811
+    """A run of `n_steps` (warm-up 2, then marching) with --compile (through
+    `backend` when given) and one with the plain path uncompiled; the
+    compilations counted before each step, the packed sample counts of each
+    marching step, and the two runs' final checkpoints."""
+    compilations, counts = [], []
+    real_compile = torch.compile
+
+    def counted(gm, example_inputs):
+        compilations.append(len(example_inputs))
+        return gm.forward if backend is None else backend(gm, example_inputs)
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend=counted, **kw))
+    real_before = occupancy.before_step
+    monkeypatch.setattr(occupancy, "before_step", lambda kwargs, i: counts.append(len(compilations))
+                        or real_before(kwargs, i))
+    spy = CompositingSpy(monkeypatch)
+    common = ["--N_iters", str(n_steps), "--i_weights", str(n_steps)]
+    assert run_nerf.main(demo_argv(demo_dir, basedir, "--expname", "plain", "--fast_path", "off", *common)) == 0
+    spy.calls.clear()
+    counts.clear()
+    assert run_nerf.main(demo_argv(demo_dir, basedir, "--expname", "compiled", "--compile", *common)) == 0
+    counts.append(len(compilations))
+    checkpoints = [torch.load(basedir / name / f"{n_steps:06d}.tar", weights_only=True)
+                   for name in ("plain", "compiled")]
+    return counts, [len(args[1]) for args, _ in spy.calls], checkpoints
+
+
+def network_weights(ckpt: dict) -> dict:
+    return {f"{net}.{k}": v for net in ("network_fn", "network_fine") for k, v in ckpt[f"{net}_state_dict"].items()}
+
+
+def test_compiled_networks_take_each_steps_packed_samples_without_recompiling(demo_dir, tmp_path, monkeypatch):  # noqa: F811
+    """--compile with the occupancy sampler, whose packed sample count changes
+    every step: the networks are compiled for the warm-up's batches and once
+    more, with a dynamic row count, when marching starts, and never again
+    (a compilation a step would stop at torch's recompile limit and fall back
+    to eager). What the compiled graphs compute is the plain path's, bit for
+    bit (the graphs run eagerly here; the compiler's own code: the slow test below)."""
+    counts, samples, (plain, compiled) = compiled_run(demo_dir, tmp_path, monkeypatch)
+    assert len(samples) == 4 and len(set(samples)) == 4           # steps 3..6 march, each its own count
+    assert counts[3] > counts[2] >= 1                             # compiled in the warm-up, again at step 3
+    assert counts[3:] == [counts[3]] * len(counts[3:]), counts    # and never after
+    a, b = network_weights(plain), network_weights(compiled)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(plain["occupancy_grid"]["density"], compiled["occupancy_grid"]["density"])
+
+
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")),
+    reason="torch.compile's CPU backend needs a C++ compiler")
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_inductor_compiled_occupancy_run_equals_the_uncompiled_one(demo_dir, tmp_path, monkeypatch):  # noqa: F811
+    """The same with torch.compile's own code generator (inductor): 4 steps,
+    the weights those of the uncompiled plain path to rounding."""
+    from torch._inductor.compile_fx import compile_fx
+    counts, samples, (plain, compiled) = compiled_run(demo_dir, tmp_path, monkeypatch, backend=compile_fx, n_steps=4)
+    assert counts[3:] == [counts[3]] * len(counts[3:]), counts
+    a, b = network_weights(plain), network_weights(compiled)
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < ROUNDING_ATOL              # measured: 1.5e-8 after 4 and after 6 steps

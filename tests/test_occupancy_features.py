@@ -234,3 +234,63 @@ def test_inductor_compiled_occupancy_run_equals_the_uncompiled_one(demo_dir, tmp
     a, b = network_weights(plain), network_weights(compiled)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < ROUNDING_ATOL              # measured: 1.5e-8 after 4 and after 6 steps
+
+
+# --- the live viewer ------------------------------------------------------------------------
+
+def test_the_viewer_draws_what_render_draws_with_the_occupancy_grid(demo_dir):  # noqa: F811
+    """From a test camera at its own size, the viewer's picture (slices of 64
+    rays, as it renders between training steps) is `render`'s with the same
+    grid, to float32's rounding; a camera turned away from the scene (no ray
+    meets the box) shows the white background rather than failing."""
+    import math
+    from nerf import viewer
+    scene, _, kwargs, _, _ = networks_with_a_grid(demo_dir)
+    pose = scene.poses[scene.i_test[1]]
+    fov = 2 * math.atan(0.5 * scene.H / scene.focal)
+    with torch.no_grad():
+        want = rendering.render(scene.H, scene.W, scene.K, chunk=1 << 15, c2w=torch.as_tensor(pose), **kwargs)
+    rays_o, rays_d = viewer.browser_rays(pose, fov, scene.H, scene.W, "cpu")
+    slices = [viewer.render_world_rays(scene, kwargs, rays_o[i:i + 64], rays_d[i:i + 64])
+              for i in range(0, len(rays_o), 64)]
+    for got, expected in zip((torch.cat(maps) for maps in zip(*slices)), want[:3]):
+        torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=0, atol=CHUNK_ATOL)
+    away = pose.copy()
+    away[:3, :3] = pose[:3, :3] @ np.diag([-1.0, 1.0, -1.0])        # turned around its up axis
+    rgb, _, acc = viewer.render_world_rays(scene, kwargs, *viewer.browser_rays(away, fov, 8, 8, "cpu"))
+    assert torch.equal(acc, torch.zeros(64)) and torch.equal(rgb, torch.ones(64, 3))
+
+
+def test_training_with_a_watching_viewer_and_the_occupancy_sampler_trains_exactly_as_without(
+        demo_dir, tmp_path, monkeypatch):  # noqa: F811
+    """The viewer renders between training steps, during the warm-up and after
+    the grid is built, through the grid the run keeps up: no random number is
+    drawn and the grid is only read, so the weights and the grid come out bit
+    for bit those of a run without it."""
+    pytest.importorskip("viser", reason="viser is not installed (pip install -r requirements-viewer.txt)")
+    from nerf import viewer
+    from test_viewer import free_port
+    rendered = []
+    real_training_viewer = viewer.training_viewer
+
+    def watched(*args, **kwargs):
+        live = real_training_viewer(*args, **kwargs)
+        if live is not None:   # a browser that never receives its pictures keeps the viewer rendering
+            live.cameras[-1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov,
+                                                    24, 32, 1, 0.0)
+            live.clients[-1] = viewer.BrowserState(max_resolution=256, training_share=0.25)
+            real_render, grid = live._render_whole, live.render_kwargs["occupancy"]
+            live._render_whole = lambda picture: rendered.append(grid.ready) or real_render(picture)
+        return live
+
+    monkeypatch.setattr(viewer, "training_viewer", watched)
+    for name, extra in (("plain", []), ("watched", ["--viewer", "--viewer_port", str(free_port())])):
+        assert run_nerf.main(demo_argv(demo_dir, tmp_path, "--expname", name, "--N_iters", "6",
+                                       "--i_weights", "6", *extra)) == 0
+    assert False in rendered and rendered.count(True) >= 2      # pictures in the warm-up and after it
+    plain, watched_ckpt = (torch.load(tmp_path / name / "000006.tar", weights_only=True)
+                           for name in ("plain", "watched"))
+    a, b = network_weights(plain), network_weights(watched_ckpt)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("density", "generator"):
+        assert torch.equal(plain["occupancy_grid"][key], watched_ckpt["occupancy_grid"][key]), key

@@ -107,6 +107,30 @@ def test_chunk_and_netchunk_never_change_the_occupancy_render(demo_dir, chunk, n
         assert torch.allclose(a, b, rtol=0, atol=CHUNK_ATOL), (name, float((a - b).abs().max()))
 
 
+# --- what a fork's edit reaches (docs/compatibility.md) ---------------------------------------
+
+def test_a_forks_raw2outputs_and_render_rays_reach_the_default_sampler_only(demo_dir, monkeypatch):  # noqa: F811
+    """`run_nerf.raw2outputs = f` and `run_nerf.render_rays = f` are called by the
+    default sampler's render and not by the occupancy sampler's (it composites
+    with `composite_packed`), while `sample_alpha` and `finish_maps`, which
+    both compositings share, are called by both."""
+    scene, _, kwargs, _, _ = networks_with_a_grid(demo_dir)
+    rays = rays_in_and_out(scene)
+    calls = {name: [] for name in ("raw2outputs", "render_rays", "sample_alpha", "finish_maps")}
+    for name in calls:
+        original = getattr(rendering, name)
+        monkeypatch.setattr(run_nerf if name in ("raw2outputs", "render_rays") else rendering, name,
+                            lambda *a, _f=original, _calls=calls[name], **k: _calls.append(1) or _f(*a, **k))
+    for sampler, render_kwargs in (("occupancy", kwargs), ("hierarchical", {k: v for k, v in kwargs.items()
+                                                                             if k != "occupancy"})):
+        for made in calls.values():
+            made.clear()
+        with torch.no_grad():
+            rendering.render(scene.H, scene.W, scene.K, chunk=1 << 15, rays=rays, **render_kwargs)
+        reached = {name for name, made in calls.items() if made}
+        assert reached == ({"sample_alpha", "finish_maps"} if sampler == "occupancy" else set(calls)), sampler
+
+
 # --- --mixed_precision -----------------------------------------------------------------------
 
 class CompositingSpy:

@@ -107,6 +107,17 @@ def test_chunk_and_netchunk_never_change_the_occupancy_render(demo_dir, chunk, n
         assert torch.allclose(a, b, rtol=0, atol=CHUNK_ATOL), (name, float((a - b).abs().max()))
 
 
+def test_a_training_batch_without_a_single_sample_takes_its_step(demo_dir):  # noqa: F811
+    """Every ray of the batch leaves the box unsampled: the step's colours are
+    the background and its gradients zero, rather than a failed query."""
+    scene, train, _, optimizer, args = networks_with_a_grid(demo_dir)
+    rays_o, rays_d = rays_in_and_out(scene)
+    away = torch.stack([rays_o[1::2], rays_d[1::2]])
+    stats = run_nerf.train_step(away, torch.zeros(away.shape[1], 3), scene, train, optimizer, args.chunk)
+    assert float(stats["loss"]) == 1.0                      # white background against black
+    assert all(p.grad is None or not p.grad.any() for p in train["network_fine"].parameters())
+
+
 # --- what a fork's edit reaches (docs/compatibility.md) ---------------------------------------
 
 def test_a_forks_raw2outputs_and_render_rays_reach_the_default_sampler_only(demo_dir, monkeypatch):  # noqa: F811

@@ -163,7 +163,7 @@ def supports(fn, embed_fn, embeddirs_fn, inputs: torch.Tensor, viewdirs: Optiona
         return False
     if has_hooks(fn, embed_fn, embeddirs_fn):
         return False
-    if inputs.dim() != 3 or inputs.shape[-1] != 3 or inputs.requires_grad:
+    if inputs.dim() != 3 or inputs.shape[-1] != 3 or inputs.requires_grad or inputs.numel() == 0:
         return False
     if inputs.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(inputs.device.type):
         return False

@@ -23,12 +23,14 @@ from run_nerf_helpers import pytest_uniform, to8b
 
 def batchify(fn: Callable, chunk: Optional[int]) -> Callable:
     """`fn` applied to at most `chunk` rows of its input at a time, outputs
-    concatenated along the first axis (`fn` itself for chunk None)."""
+    concatenated along the first axis (`fn` itself for chunk None). An input
+    of no rows is one call (the occupancy sampler's chunk of rays may hold
+    no sample)."""
     if chunk is None:
         return fn
 
     def batched(inputs: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(inputs[i:i + chunk]) for i in range(0, inputs.shape[0], chunk)], 0)
+        return torch.cat([fn(inputs[i:i + chunk]) for i in range(0, max(inputs.shape[0], 1), chunk)], 0)
 
     return batched
 

@@ -307,22 +307,9 @@ def test_training_with_a_watching_viewer_and_the_occupancy_sampler_trains_exactl
     drawn and the grid is only read, so the weights and the grid come out bit
     for bit those of a run without it."""
     pytest.importorskip("viser", reason="viser is not installed (pip install -r requirements-viewer.txt)")
-    from nerf import viewer
-    from test_viewer import free_port
+    from test_viewer import free_port, watch_training
     rendered = []
-    real_training_viewer = viewer.training_viewer
-
-    def watched(*args, **kwargs):
-        live = real_training_viewer(*args, **kwargs)
-        if live is not None:   # a browser that never receives its pictures keeps the viewer rendering
-            live.cameras[-1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov,
-                                                    24, 32, 1, 0.0)
-            live.clients[-1] = viewer.BrowserState(max_resolution=256, training_share=0.25)
-            real_render, grid = live._render_whole, live.render_kwargs["occupancy"]
-            live._render_whole = lambda picture: rendered.append(grid.ready) or real_render(picture)
-        return live
-
-    monkeypatch.setattr(viewer, "training_viewer", watched)
+    watch_training(monkeypatch, lambda live, picture: rendered.append(live.render_kwargs["occupancy"].ready))
     for name, extra in (("plain", []), ("watched", ["--viewer", "--viewer_port", str(free_port())])):
         assert run_nerf.main(demo_argv(demo_dir, tmp_path, "--expname", name, "--N_iters", "6",
                                        "--i_weights", "6", *extra)) == 0

@@ -279,30 +279,36 @@ def test_keyframes_saved_as_a_camera_path(live_viewer):
     assert len(camera_path.load_camera_path(live.expdir / "camera_path.json.earlier").poses) == 10
 
 
+def watch_training(monkeypatch, record) -> None:
+    """Every training viewer gets a browser that never takes its pictures (so
+    it keeps rendering: a picture every step or two, however fast the steps
+    run), and calls record(live, picture) before each picture it renders."""
+    from nerf import viewer
+    real_training_viewer = viewer.training_viewer
+
+    def watched(*args, **kwargs):
+        live = real_training_viewer(*args, **kwargs)
+        if live is not None:
+            live.cameras[-1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov,
+                                                    24, 32, 1, 0.0)
+            live.clients[-1] = viewer.BrowserState(max_resolution=256, training_share=0.25)
+            real_render = live._render_whole
+            live._render_whole = lambda picture: record(live, picture) or real_render(picture)
+        return live
+
+    monkeypatch.setattr(viewer, "training_viewer", watched)
+
+
 @needs_viser
 def test_training_with_a_watching_viewer_trains_exactly_as_without(trained_demo, tmp_path, monkeypatch):
     """The viewer renders between training steps (deterministic renders: no
     random numbers drawn), so the weights come out bit for bit the same."""
     import torch
     import run_nerf
-    from nerf import viewer
 
     demo_dir, _ = trained_demo
     rendered = []
-    real_training_viewer = viewer.training_viewer
-
-    def watched(*args, **kwargs):
-        live = real_training_viewer(*args, **kwargs)
-        if live is not None:   # a browser that never receives its pictures keeps the viewer rendering
-            live.cameras[-1] = viewer.BrowserCamera(viewer.browser_pose([1, 0, 0, 0], live.home), live.fov,
-                                                    24, 32, 1, 0.0)
-            live.clients[-1] = viewer.BrowserState(max_resolution=256, training_share=0.25)   # a render every
-            # step or two, however fast the steps run
-            real_render = live._render_whole
-            live._render_whole = lambda picture: rendered.append(picture) or real_render(picture)
-        return live
-
-    monkeypatch.setattr(viewer, "training_viewer", watched)
+    watch_training(monkeypatch, lambda live, picture: rendered.append(picture))
     for name, extra in (("plain", []), ("watched", ["--viewer", "--viewer_port", str(free_port())])):
         assert run_nerf.main(demo_args(demo_dir, tmp_path, "--expname", name, "--N_iters", "20",
                                        "--i_weights", "20", *extra)) == 0

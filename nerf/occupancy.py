@@ -252,6 +252,31 @@ class OccupancyGrid:
 
     # --- marching ---------------------------------------------------------
 
+    def box_span(self, rays_o: torch.Tensor, rays_d: torch.Tensor, near: torch.Tensor, far: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where rays (N, 3) enter and leave the box, within near and far
+        (N, 1): t0 and t1 (N, 1) (t1 <= t0 for a ray that misses it), and a
+        marching step's length in t, dt = step_size / |d| (N, 1)."""
+        dt = self.step_size / rays_d.norm(dim=-1, keepdim=True)
+        safe_d = torch.where(rays_d.abs() < 1e-12, torch.full_like(rays_d, 1e-12), rays_d)
+        t_lo, t_hi = (self.lo - rays_o) / safe_d, (self.hi - rays_o) / safe_d
+        t0 = torch.maximum(torch.minimum(t_lo, t_hi).max(-1, keepdim=True).values, near)
+        t1 = torch.minimum(torch.maximum(t_lo, t_hi).min(-1, keepdim=True).values, far)
+        return t0, t1, dt
+
+    def candidate_segments(self, rays_o: torch.Tensor, rays_d: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
+                           dt: torch.Tensor) -> torch.Tensor:
+        """Which segments of `segment_steps` steps from t0 on (all
+        ceil((n_steps + 1) / segment_steps) of them) may hold an occupied step
+        of each ray (n, 3) (`box_span`'s t0, t1, dt (n, 1)): those that start
+        before t1 and whose middle lies in a cell `coarse` holds. (n, Mc) bool."""
+        k = self.segment_steps
+        segment = torch.arange(-(-(self.n_steps + 1) // k), device=rays_o.device, dtype=rays_o.dtype)
+        middles = t0 + (segment + 0.5) * k * dt
+        to_cells = self.resolution / (self.hi - self.lo)
+        cells = ray_cells((rays_o - self.lo) * to_cells, rays_d * to_cells, middles, self.resolution)
+        return self.coarse[cells] & (middles - 0.5 * k * dt < t1)
+
     def march(self, rays_o: torch.Tensor, rays_d: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
               perturb: bool, max_per_ray: Optional[int] = None
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -278,19 +303,13 @@ class OccupancyGrid:
         where the scene is empty marches coarsely, at no more samples than
         that. One host synchronisation (the count) per MARCH_CANDIDATES
         looked-at steps."""
-        norm = rays_d.norm(dim=-1, keepdim=True)
-        dt = self.step_size / norm
-        safe_d = torch.where(rays_d.abs() < 1e-12, torch.full_like(rays_d, 1e-12), rays_d)
-        t_lo, t_hi = (self.lo - rays_o) / safe_d, (self.hi - rays_o) / safe_d
-        t0 = torch.maximum(torch.minimum(t_lo, t_hi).max(-1, keepdim=True).values, near)
-        t1 = torch.minimum(torch.maximum(t_lo, t_hi).min(-1, keepdim=True).values, far)
+        t0, t1, dt = self.box_span(rays_o, rays_d, near, far)
         shift = torch.rand_like(t0) if perturb else torch.full_like(t0, 0.5)
         start_draw = torch.rand_like(t0) if perturb else torch.zeros_like(t0)
         M, k = self.n_steps + 1, self.segment_steps
         Mc = -(-M // k)
         slots = Mc * k if max_per_ray is None else min(Mc * k, 4 * max_per_ray)
         segment_index = torch.arange(Mc, device=rays_o.device)
-        segment = segment_index.to(rays_o.dtype)
         slot = torch.arange(slots, device=rays_o.device)
         to_cells = self.resolution / (self.hi - self.lo)
         origins, directions = (rays_o - self.lo) * to_cells, rays_d * to_cells
@@ -299,9 +318,7 @@ class OccupancyGrid:
         block = max(1, MARCH_CANDIDATES // max(slots, Mc))
         for first in range(0, rays_o.shape[0], block):
             sl = slice(first, first + block)
-            middles = t0[sl] + (segment + 0.5) * k * dt[sl]                                  # (n, Mc)
-            candidate = (self.coarse[ray_cells(origins[sl], directions[sl], middles, self.resolution)]
-                         & (middles - 0.5 * k * dt[sl] < t1[sl]))
+            candidate = self.candidate_segments(rays_o[sl], rays_d[sl], t0[sl], t1[sl], dt[sl])     # (n, Mc)
             ranked = torch.cumsum(candidate, -1)                                             # (n, Mc)
             F = ranked[:, -1:] * k                                                           # (n, 1)
             s = (F + slots - 1).div(slots, rounding_mode="floor").clamp(min=1)

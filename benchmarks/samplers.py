@@ -17,6 +17,7 @@ The lego small configuration: configs/lego.txt with 4x64 networks, 512 rays,
 32 + 32 samples, half resolution, testskip 40.
 """
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -86,6 +87,40 @@ class Timings:
             setattr(owner, name, fn)
 
 
+def two_networks_in_the_grid(grid: occupancy.OccupancyGrid, ray_batch: torch.Tensor, network_fn, network_query_fn,
+                             N_samples: int, **kwargs) -> dict:
+    """The coarse + fine variant that --two_networks measures against the
+    occupancy sampler's one network: the paper's sampling and both losses
+    (`rendering.render_rays` unchanged) between each ray's first and last
+    candidate segment of the grid instead of near and far (a ray with none
+    keeps near and far: dropping it would cost a second host
+    synchronisation). Before the grid is built: `render_rays` itself."""
+    if grid.ready:
+        rays_o, rays_d, near, far = ray_batch[:, 0:3], ray_batch[:, 3:6], ray_batch[:, 6:7], ray_batch[:, 7:8]
+        t0, t1, dt = grid.box_span(rays_o, rays_d, near, far)
+        candidate = grid.candidate_segments(rays_o, rays_d, t0, t1, dt)            # (N, Mc)
+        index = torch.arange(candidate.shape[1], device=candidate.device)
+        first = torch.where(candidate, index, candidate.shape[1]).min(-1, keepdim=True).values
+        last = torch.where(candidate, index, -1).max(-1, keepdim=True).values
+        hit, k = candidate.any(-1, keepdim=True), grid.segment_steps
+        start = torch.where(hit, t0 + first * k * dt, near)
+        end = torch.where(hit, torch.minimum(t0 + (last + 1) * k * dt, t1), far)
+        ray_batch = torch.cat([ray_batch[:, :6], start, end, ray_batch[:, 8:]], -1)
+    return rendering.render_rays(ray_batch, network_fn, network_query_fn, N_samples, **kwargs)
+
+
+class TwoNetworks:
+    """While entered, the occupancy sampler renders as `two_networks_in_the_grid`."""
+
+    def __enter__(self):
+        self._render_rays = occupancy.OccupancyGrid.render_rays
+        occupancy.OccupancyGrid.render_rays = two_networks_in_the_grid
+        return self
+
+    def __exit__(self, *exc):
+        occupancy.OccupancyGrid.render_rays = self._render_rays
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datadir", default="data/nerf_synthetic/lego")
@@ -93,6 +128,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--every", type=int, default=500, help="steps between test-set scores")
     parser.add_argument("--round", type=int, default=500, help="steps a sampler trains before the other's turn")
+    parser.add_argument("--two_networks", action="store_true",
+                        help="a third run: the occupancy grid with coarse + fine sampling between each ray's first "
+                             "and last candidate segment (both networks trained), against its one network")
     parser.add_argument("--out", default="/tmp/nerf_samplers")
     parser.add_argument("--plot", default=None, help="PNG of PSNR against training seconds")
     parser.add_argument("extra", nargs="*", help="run_nerf flags for both runs (after --)")
@@ -102,41 +140,47 @@ def main() -> None:
     common = ["--config", args.config, "--datadir", args.datadir, "--basedir", str(out), *SMALL,
               "--i_testset", str(args.every), "--i_weights", str(args.round), "--i_print", "100",
               "--i_img", "1000000", "--i_video", "1000000", "--no_download", *args.extra]
-    samplers = ("hierarchical", "occupancy")
-    timings = {sampler: Timings() for sampler in samplers}
+    arms = {"hierarchical": "hierarchical", "occupancy": "occupancy",
+            **({"two_networks": "occupancy"} if args.two_networks else {})}     # run name: its --sampler
+
+    def patch(arm):
+        return TwoNetworks() if arm == "two_networks" else contextlib.nullcontext()
+
+    timings = {arm: Timings() for arm in arms}
     for end in range(args.round, args.steps + args.round, args.round):
-        for sampler in samplers:
+        for arm, sampler in arms.items():
             fresh = ["--no_reload"] if end == args.round else []
-            with timings[sampler]:
-                status = run_nerf.main([*common, "--expname", sampler, "--sampler", sampler, *fresh,
+            with timings[arm], patch(arm):
+                status = run_nerf.main([*common, "--expname", arm, "--sampler", sampler, *fresh,
                                         "--N_iters", str(min(end, args.steps))])
-            assert status == 0, sampler
-    for sampler in samplers:
-        t = timings[sampler]
-        result[sampler] = t.curve
-        result["queries"][sampler] = t.points / (args.steps * 512)
-        result["upkeep"][sampler] = t.upkeep_seconds / (t.train_seconds + t.upkeep_seconds)
-        print(sampler, t.curve, "queries per ray", result["queries"][sampler], "upkeep share",
-              result["upkeep"][sampler], flush=True)
-    for sampler in samplers:     # the same networks: those trained with the default
-        with Timings() as t:
+            assert status == 0, arm
+    for arm in arms:
+        t = timings[arm]
+        result[arm] = t.curve
+        result["queries"][arm] = t.points / (args.steps * 512)
+        result["upkeep"][arm] = t.upkeep_seconds / (t.train_seconds + t.upkeep_seconds)
+        print(arm, t.curve, "queries per ray", result["queries"][arm], "upkeep share", result["upkeep"][arm],
+              flush=True)
+    for arm, sampler in arms.items():     # the same networks: those trained with the default
+        with Timings() as t, patch(arm):
             run_nerf.main([*common, "--expname", "hierarchical", "--render_only", "--render_test",
                            "--sampler", sampler])
-        result["render"][sampler] = t.render_seconds
-        print("render", sampler, t.render_seconds, flush=True)
+        result["render"][arm] = t.render_seconds
+        print("render", arm, t.render_seconds, flush=True)
     (out / "samplers.json").write_text(json.dumps(result, indent=1))
     if args.plot:
         plot(result, Path(args.plot))
 
 
 def plot(result: dict, path: Path, size=(480, 640)) -> None:
-    """PSNR (y) against training seconds (x), one polyline per sampler
-    (hierarchical black, occupancy red), on a white canvas with a light grid
-    every 1 dB and every 10 % of the time axis."""
+    """PSNR (y) against training seconds (x), one polyline per run
+    (hierarchical black, occupancy red, two_networks blue), on a white canvas
+    with a light grid every 1 dB and every 10 % of the time axis."""
     import imageio.v2 as imageio
     H, W = size
     img = np.full((H, W, 3), 255, np.uint8)
-    curves = {s: np.array(result[s], dtype=np.float64) for s in ("hierarchical", "occupancy") if result.get(s)}
+    colours = {"hierarchical": (0, 0, 0), "occupancy": (220, 0, 0), "two_networks": (0, 0, 220)}
+    curves = {s: np.array(result[s], dtype=np.float64) for s in colours if result.get(s)}
     t_max = max(c[:, 1].max() for c in curves.values())
     p_lo = np.floor(min(c[:, 2].min() for c in curves.values()))
     p_hi = np.ceil(max(c[:, 2].max() for c in curves.values()))
@@ -149,7 +193,7 @@ def plot(result: dict, path: Path, size=(480, 640)) -> None:
         img[margin:H - margin, int(margin + k / 10 * (W - 2 * margin))] = 220
     for p in np.arange(p_lo, p_hi + 1):
         img[int(xy(0, p)[1]), margin:W - margin] = 220
-    for sampler, colour in (("hierarchical", (0, 0, 0)), ("occupancy", (220, 0, 0))):
+    for sampler, colour in colours.items():
         if sampler not in curves:
             continue
         pts = np.vstack([[0.0, 0.0, p_lo], curves[sampler]])

@@ -419,3 +419,43 @@ def test_two_processes_march_the_grid_of_one(demo_dir, tmp_path):  # noqa: F811
     grids = [torch.load(tmp_path / name / "000008.tar", weights_only=True)["occupancy_grid"] for name in ("one", "two")]
     # The grids' estimates differ by the weights' rounding (measured: 3e-8 on estimates up to 0.31).
     assert grids[0]["ready"] and torch.allclose(grids[0]["density"], grids[1]["density"], rtol=0, atol=1e-6)
+
+
+def test_the_two_network_variant_is_the_default_sampler_where_every_cell_is_occupied():
+    """benchmarks/samplers.py --two_networks: coarse + fine sampling between a
+    ray's first and last candidate segment. With every cell occupied and rays
+    inside the box from near to far, that span is near..far, so its maps are
+    `render_rays`' own, bit for bit; with the grid empty but for a slab, the
+    samples all lie in the slab's candidate segments."""
+    from benchmarks.samplers import two_networks_in_the_grid
+    grid = cube_grid(8, n_steps=128)
+    grid.ready = True
+    g = torch.Generator().manual_seed(0)
+    o, d = torch.rand(64, 3, generator=g) * 0.4 - 0.2, torch.randn(64, 3, generator=g)
+    d = d / d.norm(dim=-1, keepdim=True)
+    batch = torch.cat([o, d, torch.full((64, 1), 0.1), torch.full((64, 1), 0.6)], -1)
+
+    def network(inputs):        # its raw colour is the point itself: where the samples were taken
+        return torch.cat([inputs, 5 * torch.cos(2 * inputs[..., :1]) + 5], -1)
+
+    def query(inputs, viewdirs, fn):
+        return fn(inputs)
+
+    kwargs = dict(network_fn=network, network_query_fn=query, N_samples=8, N_importance=8, network_fine=network,
+                  perturb=0.0, retraw=True)
+    ours, theirs = two_networks_in_the_grid(grid, batch, **kwargs), rendering.render_rays(batch, **kwargs)
+    for key in ("rgb_map", "disp_map", "acc_map", "rgb0", "raw"):
+        assert torch.equal(ours[key], theirs[key]), key
+    slab = occupancy.cell_centres(grid.lo, grid.hi, 8)[:, 0].abs() < 0.25     # the cells with |x| < 0.25
+    grid.set_binary(slab, torch.zeros_like(grid.density))
+    batch[:, 3:6] = torch.tensor([1.0, 0.0, 0.0]) + 0.2 * torch.randn(64, 3, generator=g)   # rays across the slab
+    batch[:, 3:6] /= batch[:, 3:6].norm(dim=-1, keepdim=True)
+    batch[:, 7] = 0.95
+    x = two_networks_in_the_grid(grid, batch, **kwargs)["raw"][..., 0]          # (64, 16) the fine samples' x
+    x_default = rendering.render_rays(batch, **kwargs)["raw"][..., 0]
+    o, d = batch[:, :3], batch[:, 3:6]
+    hit = grid.candidate_segments(o, d, *grid.box_span(o, d, batch[:, 6:7], batch[:, 7:8])).any(-1)
+    # A candidate segment's middle lies in the slab widened by a cell (0.25), its ends at most a cell further;
+    # a ray with no candidate segment keeps near and far.
+    assert hit.sum() > 30 and (x[hit].abs() <= 0.25 + 0.25 + 0.25 + 1e-4).all()
+    assert (x_default[hit].abs() > 0.8).sum() > 50 and torch.equal(x[~hit], x_default[~hit])

@@ -168,13 +168,15 @@ def rays_at_the_box(seed: int, n: int = 200):
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("resolution", [16, 40])
-def test_skipping_never_drops_a_sample_where_the_density_is_above_the_threshold(seed, resolution):
+@pytest.mark.parametrize("resolution, n_steps", [(16, 256), (40, 256), (16, 40), (40, 1024), (64, 16)])
+def test_skipping_never_drops_a_sample_where_the_density_is_above_the_threshold(seed, resolution, n_steps):
     """Every step of the marching lattice (recomputed here in float64) whose
     analytic density exceeds the grid's threshold is marched, early termination
-    switched off; and most of the lattice is skipped."""
+    switched off; and most of the lattice is skipped. The sizes sweep the
+    two-level march's segments from 1 step (64^3 cells, 16 steps: a step
+    longer than 2 cells, the grid widened by 4 cells) to 18."""
     density = gaussian_blobs(seed)
-    grid = cube_grid(resolution, seed)
+    grid = cube_grid(resolution, seed, n_steps)
     grid.build(density)
     grid.termination = 0.0
     o, d, near, far = rays_at_the_box(100 + seed)
@@ -190,9 +192,9 @@ def test_skipping_never_drops_a_sample_where_the_density_is_above_the_threshold(
     must = (sigma > grid.threshold) & (lattice < t1[:, None] - 1e-4 * dt[:, None])
     marched = torch.zeros_like(must)
     marched[ray, torch.round((t.double() - t0[ray]) / dt[ray] - 0.5).long()] = True
-    assert must.sum() > 1000
+    assert must.sum() > 200                                   # not vacuous: measured 717 to 33016
     assert not (must & ~marched).any(), int((must & ~marched).sum())
-    assert marched.sum() < 0.75 * (lattice < t1[:, None]).sum()      # measured: at most 0.59 of it
+    assert marched.sum() < 0.75 * (lattice < t1[:, None]).sum()      # measured: 0.29 to 0.60 of it
 
 
 def test_early_termination_keeps_the_picture():

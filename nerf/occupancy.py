@@ -439,7 +439,7 @@ def grid_for_scene(args, scene, ndc: bool, device: torch.device) -> OccupancyGri
     poses = torch.as_tensor(np.asarray(scene.poses)[scene.i_train, :3, :4], dtype=torch.float32, device=device)
     if ndc:
         lo, hi = -torch.ones(3, device=device), torch.ones(3, device=device)
-        how = "the NDC cube"
+        how = "the NDC cube; a forward-facing scene fills it, and on fern the default sampler measured better"
     elif args.occupancy_box is not None:
         box = torch.tensor(parse_box(args.occupancy_box), device=device)
         lo, hi = box[:3], box[3:]

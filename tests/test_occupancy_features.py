@@ -1,7 +1,7 @@
 """The project's features on top of the occupancy sampler (issue 26: "everything
 keeps working on top of it"): `--mixed_precision`, `--compile`, out-of-memory
 chunk halving and chunk sizes, the live viewer, and `--render_only`'s depth
-maps of the test views and of a camera path. The sampler itself:
+maps of the test views and of a camera path, and view.py. The sampler itself:
 tests/test_occupancy.py."""
 import logging
 import math
@@ -361,3 +361,37 @@ def test_render_only_depth_maps_with_the_occupancy_sampler(trained_demo, tmp_pat
         np.testing.assert_allclose(np.load(path / "depth" / f"{k:03d}.npy"), b, rtol=1e-4, equal_nan=True)
         frames = [imageio.imread(folder / f"{k:03d}.png").astype(int) for folder in (path, occupied)]
         assert np.abs(frames[0] - frames[1]).max() <= 1
+
+
+# --- view.py ---------------------------------------------------------------------------------
+
+def test_view_py_shows_an_occupancy_trained_network_through_its_fine_network_or_its_grid(
+        demo_dir, tmp_path, monkeypatch):  # noqa: F811
+    """view.py takes the run's sampler as --render_only does: a network
+    trained with the occupancy sampler lends its fine network to the default
+    sampler's coarse pass (its coarse one stopped learning after the warm-up),
+    and with --sampler occupancy the viewer marches the checkpoint's grid."""
+    pytest.importorskip("viser", reason="viser is not installed (pip install -r requirements-viewer.txt)")
+    import view
+    from test_viewer import free_port
+    argv = demo_argv(demo_dir, tmp_path)
+    assert run_nerf.main(argv + ["--N_iters", "6", "--i_weights", "6"]) == 0
+    shown = []
+
+    class Shown:
+        def __init__(self, scene, render_kwargs, *args):
+            shown.append(render_kwargs)
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(view, "Viewer", Shown)
+    for sampler in ("hierarchical", "occupancy"):
+        assert view.view(argv + ["--sampler", sampler, "--port", str(free_port())]) == 0
+    default, marched = shown
+    assert default["network_fn"] is default["network_fine"] and "occupancy" not in default
+    saved = torch.load(tmp_path / "demo" / "000006.tar", weights_only=True)["occupancy_grid"]
+    assert marched["occupancy"].ready and torch.equal(marched["occupancy"].density, saved["density"])

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nerf import data_checks, flags, geometry, occupancy, outputs, run_folder
+from nerf import data_checks, flags, geometry, outputs, run_folder
 import run_nerf
 from nerf.checkpoints import find_checkpoint
 from nerf.datasets import Scene, load_scene
@@ -265,9 +265,7 @@ def load_trained(args, device):
     ckpt_path, ckpt = find_checkpoint(expdir, args.ft_path, args.no_reload)
     if ckpt is None:
         raise DataError(expdir, "no checkpoint to extract geometry from (train first, or give --ft_path)")
-    _, render_kwargs, _, _, _ = run_nerf.create_nerf(args, device, ckpt, ckpt_path)
-    render_kwargs.update(near=scene.near, far=scene.far)
-    occupancy.attach(args, scene, render_kwargs, render_kwargs, ckpt, ckpt_path, device, rendering_only=True)
+    render_kwargs, _ = run_nerf.load_for_rendering(args, scene, device, ckpt, ckpt_path)
     return scene, render_kwargs, render_kwargs.get("ndc", True), int(ckpt["global_step"])
 
 

@@ -291,6 +291,19 @@ def create_nerf(args, device: Optional[torch.device] = None, ckpt: Optional[dict
     return render_kwargs_train, render_kwargs_test, start, grad_vars, optimizer
 
 
+def load_for_rendering(args, scene: Scene, device, ckpt: dict, ckpt_path) -> Tuple[dict, int]:
+    """A trained run's test-time render kwargs, as --render_only has them, and
+    its step: the checkpoint's networks, the scene's near and far, and the
+    run's sampler (`occupancy.attach`: the checkpoint's grid, or one built from
+    the networks; a network trained with the occupancy sampler lends its fine
+    network to the default's coarse pass). For the programs that only render
+    a run (view.py, extract_mesh.py)."""
+    _, render_kwargs, step, _, _ = create_nerf(args, device, ckpt, ckpt_path)
+    render_kwargs.update(near=scene.near, far=scene.far)
+    occupancy.attach(args, scene, render_kwargs, render_kwargs, ckpt, ckpt_path, device, rendering_only=True)
+    return render_kwargs, step
+
+
 # --- Outputs -----------------------------------------------------------------
 
 @dataclass

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nerf import flags, occupancy
+from nerf import flags
 from nerf.checkpoints import find_checkpoint
 from nerf.datasets import load_scene
 from nerf.errors import DataError, exit_status
@@ -35,9 +35,7 @@ def view(argv=None) -> int:
     if ckpt is None:
         raise DataError(args.ft_path or expdir, "no checkpoint to show (train the run first, or pass --ft_path)")
     scene = load_scene(args)
-    _, render_kwargs, step, _, _ = run_nerf.create_nerf(args, device, ckpt, ckpt_path)
-    render_kwargs.update(near=scene.near, far=scene.far)
-    occupancy.attach(args, scene, render_kwargs, render_kwargs, ckpt, ckpt_path, device, rendering_only=True)
+    render_kwargs, step = run_nerf.load_for_rendering(args, scene, device, ckpt, ckpt_path)
     viewer = Viewer(scene, render_kwargs, device, expdir, args.host, args.port)
     try:
         print(f"Viewing {ckpt_path} (step {step}) at http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)

@@ -34,7 +34,7 @@ CHECKPOINT_KEY = "occupancy_grid"
 STEP_OPACITY = 0.01          # a cell is occupied when one marching step through it is at least this opaque
 TERMINATION = 1e-4           # a ray stops once its transmittance is below this
 EMA_DECAY = 0.95             # a re-evaluated cell keeps max(decay * old, new)
-MARCH_CANDIDATES = 1 << 22   # (ray, step) pairs looked up at once: rays per block = this / steps
+MARCH_CANDIDATES = 1 << 22   # (ray, step) pairs looked at in a block: rays = this / steps looked at a ray
 
 
 def cell_centres(lo: torch.Tensor, hi: torch.Tensor, resolution: int, cells: Optional[torch.Tensor] = None,

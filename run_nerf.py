@@ -728,6 +728,7 @@ def train(argv=None) -> int:
         nonlocal newest
         path = expdir / f'{step:06d}.tar'
         states = parallel.all_gather(rng_state(device), ranks)     # every rank's generators
+        occupancy.merge_observations(render_kwargs_train)           # and every rank's share of the grid's
         if ranks.is_main:
             try:
                 save_checkpoint(run_folder.keep_earlier(path), step, network_fn, network_fine, optimizer,

@@ -121,6 +121,13 @@ def broadcast_(tensor: torch.Tensor, device: torch.device, staging_numel: int = 
     return tensor
 
 
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise largest of every rank's `tensor`, in place (one process: itself)."""
+    if started():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def broadcast_parameters(parameters: Sequence[torch.Tensor], device: torch.device) -> None:
     """Every rank starts from rank 0's weights (they are built from the same
     seed already; this makes it independent of how each device initialises)."""

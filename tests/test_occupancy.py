@@ -328,6 +328,55 @@ def test_the_grid_forgets_a_fog_the_network_has_lost_and_keeps_every_dense_cell(
     assert not (empty & grid.binary).any()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_the_training_samples_densities_replace_the_estimates_of_the_cells_they_cross(seed):
+    """Rays marched through a grid built under a fog of 10 find the blobs alone:
+    at the next update every cell a sample lies in holds the largest density
+    found in it (here the re-estimates find nothing, so they change no
+    estimate), every other cell its estimate decayed once, and the
+    observations are spent. The cells are recomputed in float64 (points within
+    1e-4 of a cell face left out)."""
+    R = 16
+    blobs = gaussian_blobs(seed)
+    grid = cube_grid(R, seed)
+    grid.build(lambda pts: blobs(pts) + 10.0)
+    before = grid.density.clone()
+    o, d, near, far = rays_at_the_box(300 + seed)
+    ray, t, _ = grid.march(o, d, near, far, perturb=True)
+    pts = o[ray] + d[ray] * t[:, None]
+    sigma = blobs(pts)
+    grid.observe(pts, sigma)
+    grid.update(lambda p: torch.zeros(p.shape[0]))
+    u = (pts.double() + 1) / 2 * R
+    cells = (u.floor().long().clamp(0, R - 1) * torch.tensor([R * R, R, 1])).sum(-1)
+    near_face = ((u - u.round()).abs() < 1e-4).any(-1)
+    assert near_face.float().mean() < 0.01
+    found = torch.full((R ** 3,), -1.0).scatter_reduce(0, cells, sigma, "amax")
+    crossed = found >= 0
+    doubtful = torch.zeros_like(crossed)               # either cell of a point near a face
+    doubtful[cells[near_face]] = True
+    doubtful[occupancy.point_cells(pts[near_face], grid.lo, grid.hi, R)] = True
+    clean, untouched = crossed & ~doubtful, ~crossed & ~doubtful
+    assert clean.sum() > 300 and (found[clean] < 1.0).sum() > 100     # not vacuous: the fog is gone there
+    assert torch.equal(grid.density[clean], found[clean])
+    assert torch.equal(grid.density[untouched], before[untouched] * occupancy.EMA_DECAY)
+    assert bool((grid.observed == -1).all())
+
+
+@pytest.mark.parametrize("resolution", [1, 5, 16, 128])
+def test_point_cells_are_the_cells_of_the_points_in_float64(resolution):
+    g = torch.Generator().manual_seed(resolution)
+    lo, hi = torch.tensor([-1.5, -0.5, 0.2]), torch.tensor([2.0, 0.5, 3.1])
+    pts = lo + (hi - lo) * (torch.rand(20000, 3, generator=g) * 1.2 - 0.1)     # some outside the box
+    u = (pts.double() - lo.double()) / (hi - lo).double() * resolution
+    ijk = u.floor().long().clamp(0, resolution - 1)
+    expected = (ijk[:, 0] * resolution + ijk[:, 1]) * resolution + ijk[:, 2]
+    near_face = ((u - u.round()).abs() < 1e-4).any(-1)
+    got = occupancy.point_cells(pts, lo, hi, resolution)
+    assert near_face.float().mean() < 0.01 or resolution == 1
+    assert torch.equal(got[~near_face], expected[~near_face])
+
+
 # --- training, checkpoints, flags ---------------------------------------------
 
 OCCUPANCY = ["--sampler", "occupancy", "--occupancy_resolution", "16", "--occupancy_warmup", "2",
@@ -341,6 +390,8 @@ def test_resume_with_the_occupancy_sampler_is_exact(demo_dir, tmp_path):  # noqa
     grids = [torch.load(tmp_path / name / "000008.tar", weights_only=True) for name in ("straight", "resumed")]
     assert all(g["sampler"] == "occupancy" and g["occupancy_grid"]["ready"] for g in grids)
     assert torch.equal(grids[0]["occupancy_grid"]["density"], grids[1]["occupancy_grid"]["density"])
+    assert torch.equal(grids[0]["occupancy_grid"]["observed"], grids[1]["occupancy_grid"]["observed"])
+    assert (grids[0]["occupancy_grid"]["observed"] >= 0).sum() > 10        # step 8's samples, pending
     assert torch.equal(grids[0]["occupancy_grid"]["generator"], grids[1]["occupancy_grid"]["generator"])
 
 
@@ -529,6 +580,9 @@ def damaged_grids(state: dict):
     yield "lo a string", {**state, "lo": "low"}
     yield "hi of 2", {**state, "hi": torch.ones(2)}
     yield "ready a tensor of 2", {**state, "ready": torch.ones(2)}
+    for name, observed in (("short", state["observed"][:-1]), ("NaN", torch.full((C,), math.nan)),
+                           ("below -1", torch.full((C,), -2.0))):
+        yield f"observed {name}", {**state, "observed": observed}
 
 
 def test_a_damaged_grid_in_a_checkpoint_is_one_line_and_built_anew(caplog):
@@ -552,4 +606,7 @@ def test_a_damaged_grid_in_a_checkpoint_is_one_line_and_built_anew(caplog):
         assert [r.getMessage() for r in caplog.records] == [
             "run/000010.tar: its occupancy grid is damaged; building a new one from the networks"], name
         names.append(name)
-    assert len(names) == 15
+    assert len(names) == 18
+    older = {k: v for k, v in state.items() if k != "observed"}        # saved before observations were kept
+    grid = cube_grid(8)
+    assert grid.load_state_dict(older, "run/000010.tar") and bool((grid.observed == -1).all())

@@ -6,6 +6,8 @@ per ray by `rendering.composite_packed` (the same alpha and maps as
 `raw2outputs`).
 
     ray batch -> march (grid, early termination) -> network -> composite_packed
+                                                       |
+                        (training) the samples' densities -> grid (`observe`, merged at the next update)
 
 An `OccupancyGrid` is reached by the renderer through one interface: with
 `occupancy=grid` in the render kwargs, `rendering.batchify_rays` calls

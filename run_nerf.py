@@ -129,7 +129,7 @@ def config_parser() -> configargparse.ArgumentParser:
     parser.add_argument("--occupancy_resolution", type=int, default=128, help='occupancy grid cells per axis')
     parser.add_argument("--occupancy_steps", type=int, default=1024,
                         help='occupancy sampler: marching steps across the grid\'s diagonal')
-    parser.add_argument("--occupancy_warmup", type=int, default=256,
+    parser.add_argument("--occupancy_warmup", type=int, default=16,
                         help='occupancy sampler: steps sampled as hierarchical before the grid is built')
     parser.add_argument("--occupancy_interval", type=int, default=16,
                         help='occupancy sampler: steps between grid updates')

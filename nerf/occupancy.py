@@ -404,9 +404,11 @@ class OccupancyGrid:
         """`rendering.render_rays`' outputs for a ray batch (N, 8 or 11):
         rgb_map (N, 3), disp_map (N,), acc_map (N,) (and t_median (N,) with
         `median_depth`), from the marched samples through one network (the
-        fine one when there is one), at most N_samples + N_importance a ray
-        (the default's count). Before the grid is built: the default
-        `render_rays`, with every keyword."""
+        fine one when there is one), at most N_samples a ray (the default's
+        coarse pass: a ray through a grid still full of a young network's fog
+        costs a third of the default's queries; see `march` for how the
+        samples spread over a ray with more occupied steps). Before the grid
+        is built: the default `render_rays`, with every keyword."""
         if not self.ready:
             return rendering.render_rays(ray_batch, network_fn, network_query_fn, N_samples, perturb=perturb,
                                          network_fine=network_fine, white_bkgd=white_bkgd,
@@ -414,8 +416,7 @@ class OccupancyGrid:
                                          density_activation=density_activation, **default_only)
         rays_o, rays_d = ray_batch[:, 0:3], ray_batch[:, 3:6]
         viewdirs = ray_batch[:, -3:] if ray_batch.shape[-1] > 8 else None
-        budget = N_samples + default_only.get("N_importance", 0)      # the default sampler's queries per ray
-        ray, t, delta = self.march(rays_o, rays_d, ray_batch[:, 6:7], ray_batch[:, 7:8], perturb > 0, budget,
+        ray, t, delta = self.march(rays_o, rays_d, ray_batch[:, 6:7], ray_batch[:, 7:8], perturb > 0, N_samples,
                                    compact=not torch.is_grad_enabled())
         pts = rays_o[ray] + rays_d[ray] * t[:, None]
         network = network_fn if network_fine is None else network_fine

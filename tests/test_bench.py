@@ -156,7 +156,7 @@ def test_occupancy_queries_per_ray_are_the_marched_samples(demo_dir, state):  # 
     assert grid.ready and "fresh" in note
     keep_cells(grid, state)
     batches = captured_batches(impl)
-    budget = args.N_samples + args.N_importance
+    budget = args.N_samples                  # the occupancy sampler's samples a ray at most
 
     def marched(rays_o, rays_d):
         near = torch.full_like(rays_d[:, :1], scene.near)

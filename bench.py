@@ -32,7 +32,9 @@ in between, so a change in machine load hits all of them alike.
 sampler, their ratio printed) times steady-state steps through a built
 occupancy grid: a checkpoint's grid (`-- --ft_path F`), else one built from
 the checkpoint's networks, else one built from the fresh networks after the
-warm-up steps. A fresh network's grid holds most of the box, so its figures
+warm-up steps; `--grid_from F` takes F's grid with the benchmark's own
+networks (the empty space another run of the same scene learnt, for
+networks nobody has trained: the paper's, say). A fresh network's grid holds most of the box, so its figures
 are a lower bound of what a trained network's grid gives (the output says
 which grid it timed and how full it is). The grid's upkeep (one update
 every --occupancy_interval steps) is timed once a round and its share
@@ -62,7 +64,7 @@ sys.path.insert(0, str(REPO))
 from nerf import fast_mlp, flags, occupancy  # noqa: E402
 import run_nerf  # noqa: E402
 from benchmarks import original_path as orig  # noqa: E402
-from nerf.checkpoints import find_checkpoint  # noqa: E402
+from nerf.checkpoints import find_checkpoint, read_checkpoint  # noqa: E402
 from nerf.datasets import load_scene  # noqa: E402
 from nerf.errors import DataError, exit_status  # noqa: E402
 from nerf.rendering import accepts_density_only, render, scaled_intrinsics  # noqa: E402
@@ -89,6 +91,9 @@ def parse(argv=None):
                         "(default: run_nerf's --sampler after --, hierarchical)")
     p.add_argument("--plain", action="store_true",
                    help="also time this library with its plain MLP path (run_network fast=False)")
+    p.add_argument("--grid_from", default=None,
+                   help="the occupancy sampler marches through this checkpoint's grid (another run of the same "
+                        "scene, with the same --occupancy_resolution), with the benchmark's own networks")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.error = bad_flag      # a bad value is one line, exit status 2
@@ -338,6 +343,7 @@ class Impl:
         self.device_ctx, self.count, self.kw_train = device_ctx, count, kw_train
         self.grid = (kw_train or {}).get("occupancy")
         self.grid_note = None
+        self.grid_source = None        # --grid_from's checkpoint
         self.step_times, self.render_times, self.upkeep_times = [], [], []
         self.step_jobs, self.render_jobs = [], []     # the counted jobs of each timed step and frame
         self.products = self.render_products = None
@@ -388,6 +394,24 @@ def occupied_share(grid: occupancy.OccupancyGrid) -> float:
     return float(grid.binary.sum()) / max(1.0, float(grid.visible.sum()))
 
 
+def take_grid(impls: List["Impl"], path: Path) -> None:
+    """`--grid_from`: each occupancy implementation's grid becomes the one
+    saved in the checkpoint at `path` (its estimates, observations and
+    generator; the networks stay the benchmark's). DataError, naming the
+    file, when it holds no grid or one that does not fit."""
+    state = read_checkpoint(path).get(occupancy.CHECKPOINT_KEY)
+    if state is None:
+        raise DataError(path, "holds no occupancy grid (trained with the default sampler); --grid_from takes a "
+                              "checkpoint of an occupancy run")
+    for impl in impls:
+        if impl.grid is None:
+            continue
+        if not impl.grid.load_state_dict(state, path) or not impl.grid.ready:
+            raise DataError(path, "its occupancy grid does not fit this run (another resolution or box, damaged, or "
+                                  "not built yet)")
+        impl.grid_source = path
+
+
 def ready_grid(impl: Impl, warmup: int, device, ckpt_path) -> str:
     """Makes sure `impl`'s grid is built, before any step is timed: the
     checkpoint's grid, else one built from the checkpoint's networks, else,
@@ -396,7 +420,7 @@ def ready_grid(impl: Impl, warmup: int, device, ckpt_path) -> str:
     the grid was obtained, in words."""
     grid = impl.grid
     if grid.ready:
-        return f"the grid saved in {ckpt_path}"
+        return f"the grid saved in {impl.grid_source or ckpt_path}"
     if ckpt_path is None:
         for _ in range(warmup):
             impl.step(device, timed=False)
@@ -551,6 +575,8 @@ def main(argv=None) -> int:
     scene = load_scene(args)
     ckpt_path, ckpt = find_checkpoint(Path(args.basedir) / str(args.expname), args.ft_path, no_reload=True)
     impls, kw_train = build(args, scene, device, samplers, bargs.baseline, bargs.plain, ckpt, ckpt_path)
+    if bargs.grid_from:
+        take_grid(impls, Path(bargs.grid_from))
     setup_s = time.perf_counter() - t0
     setup_rss = peak_memory_bytes(torch.device("cpu"))
     mm = Matmul(device)
@@ -611,7 +637,7 @@ def main(argv=None) -> int:
 
     results = {"device": str(device), "threads": torch.get_num_threads(), "load_before": load0,
                "config": bargs.config, "small": not bargs.as_is, "extra_args": rest, "samplers": list(samplers),
-               "checkpoint": str(ckpt_path) if ckpt_path else None,
+               "checkpoint": str(ckpt_path) if ckpt_path else None, "grid_from": bargs.grid_from,
                "train_bytes_per_pixel": data_bytes, "train_device_bytes_per_pixel": device_bytes,
                "setup_peak_rss_mb": setup_rss / 2 ** 20}
 

@@ -184,16 +184,52 @@ def test_a_bad_sampler_is_one_line_and_exit_status_2(argv, capsys):
     assert err.count("\n") == 1 and err.startswith("error: ") and "--sampler" in err and "Traceback" not in err
 
 
+def train_four_steps(demo_dir, tmp_path, sampler, *extra) -> Path:
+    """A 4-step run of the tiny networks on the demo (the grid built after 2): its checkpoint."""
+    assert run_nerf.main(["--config", str(bench.REPO / "configs" / "demo.txt"), "--datadir", str(demo_dir),
+                          "--basedir", str(tmp_path), "--expname", "run", *bench.SMALL, *TINY_NETS, *extra,
+                          "--sampler", sampler, "--occupancy_warmup", "2", "--N_iters", "4", "--i_weights", "4",
+                          "--i_print", "1000000", "--i_img", "1000000", "--i_video", "1000000",
+                          "--i_testset", "1000000"]) == 0
+    return tmp_path / "run" / "000004.tar"
+
+
+def test_grid_from_times_the_benchmarks_own_networks_through_another_runs_grid(demo_dir, tmp_path,  # noqa: F811
+                                                                              capsys):
+    """`--grid_from F`: the occupancy sampler marches through F's grid (its
+    estimates and observations exactly), with networks of another size,
+    drawn afresh and not trained; the default sampler is untouched. F without
+    a grid, or with a grid of another resolution, is one line and exit 2."""
+    occupancy_run = train_four_steps(demo_dir, tmp_path / "occupancy", "occupancy")
+    ckpt = read_checkpoint(occupancy_run)
+    _, _, (occ, hier), _ = bench_setup(demo_dir, "both", "--netwidth", "24", "--netwidth_fine", "24")
+    fresh = {k: v.clone() for k, v in occ.kw_train["network_fine"].state_dict().items()}
+    bench.take_grid([occ, hier], occupancy_run)
+    assert hier.grid is None and occ.grid.ready
+    for key in ("density", "observed"):
+        assert torch.equal(occ.grid.density if key == "density" else occ.grid.observed,
+                           ckpt[occupancy.CHECKPOINT_KEY][key])
+    assert bench.ready_grid(occ, 3, torch.device("cpu"), None) == f"the grid saved in {occupancy_run}"
+    assert occ.i == 0 and fresh["pts_linears.0.weight"].shape[0] == 24      # no step taken: the networks are fresh
+    assert all(torch.equal(v, fresh[k]) for k, v in occ.kw_train["network_fine"].state_dict().items())
+    default_run = train_four_steps(demo_dir, tmp_path / "default", "hierarchical")
+    demo = ["--config", str(bench.REPO / "configs" / "demo.txt"), "--sampler", "both", "--steps", "1",
+            "--render_frames", "0"]
+    for path, extra, problem in [(default_run, [], "holds no occupancy grid"),
+                                 (occupancy_run, ["--occupancy_resolution", "8"], "does not fit")]:
+        capsys.readouterr()
+        status = exit_status(bench.main, [*demo, "--grid_from", str(path), "--", "--datadir", str(demo_dir),
+                                          *TINY_NETS, *extra])
+        err = capsys.readouterr().err
+        assert status == 2 and err.count("\n") == 1 and str(path) in err and problem in err, (status, err)
+        assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("trained_with", ["occupancy", "hierarchical"])
 def test_a_checkpoint_is_timed_with_its_own_grid_or_one_built_from_its_networks(demo_dir, tmp_path,  # noqa: F811
                                                                                   trained_with):
     nets = ["--N_samples", "8", "--N_importance", "8"]
-    assert run_nerf.main(["--config", str(bench.REPO / "configs" / "demo.txt"), "--datadir", str(demo_dir),
-                          "--basedir", str(tmp_path), "--expname", "run", *bench.SMALL, *TINY_NETS, *nets,
-                          "--sampler", trained_with, "--occupancy_warmup", "2", "--N_iters", "4", "--i_weights", "4",
-                          "--i_print", "1000000", "--i_img", "1000000", "--i_video", "1000000",
-                          "--i_testset", "1000000"]) == 0
-    path = tmp_path / "run" / "000004.tar"
+    path = train_four_steps(demo_dir, tmp_path, trained_with, *nets)
     args, scene, (occ, hier), _ = bench_setup(demo_dir, "both", *nets, "--ft_path", str(path))
     ckpt = read_checkpoint(path)
     for impl in (occ, hier):

@@ -377,13 +377,22 @@ class Impl:
         self.render_jobs.append(self.count.take())
 
     def upkeep(self, device) -> None:
-        """One timed update of the occupancy grid (training does one every --occupancy_interval steps)."""
+        """One timed update of the occupancy grid (training does one every
+        --occupancy_interval steps). A grid taken with --grid_from is put
+        back afterwards: updated from the benchmark's untrained networks it
+        would drift toward their fog, and the steps are to be timed through
+        the learnt grid."""
+        kept = None
+        if self.grid_source is not None:
+            kept = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.grid.state_dict().items()}
         sync(device)
         t = time.perf_counter()
         self.grid.update(occupancy.network_density(self.kw_train))
         sync(device)
         self.upkeep_times.append(time.perf_counter() - t)
         self.count.take()
+        if kept is not None:
+            self.grid.load_state_dict(kept, self.grid_source)
 
     def upkeep_per_step(self) -> float:
         return median(self.upkeep_times) / self.grid.interval if self.grid is not None else 0.0
@@ -397,8 +406,13 @@ def occupied_share(grid: occupancy.OccupancyGrid) -> float:
 def take_grid(impls: List["Impl"], path: Path) -> None:
     """`--grid_from`: each occupancy implementation's grid becomes the one
     saved in the checkpoint at `path` (its estimates, observations and
-    generator; the networks stay the benchmark's). DataError, naming the
-    file, when it holds no grid or one that does not fit."""
+    generator; the networks stay the benchmark's, and `Impl.upkeep` puts
+    the grid back after each timed update). DataError, naming the file,
+    when it holds no grid or one that does not fit, and when no
+    implementation marches through a grid."""
+    if all(impl.grid is None for impl in impls):
+        raise DataError("--grid_from", "only the occupancy sampler marches through a grid: add --sampler occupancy "
+                                       "or --sampler both")
     state = read_checkpoint(path).get(occupancy.CHECKPOINT_KEY)
     if state is None:
         raise DataError(path, "holds no occupancy grid (trained with the default sampler); --grid_from takes a "

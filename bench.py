@@ -34,7 +34,8 @@ occupancy grid: a checkpoint's grid (`-- --ft_path F`), else one built from
 the checkpoint's networks, else one built from the fresh networks after the
 warm-up steps; `--grid_from F` takes F's grid with the benchmark's own
 networks (the empty space another run of the same scene learnt, for
-networks nobody has trained: the paper's, say). A fresh network's grid holds most of the box, so its figures
+networks nobody has trained: the paper's, say). A fresh network's grid
+holds most of the box, so its figures
 are a lower bound of what a trained network's grid gives (the output says
 which grid it timed and how full it is). The grid's upkeep (one update
 every --occupancy_interval steps) is timed once a round and its share

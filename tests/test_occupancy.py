@@ -474,6 +474,39 @@ def test_a_ray_never_takes_more_samples_than_its_budget(perturb):
                 assert torch.equal(t[ray == r], t_all[ray_all == r])
 
 
+@pytest.mark.parametrize("N_samples", [1, 3, 8, 17])
+@pytest.mark.parametrize("state", ["fog", "blobs"])
+def test_the_sampler_gives_a_ray_at_most_N_samples_samples_whatever_N_importance(N_samples, state):
+    """`render_rays`' budget is N_samples, the default's coarse pass, not
+    N_samples + N_importance: the network is queried once, at the samples
+    of `march(max_per_ray=N_samples)`, and no ray gets more. Through a grid
+    full of fog (every cell occupied, nothing opaque) every ray that meets
+    the box has far more steps, so it is thinned to more than half of the
+    budget (ceil(c / ceil(c / B)) > B / 2 for c >= B steps)."""
+    grid = cube_grid(16, n_steps=256)
+    if state == "blobs":
+        grid.build(gaussian_blobs(1))
+    else:
+        grid.ready = True
+    o, d, near, far = rays_at_the_box(5, n=100)
+    queried = []
+
+    def query(pts, viewdirs, network):
+        queried.append(pts.shape)
+        return torch.cat([torch.rand(pts.shape[0], 1, 3), torch.full((pts.shape[0], 1, 1), 5.0)], -1)
+
+    with torch.no_grad():
+        out = grid.render_rays(torch.cat([o, d, near, far], -1), network_fn=None, network_query_fn=query,
+                               N_samples=N_samples, N_importance=64, perturb=0.0)
+    ray = grid.march(o, d, near, far, False, N_samples, compact=True)[0]
+    counts = torch.bincount(ray, minlength=len(o))
+    assert queried == [torch.Size([len(ray), 1, 3])] and out["rgb_map"].shape == (len(o), 3)
+    assert counts.max() == N_samples or (state == "blobs" and 0 < counts.max() < N_samples)
+    if state == "fog":
+        met = counts > 0
+        assert met.sum() > 50 and (2 * counts[met] > N_samples).all()
+
+
 def test_a_grid_that_emptied_falls_back_to_every_visible_cell():
     """A network whose densities all fell to zero empties the grid: marching
     then takes every visible cell again, so that gradients reach the network
